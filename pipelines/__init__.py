@@ -1,0 +1,1 @@
+"""Ray job entry points: `python -m pipelines.<job> --config pipelines/configs/<job>.yaml`."""

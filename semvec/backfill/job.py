@@ -1,0 +1,270 @@
+"""The backfill job: plan on the driver (all checks, before Ray), then run the Ray Data pipeline.
+
+    read (tasks) -> tokenize (tasks) -> encode (actor pool) -> write (tasks) -> counts to driver
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from semvec import __version__, models, storage
+from semvec.backfill.manifest import OutputDir, now
+from semvec.backfill.read import detect_format
+from semvec.config import EmbedConfig, Granularity, InputFormat, Pooling
+from semvec.errors import ConfigError
+from semvec.storage import InputFile
+
+log = logging.getLogger("semvec.backfill")
+
+# Read, tokenize and write are light; they share one spare logical CPU (see _init_ray).
+IO_CPUS = 0.25
+
+
+@dataclass
+class Plan:
+    config: EmbedConfig
+    files: list[InputFile]
+    model_dir: str
+    fingerprint: str
+    pooling: str
+    normalize: bool
+    max_length: int
+    dim: int
+    config_hash: str
+    done: dict[str, np.ndarray] = field(default_factory=dict)
+    skip: set[str] = field(default_factory=set)  # inputs finished by an earlier run
+
+
+def plan(config: EmbedConfig) -> Plan:
+    """Check everything that can be checked before Ray starts; raise ConfigError otherwise."""
+    files = storage.list_inputs(config.input)
+    for f in files:
+        if detect_format(f.relative, config.input_format) is None:
+            allowed = ", ".join(x.value for x in InputFormat if x != InputFormat.AUTO)
+            raise ConfigError(
+                f"input file {f.relative!r} has an unknown format; name it .jsonl/.parquet/.csv/"
+                f".tsv/.txt (optionally .gz) or set input_format to one of: {allowed}"
+            )
+    if all(f.size == 0 for f in files):
+        raise ConfigError(f"input {storage.display(config.input)!r} holds only empty files")
+    model_dir = models.resolve_model(config.model)
+    dim = _check_loadable(model_dir, config)
+    defaults = models.model_defaults(model_dir)
+    pooling = defaults.pooling if config.pooling == Pooling.AUTO else config.pooling.value
+    normalize = defaults.normalize if config.normalize is None else config.normalize
+    max_length = config.max_length or defaults.max_length
+    if max_length > defaults.limit:
+        raise ConfigError(f"max_length {max_length} exceeds the model's limit of {defaults.limit}")
+    fingerprint = models.fingerprint(model_dir)
+    p = Plan(config, files, str(model_dir), fingerprint, pooling, normalize, max_length, dim,
+             config.output_hash(fingerprint))
+    storage.check_writable(config.output)
+    _prepare_output(p)
+    return p
+
+
+def _check_loadable(model_dir, config: EmbedConfig) -> int:
+    from transformers import AutoConfig
+
+    from semvec.encode import load_tokenizer
+
+    try:
+        hf = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=config.trust_remote_code)
+        load_tokenizer(model_dir, config.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - whatever broke, the model is unusable
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ConfigError(
+            f"model {config.model!r} cannot be loaded ({type(exc).__name__}: {first})"
+        ) from None
+    return int(hf.hidden_size)
+
+
+def _prepare_output(p: Plan) -> None:
+    """Refuse a foreign or differently configured prefix; find what earlier runs finished."""
+    out = OutputDir(p.config.output)
+    manifest = out.read_manifest()
+    if p.config.overwrite:
+        out.clear()
+        return
+    if manifest is None:
+        if out.list_parts() or out.has_foreign_files():
+            raise ConfigError(
+                f"output {storage.display(p.config.output)!r} is not empty and holds no semvec "
+                "manifest; choose an empty prefix or pass --overwrite"
+            )
+        return
+    if manifest.get("config_hash") != p.config_hash:
+        raise ConfigError(
+            f"output {storage.display(p.config.output)!r} was written with another model or "
+            f"config (hash {manifest.get('config_hash')} != {p.config_hash}); pass --overwrite "
+            "to replace it, or choose another output"
+        )
+    finished = {i["source"]: i for i in manifest.get("inputs", []) if i.get("complete")}
+    for f in p.files:
+        prior = finished.get(f.relative)
+        if prior and prior.get("version") == f.version:
+            p.skip.add(f.relative)
+            continue
+        known = {i["source"]: i.get("version") for i in manifest.get("inputs", [])}
+        if f.relative in known and known[f.relative] != f.version:
+            out.drop_parts_of(f.relative)  # the file changed since: its old vectors are stale
+            continue
+        done = out.done_rows(f.relative)
+        if len(done):
+            p.done[f.relative] = done
+
+
+def _manifest(p: Plan, status: str, started: str, accounting: dict | None = None,
+              timings: dict | None = None) -> dict:
+    c = p.config
+    inputs = []
+    for f in p.files:
+        entry = {"source": f.relative, "uri": storage.display(f.uri), "size": f.size,
+                 "version": f.version, "complete": False}
+        if accounting is not None:
+            a = accounting["inputs"].get(f.relative)
+            embedded, quarantined = (a["embedded"], a["quarantined"]) if a else (0, 0)
+            entry.update(rows=embedded + quarantined, embedded=embedded, quarantined=quarantined,
+                         quarantine_reasons=dict(a["reasons"]) if a else {},
+                         outputs=sorted(a["outputs"]) if a else [], complete=True)
+        inputs.append(entry)
+    totals = None
+    if accounting is not None:
+        totals = {k: sum(i[k] for i in inputs) for k in ("rows", "embedded", "quarantined")}
+    return {
+        "semvec_version": __version__,
+        "status": status,
+        "config_hash": p.config_hash,
+        "config": {k: v for k, v in c.to_dict().items() if k not in ("overwrite",)},
+        "model": {"reference": storage.display(c.model), "fingerprint": p.fingerprint,
+                  "pooling": p.pooling, "normalize": p.normalize, "max_length": p.max_length,
+                  "dim": p.dim, "dtype": c.dtype.value},
+        "granularity": c.granularity.value,
+        "inputs": inputs,
+        "totals": totals,
+        "duplicates": accounting["duplicates"] if accounting else None,
+        "started_at": started,
+        "finished_at": now() if status == "complete" else None,
+        "timings": timings or {},
+    }
+
+
+def _init_ray(config: EmbedConfig) -> bool:
+    """Connect to RAY_ADDRESS (also set under `ray job submit`), else start a local Ray.
+
+    Returns True when a local Ray was started here.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return False
+    # One logical CPU more than the cores: the actor pool takes one per core, and the light
+    # read/tokenize/write tasks need a slot of their own or they starve behind it.
+    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
+             logging_level=logging.WARNING)
+    return True
+
+
+def _pool_size(config: EmbedConfig) -> tuple[int, int]:
+    import ray
+
+    resources = ray.cluster_resources()
+    if config.num_gpus_per_worker > 0:
+        most = int(resources.get("GPU", 0) // config.num_gpus_per_worker)
+        if most < 1:
+            raise ConfigError(
+                f"num_gpus_per_worker {config.num_gpus_per_worker} but the cluster has "
+                f"{resources.get('GPU', 0)} GPUs"
+            )
+    else:
+        most = max(1, int((resources.get("CPU", 1) - 1) // config.cpus_per_worker))
+    high = config.max_workers or most
+    low = config.min_workers or high
+    return min(low, high), high
+
+
+def run(config: EmbedConfig) -> dict:
+    """Plan, then run the backfill; returns the summary (also printed)."""
+    t0 = time.time()
+    p = plan(config)
+    started = now()
+    out = OutputDir(config.output)
+    todo = [f for f in p.files if f.relative not in p.skip]
+    out.write_manifest(_manifest(p, "running", started))
+    rows_this_run = 0
+    t_plan = time.time() - t0
+    if todo:
+        rows_this_run = _execute(p, todo)
+    t_run = time.time() - t0 - t_plan
+    accounting = out.account(p.files)
+    timings = {"plan_s": round(t_plan, 2), "run_s": round(t_run, 2),
+               "total_s": round(time.time() - t0, 2)}
+    manifest = _manifest(p, "complete", started, accounting, timings)
+    out.write_manifest(manifest)
+    seconds = time.time() - t0
+    summary = {
+        "output": storage.display(config.output),
+        **manifest["totals"],
+        "rows_this_run": rows_this_run,
+        "skipped_inputs": len(p.skip),
+        "duplicate_ids": manifest["duplicates"]["count"],
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows_this_run / seconds, 1) if seconds > 0 else 0.0,
+    }
+    return summary
+
+
+def _execute(p: Plan, todo: list[InputFile]) -> int:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from semvec.backfill.stages import CorpusSource, EncodeActor, Tokenize, Writer
+
+    c = p.config
+    _init_ray(c)
+    low, high = _pool_size(c)
+    threads = c.threads_per_worker or max(1, math.floor(c.cpus_per_worker))
+    token_mode = c.granularity == Granularity.TOKEN
+    encoder_cfg = {
+        "granularity": c.granularity.value, "pooling": p.pooling, "normalize": p.normalize,
+        "max_length": p.max_length, "dtype": c.dtype.value, "batch_tokens": c.batch_tokens,
+        "trust_remote_code": c.trust_remote_code,
+    }
+    ds = ray.data.read_datasource(CorpusSource(todo, c, p.done), num_cpus=IO_CPUS)
+    ds = ds.map_batches(
+        Tokenize(p.model_dir, p.max_length, c.granularity.value, c.trust_remote_code),
+        batch_size=c.batch_rows, batch_format="pyarrow", num_cpus=IO_CPUS,
+    )
+    ds = ds.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={"model_dir": p.model_dir, "config": encoder_cfg, "threads": threads},
+        compute=ActorPoolStrategy(min_size=low, max_size=high),
+        batch_size=c.batch_rows, batch_format="pyarrow",
+        num_cpus=c.cpus_per_worker, num_gpus=c.num_gpus_per_worker or None,
+    )
+    ds = ds.map_batches(Writer(c.output, token_mode), batch_size=c.rows_per_file,
+                        batch_format="pyarrow", num_cpus=IO_CPUS)
+    rows = 0
+    for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows += int(sum(stats["embedded"].to_pylist()) + sum(stats["quarantined"].to_pylist()))
+    return rows
+
+
+def print_summary(summary: dict, stream=sys.stdout) -> None:
+    print(
+        f"semvec embed: {summary['rows']} rows in -> {summary['embedded']} embedded, "
+        f"{summary['quarantined']} quarantined ({summary['duplicate_ids']} duplicate ids); "
+        f"{summary['rows_this_run']} rows this run in {summary['seconds']} s "
+        f"({summary['rows_per_s']} rows/s); output {summary['output']}",
+        file=stream,
+    )

@@ -1,0 +1,263 @@
+"""Ray Data stages of the backfill: read -> tokenize -> encode -> write.
+
+Each stage declares the columns it needs and keeps one output row per input row; rows that
+carry a quarantine reason pass through untouched until the writer files them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from semvec import storage
+from semvec.backfill.read import ROW_SCHEMA, Reason, RowParser, detect_format, read_file_chunks
+from semvec.config import EmbedConfig, Granularity
+from semvec.storage import InputFile
+
+QUARANTINE_DIR = "_quarantine"
+QUARANTINE_SCHEMA = pa.schema([
+    ("source", pa.string()), ("row", pa.int64()), ("id", pa.string()),
+    ("reason", pa.string()), ("raw", pa.string()),
+])
+
+
+def source_key(relative: str) -> str:
+    """A short stable key for an input file: names its output parts."""
+    return hashlib.sha1(relative.encode()).hexdigest()[:12]
+
+
+def _require(batch: pa.Table, columns: tuple[str, ...], stage: str) -> None:
+    missing = [c for c in columns if c not in batch.column_names]
+    if missing:
+        raise KeyError(f"{stage} needs columns {missing}; got {batch.column_names}")
+
+
+# ---------------------------------------------------------------- read
+
+
+class CorpusSource(Datasource):
+    """One read task per input file; each streams its file in chunks of ROW_SCHEMA rows."""
+
+    def __init__(self, files: list[InputFile], config: EmbedConfig, done: dict[str, np.ndarray],
+                 chunk_rows: int = 4096):
+        self.files = files
+        self.config = config
+        self.done = done
+        self.chunk_rows = chunk_rows
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        parser = RowParser(self.config.text_field, self.config.id_field, self.config.max_chars)
+        tasks = []
+        for file in self.files:
+            fmt = detect_format(file.relative, self.config.input_format)
+            done = self.done.get(file.relative, np.empty(0, np.int64))
+            read = functools.partial(read_file_chunks, file, fmt, parser, done, self.chunk_rows)
+            meta = BlockMetadata(num_rows=None, size_bytes=file.size, exec_stats=None,
+                                 input_files=[file.uri])
+            tasks.append(ReadTask(read, meta, schema=ROW_SCHEMA))
+        return tasks
+
+
+# ---------------------------------------------------------------- tokenize
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_dir: str, trust_remote_code: bool):
+    # Cached per worker process: Ray reuses workers across tasks, so this loads once.
+    from semvec.encode import load_tokenizer
+
+    return load_tokenizer(Path(model_dir), trust_remote_code)
+
+
+class Tokenize:
+    """Adds input_ids (and tokens/offsets in token mode); runs as light CPU tasks."""
+
+    def __init__(self, model_dir: str, max_length: int, granularity: str, trust_remote_code: bool):
+        self.model_dir = model_dir
+        self.max_length = max_length
+        self.token_mode = Granularity(granularity) == Granularity.TOKEN
+        self.trust_remote_code = trust_remote_code
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from semvec.encode import tokenize
+
+        _require(batch, ("text", "reason"), "tokenize")
+        tok = _tokenizer(self.model_dir, self.trust_remote_code)
+        ok = np.flatnonzero(batch["reason"].is_null().to_numpy(zero_copy_only=False))
+        texts = batch["text"].take(pa.array(ok, pa.int64())).to_pylist()
+        tk = tokenize(tok, texts, self.max_length, with_offsets=self.token_mode)
+        n = batch.num_rows
+        ids: list = [None] * n
+        truncated = np.zeros(n, dtype=bool)
+        truncated[ok] = tk.truncated
+        for j, i in enumerate(ok):
+            ids[i] = tk.ids[j]
+        batch = batch.drop_columns(["text"])
+        batch = batch.append_column("input_ids", pa.array(ids, pa.list_(pa.int32())))
+        batch = batch.append_column("truncated", pa.array(truncated))
+        if self.token_mode:
+            keep: list = [None] * n
+            offsets: list = [None] * n
+            tokens: list = [None] * n
+            for j, i in enumerate(ok):
+                real = ~tk.special[j]  # special tokens ([CLS], [SEP]) carry no text
+                keep[i] = real
+                offsets[i] = tk.offsets[j][real]
+                tokens[i] = tok.convert_ids_to_tokens(tk.ids[j][real].tolist())
+            batch = batch.append_column("keep", pa.array(keep, pa.list_(pa.bool_())))
+            batch = batch.append_column("offsets", _offsets_array(offsets))
+            batch = batch.append_column("tokens", pa.array(tokens, pa.list_(pa.string())))
+        return batch
+
+
+def _offsets_array(offsets: list) -> pa.Array:
+    pairs = pa.list_(pa.int32(), 2)
+    return pa.array([None if o is None else o.tolist() for o in offsets], pa.list_(pairs))
+
+
+# ---------------------------------------------------------------- encode
+
+
+class EncodeActor:
+    """One per pool slot: loads the model once, then embeds batch after batch."""
+
+    def __init__(self, model_dir: str, config: dict, threads: int):
+        import torch
+
+        from semvec.encode import Encoder
+
+        torch.set_num_threads(threads)
+        self.token_mode = config["granularity"] == Granularity.TOKEN.value
+        self.encoder = Encoder(
+            Path(model_dir),
+            pooling=config["pooling"],
+            normalize=config["normalize"],
+            max_length=config["max_length"],
+            dtype=config["dtype"],
+            batch_tokens=config["batch_tokens"],
+            trust_remote_code=config["trust_remote_code"],
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _require(batch, ("input_ids", "reason"), "encode")
+        n = batch.num_rows
+        ok = np.flatnonzero(batch["reason"].is_null().to_numpy(zero_copy_only=False))
+        ids_col = batch["input_ids"].combine_chunks()
+        ids = [np.asarray(ids_col[int(i)].values, dtype=np.int32) for i in ok]
+        reasons = batch["reason"].to_pylist()
+        dim = self.encoder.dim
+        try:
+            vectors, token_vectors = self.encoder.encode_ids(ids, with_tokens=self.token_mode)
+        except Exception as exc:  # noqa: BLE001 - a row that breaks the model goes to quarantine
+            vectors, token_vectors = self._one_by_one(ids, ok, reasons, exc)
+        full = np.zeros((n, dim), dtype=np.float32)
+        full[ok] = vectors
+        # Quarantined rows keep a zero vector here; the writer files them apart, never as output.
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), pa.float32()), dim)
+        n_tokens = np.zeros(n, dtype=np.int32)
+        n_tokens[ok] = [len(x) for x in ids]
+        batch = batch.drop_columns(["input_ids"])
+        batch = batch.set_column(batch.column_names.index("reason"), "reason", pa.array(reasons, pa.string()))
+        batch = batch.append_column("embedding", emb)
+        batch = batch.append_column("n_tokens", pa.array(n_tokens))
+        if self.token_mode:
+            batch = self._add_token_vectors(batch, ok, token_vectors, dim)
+        return batch
+
+    def _one_by_one(self, ids, ok, reasons, first_exc):
+        """A batch failed: retry row by row so only the rows that really fail are quarantined."""
+        dim = self.encoder.dim
+        vectors = np.zeros((len(ids), dim), dtype=np.float32)
+        tokens: list = [None] * len(ids)
+        for j, row_ids in enumerate(ids):
+            try:
+                v, t = self.encoder.encode_ids([row_ids], with_tokens=self.token_mode)
+                vectors[j] = v[0]
+                if t is not None:
+                    tokens[j] = t[0]
+            except Exception as exc:  # noqa: BLE001
+                reasons[ok[j]] = f"{Reason.ENCODE_FAILED.value}: {type(exc).__name__}: {exc}"[:500]
+        return vectors, tokens if self.token_mode else None
+
+    @staticmethod
+    def _add_token_vectors(batch: pa.Table, ok, token_vectors, dim: int) -> pa.Table:
+        keep = batch["keep"].to_pylist()
+        per_row: list = [None] * batch.num_rows
+        for j, i in enumerate(ok):
+            if token_vectors[j] is not None and keep[i] is not None:
+                per_row[i] = token_vectors[j][np.asarray(keep[i], dtype=bool)]
+        vec_type = pa.list_(pa.float32(), dim)
+        arr = pa.array([None if v is None else list(v) for v in per_row], pa.list_(vec_type))
+        return batch.drop_columns(["keep"]).append_column("token_embeddings", arr)
+
+
+# ---------------------------------------------------------------- write
+
+
+@dataclass(frozen=True)
+class Writer:
+    """Writes each batch as parquet parts, one per source file it holds; returns row counts.
+
+    A part's name is its source key and first row, so names never collide and a rerun can tell
+    which rows are finished by reading committed parts. Parts appear atomically.
+    """
+
+    output: str
+    token_mode: bool
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _require(batch, ("source", "row", "id", "reason", "embedding"), "write")
+        fs = storage.filesystem(self.output)
+        root = storage.strip(self.output)
+        stats = []
+        for source in sorted(set(batch["source"].to_pylist())):
+            part = batch.filter(pa.compute.equal(batch["source"], source))
+            bad_mask = part["reason"].is_valid()
+            good = part.filter(pa.compute.invert(bad_mask))
+            bad = part.filter(bad_mask)
+            first = int(pa.compute.min(part["row"]).as_py())
+            name = f"part-{source_key(source)}-{first:012d}.parquet"
+            if good.num_rows:
+                _put(fs, os.path.join(root, name) if not storage.is_remote(self.output)
+                     else f"{root}/{name}", self._embedded(good))
+            if bad.num_rows:
+                qpath = f"{root}/{QUARANTINE_DIR}/{name}"
+                _put(fs, qpath, bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA))
+            stats.append((source, good.num_rows, bad.num_rows, _reason_counts(bad)))
+        cols = list(zip(*stats, strict=True))
+        return pa.table({"source": list(cols[0]), "embedded": list(cols[1]),
+                         "quarantined": list(cols[2]), "reasons": list(cols[3])})
+
+    def _embedded(self, good: pa.Table) -> pa.Table:
+        columns = ["id", "embedding", "n_tokens", "truncated", "source", "row"]
+        if self.token_mode:
+            columns += ["tokens", "offsets", "token_embeddings"]
+        return good.select(columns)
+
+
+def _reason_counts(bad: pa.Table) -> str:
+    if not bad.num_rows:
+        return "{}"
+    import json
+
+    names = [r.split(":", 1)[0] for r in bad["reason"].to_pylist()]
+    return json.dumps({k: names.count(k) for k in sorted(set(names))})
+
+
+def _put(fs, path: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_atomic(fs, path, buf.getvalue())

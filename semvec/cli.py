@@ -1,0 +1,123 @@
+"""`semvec ...`: parse, load the config, call one function, print a summary.
+
+Bad arguments exit with code 2 and one line on stderr, before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from semvec.config import DType, Granularity, InputFormat, Pooling
+from semvec.errors import ConfigError
+
+
+def _choices(enum) -> list[str]:
+    return [e.value for e in enum]
+
+
+def _embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="embed a corpus into parquet files (a Ray Data backfill)")
+    p.add_argument("input", nargs="?", help="file, folder or glob; local or s3://")
+    p.add_argument("output", nargs="?", help="output prefix; local or s3://")
+    p.add_argument("--config", help="YAML file with the same settings (flags override it)")
+    p.add_argument("--model", help="bundled (default), a local dir, s3://..., models:/...")
+    p.add_argument("--text-field", dest="text_field")
+    p.add_argument("--id-field", dest="id_field", help="default: ids are FILE:ROW")
+    p.add_argument("--format", dest="input_format", choices=_choices(InputFormat))
+    p.add_argument("--pooling", help=f"one of {', '.join(_choices(Pooling))}")
+    p.add_argument("--normalize", dest="normalize", action="store_true", default=None)
+    p.add_argument("--no-normalize", dest="normalize", action="store_false")
+    p.add_argument("--max-length", dest="max_length", type=int)
+    p.add_argument("--granularity", help=f"one of {', '.join(_choices(Granularity))}")
+    p.add_argument("--dtype", help=f"one of {', '.join(_choices(DType))}")
+    p.add_argument("--max-chars", dest="max_chars", type=int)
+    p.add_argument("--batch-tokens", dest="batch_tokens", type=int)
+    p.add_argument("--batch-rows", dest="batch_rows", type=int)
+    p.add_argument("--rows-per-file", dest="rows_per_file", type=int)
+    p.add_argument("--min-workers", dest="min_workers", type=int)
+    p.add_argument("--max-workers", dest="max_workers", type=int)
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
+    p.add_argument("--num-gpus-per-worker", dest="num_gpus_per_worker", type=float)
+    p.add_argument("--threads-per-worker", dest="threads_per_worker", type=int)
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true", default=None)
+    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a model or stored vectors")
+    tasks = p.add_subparsers(dest="task", required=True)
+    sts = tasks.add_parser("sts", help="Spearman of cosine similarity vs gold scores")
+    sts.add_argument("--data", required=True, help="pairs: sentence1, sentence2, score")
+    ret = tasks.add_parser("retrieval", help="BEIR-format retrieval: nDCG@10, MRR@10, Recall@100")
+    ret.add_argument("--corpus", required=True)
+    ret.add_argument("--queries", required=True)
+    ret.add_argument("--qrels", required=True)
+    ret.add_argument("--query-vectors", help="backfill output with the queries' vectors (by _id)")
+    for t in (sts, ret):
+        src = t.add_mutually_exclusive_group()
+        src.add_argument("--model", help="model reference (default: bundled)")
+        src.add_argument("--vectors", help="a backfill output prefix; vectors are looked up by id")
+        t.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semvec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _embed_parser(sub)
+    _evaluate_parser(sub)
+    return parser
+
+
+def _embed(args) -> dict:
+    from semvec.backfill.job import print_summary, run
+    from semvec.config import load_embed_config
+
+    skip = {"command", "config", "json"}
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    config = load_embed_config(args.config, **overrides)
+    summary = run(config)
+    if not args.json:
+        print_summary(summary)
+    return summary
+
+
+def _evaluate(args) -> dict:
+    from semvec import evaluate
+
+    if args.task == "sts":
+        embed = (evaluate.vector_embedder(args.vectors) if args.vectors
+                 else evaluate.model_embedder(args.model or "bundled"))
+        result = evaluate.evaluate_sts(embed, args.data)
+    else:
+        if args.vectors:
+            docs = evaluate.vector_embedder(args.vectors)
+            queries = evaluate.vector_embedder(args.query_vectors or args.vectors)
+            by_id = True
+        else:
+            docs = queries = evaluate.model_embedder(args.model or "bundled")
+            by_id = False
+        result = evaluate.evaluate_retrieval(docs, queries, args.corpus, args.queries,
+                                             args.qrels, by_id=by_id)
+    if not args.json:
+        print(f"semvec evaluate {args.task}: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = _embed(args) if args.command == "embed" else _evaluate(args)
+    except ConfigError as exc:
+        print(f"semvec: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The backfill job's one typed config: YAML file + CLI overrides, validated on the driver.
+
+Everything here runs before Ray starts, so a bad value ends the job with exit code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from semvec.errors import ConfigError, choice_error
+
+
+class Pooling(str, Enum):
+    AUTO = "auto"  # whatever the model directory says (semvec.json, 1_Pooling/), else mean
+    MEAN = "mean"
+    CLS = "cls"
+    MAX = "max"
+    LAST = "last"  # last non-padding token: for decoder (GPT-style) models
+
+
+class Granularity(str, Enum):
+    SENTENCE = "sentence"
+    TOKEN = "token"
+
+
+class DType(str, Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class InputFormat(str, Enum):
+    AUTO = "auto"  # from the file extension
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+    CSV = "csv"
+    TSV = "tsv"
+    TXT = "txt"
+
+
+def parse_enum(enum: type[Enum], what: str, value: Any) -> Enum:
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(str(value).lower())
+    except ValueError:
+        raise choice_error(what, value, list(enum)) from None
+
+
+@dataclass
+class EmbedConfig:
+    """One backfill job. Fields marked 'output-shaping' enter the config hash."""
+
+    input: str
+    output: str
+    model: str = "bundled"
+    text_field: str = "text"
+    id_field: str | None = None
+    input_format: InputFormat = InputFormat.AUTO
+    pooling: Pooling = Pooling.AUTO
+    normalize: bool | None = None  # None: the model's own choice (a Normalize module -> True)
+    max_length: int | None = None  # None: the model's max_seq_length, else its tokenizer limit
+    granularity: Granularity = Granularity.SENTENCE
+    dtype: DType = DType.FLOAT32
+    trust_remote_code: bool = False
+    # Rows longer than this many characters go to quarantine instead of the tokenizer.
+    max_chars: int = 200_000
+    # Throughput knobs: they do not change a vector beyond float noise.
+    batch_tokens: int = 8192  # padded tokens per forward pass
+    batch_rows: int = 512  # rows per Ray Data batch handed to one encoder actor
+    rows_per_file: int = 50_000
+    min_workers: int = 1
+    max_workers: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
+    cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    threads_per_worker: int | None = None  # torch threads; None: cpus_per_worker
+    overwrite: bool = False
+
+    HASHED = (
+        "model", "text_field", "id_field", "input_format", "pooling", "normalize", "max_length",
+        "granularity", "dtype", "max_chars",
+    )
+
+    def __post_init__(self) -> None:
+        self.input_format = parse_enum(InputFormat, "input format", self.input_format)
+        self.pooling = parse_enum(Pooling, "pooling", self.pooling)
+        self.granularity = parse_enum(Granularity, "granularity", self.granularity)
+        self.dtype = parse_enum(DType, "dtype", self.dtype)
+        for name in ("input", "output", "model", "text_field"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        positive = ("max_chars", "batch_tokens", "batch_rows", "rows_per_file", "min_workers")
+        for name in positive:
+            _require_positive_int(name, getattr(self, name))
+        for name in ("max_length", "max_workers", "threads_per_worker"):
+            if getattr(self, name) is not None:
+                _require_positive_int(name, getattr(self, name))
+        if self.max_workers is not None and self.max_workers < self.min_workers:
+            raise ConfigError(
+                f"max_workers {self.max_workers} is below min_workers {self.min_workers}"
+            )
+        if self.cpus_per_worker <= 0 or self.num_gpus_per_worker < 0:
+            raise ConfigError(
+                f"cpus_per_worker must be > 0 and num_gpus_per_worker >= 0, got "
+                f"{self.cpus_per_worker} and {self.num_gpus_per_worker}"
+            )
+
+    def output_hash(self, model_fingerprint: str) -> str:
+        """Hash of everything that shapes the output: a rerun with another hash is refused."""
+        shaping = {name: _plain(getattr(self, name)) for name in self.HASHED}
+        shaping["model_fingerprint"] = model_fingerprint
+        blob = json.dumps(shaping, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def _require_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def load_embed_config(path: str | Path | None = None, **overrides: Any) -> EmbedConfig:
+    """Read a YAML config (optional) and apply overrides (None means 'not given')."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(EmbedConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    for required in ("input", "output"):
+        if required not in data:
+            raise ConfigError(f"missing required setting {required!r}")
+    try:
+        return EmbedConfig(**data)
+    except TypeError as exc:  # a wrong type that the dataclass itself rejects
+        raise ConfigError(str(exc)) from None
+
+
+def replace(config: EmbedConfig, **changes: Any) -> EmbedConfig:
+    return dataclasses.replace(config, **changes)

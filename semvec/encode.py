@@ -1,0 +1,176 @@
+"""Encoder: text -> vectors with a Hugging Face model.
+
+Batches are packed by a token budget after sorting by length, so almost no compute goes to
+padding, and every row's vector is independent of which rows share its batch (beyond float noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semvec.config import DType, Pooling
+from semvec.models import model_defaults
+
+_TORCH_DTYPES = {
+    DType.FLOAT32: torch.float32,
+    DType.FLOAT16: torch.float16,
+    DType.BFLOAT16: torch.bfloat16,
+}
+
+
+@dataclass
+class Tokenized:
+    """Token ids per row (no padding), and what truncation did."""
+
+    ids: list[np.ndarray]  # each int32 [n_tokens_i]
+    truncated: np.ndarray  # bool [n_rows]
+    special: list[np.ndarray] | None = None  # bool [n_tokens_i], token mode only
+    offsets: list[np.ndarray] | None = None  # int32 [n_tokens_i, 2], token mode only
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # GPT-style tokenizers: padding is masked out, any id will do
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def tokenize(tok, texts: list[str], max_length: int, with_offsets: bool = False) -> Tokenized:
+    """Tokenize with truncation to max_length; a row is 'truncated' when tokens were cut."""
+    enc = tok(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        return_overflowing_tokens=True,  # tells us which rows lost tokens
+        return_offsets_mapping=with_offsets,
+        return_special_tokens_mask=with_offsets,
+        return_attention_mask=False,
+    )
+    mapping = enc.get("overflow_to_sample_mapping")
+    if mapping is None:  # some tokenizers ignore overflow: compare against an untruncated pass
+        mapping = list(range(len(texts)))
+    first: dict[int, int] = {}
+    counts = np.zeros(len(texts), dtype=np.int64)
+    for pos, row in enumerate(mapping):
+        counts[row] += 1
+        first.setdefault(row, pos)
+    order = [first[i] for i in range(len(texts))]
+    ids = [np.asarray(enc["input_ids"][p], dtype=np.int32) for p in order]
+    out = Tokenized(ids=ids, truncated=counts > 1)
+    if with_offsets:
+        out.offsets = [np.asarray(enc["offset_mapping"][p], dtype=np.int32).reshape(-1, 2) for p in order]
+        out.special = [np.asarray(enc["special_tokens_mask"][p], dtype=bool) for p in order]
+    return out
+
+
+def pack(lengths: np.ndarray, batch_tokens: int, max_rows: int = 256) -> list[np.ndarray]:
+    """Group row indices into batches, longest first, each under a padded-token budget.
+
+    Sorting first means each batch pads to nearly its own length; the budget keeps memory flat
+    whether rows are 5 tokens or 512.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, min(max_rows, batch_tokens // longest))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+class Encoder:
+    """A loaded model plus the pooling rules for it. Build one per worker, reuse it."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        pooling: Pooling | str = Pooling.AUTO,
+        normalize: bool | None = None,
+        max_length: int | None = None,
+        dtype: DType | str = DType.FLOAT32,
+        device: str | None = None,
+        batch_tokens: int = 8192,
+        trust_remote_code: bool = False,
+    ):
+        from transformers import AutoModel
+
+        defaults = model_defaults(model_dir)
+        pooling = Pooling(pooling)
+        self.pooling = Pooling(defaults.pooling) if pooling == Pooling.AUTO else pooling
+        self.normalize = defaults.normalize if normalize is None else normalize
+        self.max_length = max_length or defaults.max_length
+        self.batch_tokens = batch_tokens
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
+        self.model = AutoModel.from_pretrained(
+            str(model_dir),
+            dtype=_TORCH_DTYPES[DType(dtype)],
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        ).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+
+    def tokenize(self, texts: list[str], with_offsets: bool = False) -> Tokenized:
+        return tokenize(self.tokenizer, texts, self.max_length, with_offsets)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """float32 [n, dim] sentence vectors for a list of strings."""
+        return self.encode_ids(self.tokenize(texts).ids)[0]
+
+    @torch.inference_mode()
+    def encode_ids(
+        self, ids: list[np.ndarray], with_tokens: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Sentence vectors float32 [n, dim]; with_tokens adds float32 [n_tokens_i, dim] per row."""
+        n = len(ids)
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        tokens: list[np.ndarray | None] | None = [None] * n if with_tokens else None
+        if n == 0:
+            return out, tokens
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        for batch in pack(lengths, self.batch_tokens):
+            width = int(lengths[batch].max())
+            input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            for j, i in enumerate(batch):
+                input_ids[j, : lengths[i]] = ids[i]
+                mask[j, : lengths[i]] = 1
+            hidden, pooled = self._forward(torch.from_numpy(input_ids), torch.from_numpy(mask))
+            out[batch] = pooled
+            if tokens is not None:
+                for j, i in enumerate(batch):
+                    tokens[i] = hidden[j, : lengths[i]]
+        return out, tokens
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [b, t, d]
+        hidden = hidden.float()
+        pooled = pool(hidden, mask, self.pooling)  # [b, d]
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+            hidden = torch.nn.functional.normalize(hidden, p=2, dim=-1)
+        return hidden.cpu().numpy(), pooled.cpu().numpy()
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """hidden [b, t, d], mask [b, t] (1 = token, right padded) -> [b, d]."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # [b, t, 1]
+    if pooling == Pooling.MEAN:
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if pooling == Pooling.CLS:
+        return hidden[:, 0]
+    if pooling == Pooling.MAX:
+        return hidden.masked_fill(m == 0, float("-inf")).max(1).values
+    if pooling == Pooling.LAST:
+        last = mask.sum(1).long() - 1  # [b]: index of the last real token
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"pooling {pooling!r} must be resolved before encoding")

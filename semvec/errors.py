@@ -1,0 +1,12 @@
+"""Errors that end a job before any work starts (exit code 2, one line)."""
+
+
+class ConfigError(ValueError):
+    """A bad argument, path or model: the message names the value and what is allowed."""
+
+    exit_code = 2
+
+
+def choice_error(what: str, value: object, allowed) -> ConfigError:
+    names = ", ".join(str(getattr(a, "value", a)) for a in allowed)
+    return ConfigError(f"unknown {what} {value!r}; allowed: {names}")

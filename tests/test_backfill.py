@@ -1,0 +1,210 @@
+"""The backfill end to end on a local Ray with tiny models: formats, resume, refusal, bad rows."""
+
+import csv
+import glob
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from semvec.backfill.job import run
+from semvec.config import load_embed_config
+from semvec.encode import Encoder
+from semvec.errors import ConfigError
+from tests.conftest import corpus_sentences, write_jsonl
+
+
+def read_output(out: Path) -> pa.Table:
+    parts = sorted(glob.glob(str(out / "part-*.parquet")))
+    return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
+
+
+def read_quarantine(out: Path) -> list[dict]:
+    parts = sorted(glob.glob(str(out / "_quarantine" / "part-*.parquet")))
+    return [r for p in parts for r in pq.read_table(p).to_pylist()]
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "_manifest.json").read_text())
+
+
+def embed(input, output, model, **kw):
+    return run(load_embed_config(None, input=str(input), output=str(output), model=str(model), **kw))
+
+
+def _write(fmt: str, path: Path, texts: list[str]) -> Path:
+    rows = [{"doc": f"d{i}", "body": t} for i, t in enumerate(texts)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        return write_jsonl(path.with_suffix(".jsonl"), rows)
+    if fmt == "jsonl.gz":
+        p = path.with_suffix(".jsonl.gz")
+        p.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        return p
+    if fmt in ("csv", "tsv"):
+        p = path.with_suffix("." + fmt)
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, ["doc", "body"], delimiter="," if fmt == "csv" else "\t")
+            w.writeheader()
+            w.writerows(rows)
+        return p
+    if fmt == "parquet":
+        p = path.with_suffix(".parquet")
+        pq.write_table(pa.Table.from_pylist(rows), p)
+        return p
+    if fmt == "txt":
+        p = path.with_suffix(".txt")
+        p.write_text("\n".join(texts) + "\n")
+        return p
+    raise ValueError(fmt)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "csv", "tsv", "parquet", "txt"])
+def test_formats_embed_every_row_like_the_encoder(ray_local, tiny_models, tmp_path, fmt):
+    texts = corpus_sentences(57, seed=11)
+    src = _write(fmt, tmp_path / "in" / "data", texts)
+    fields = {} if fmt == "txt" else {"text_field": "body", "id_field": "doc"}
+    summary = embed(src, tmp_path / "out", tiny_models["bert"], batch_rows=8, **fields)
+    assert summary["embedded"] == 57 and summary["quarantined"] == 0
+    table = read_output(tmp_path / "out").sort_by("row")
+    want_ids = [f"data.txt:{i}" for i in range(57)] if fmt == "txt" else [f"d{i}" for i in range(57)]
+    assert table["id"].to_pylist() == want_ids
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    got = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    want = Encoder(tiny_models["bert"]).encode_texts(texts)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_folder_and_glob_inputs_and_manifest(ray_local, tiny_models, tmp_path):
+    for i in range(3):
+        write_jsonl(tmp_path / "in" / f"sub{i}" / f"f{i}.jsonl",
+                    [{"text": t} for t in corpus_sentences(10 + i, seed=i)])
+    (tmp_path / "in" / "_SUCCESS").write_text("")  # marker files are not data
+    embed(tmp_path / "in", tmp_path / "a", tiny_models["bert"])
+    m = manifest(tmp_path / "a")
+    assert m["status"] == "complete" and m["totals"] == {"rows": 33, "embedded": 33, "quarantined": 0}
+    assert [i["rows"] for i in m["inputs"]] == [10, 11, 12]
+    assert m["model"]["dim"] == 32 and m["model"]["pooling"] == "mean"
+    assert all(i["outputs"] for i in m["inputs"])
+    s = embed(str(tmp_path / "in" / "sub*" / "*.jsonl"), tmp_path / "b", tiny_models["bert"])
+    assert s["embedded"] == 33
+
+
+def test_rerun_skips_finished_work_and_refuses_another_config(ray_local, tiny_models, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in corpus_sentences(30)])
+    first = embed(src, tmp_path / "out", tiny_models["bert"])
+    parts = sorted(glob.glob(str(tmp_path / "out" / "part-*")))
+    again = embed(src, tmp_path / "out", tiny_models["bert"])
+    assert again["rows_this_run"] == 0 and again["skipped_inputs"] == 1
+    assert again["embedded"] == first["embedded"] == 30
+    assert sorted(glob.glob(str(tmp_path / "out" / "part-*"))) == parts
+    with pytest.raises(ConfigError, match="another model or config"):
+        embed(src, tmp_path / "out", tiny_models["bert"], pooling="cls")
+    with pytest.raises(ConfigError, match="another model or config"):
+        embed(src, tmp_path / "out", tiny_models["gpt"])
+    replaced = embed(src, tmp_path / "out", tiny_models["bert"], pooling="cls", overwrite=True)
+    assert replaced["embedded"] == 30 and manifest(tmp_path / "out")["model"]["pooling"] == "cls"
+
+
+def test_a_new_file_in_the_input_folder_is_embedded_on_rerun(ray_local, tiny_models, tmp_path):
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in corpus_sentences(5)])
+    embed(tmp_path / "in", tmp_path / "out", tiny_models["bert"])
+    write_jsonl(tmp_path / "in" / "b.jsonl", [{"text": t} for t in corpus_sentences(7)])
+    s = embed(tmp_path / "in", tmp_path / "out", tiny_models["bert"])
+    assert s["rows_this_run"] == 7 and s["embedded"] == 12
+
+
+def test_resume_completes_partial_output_exactly_once(ray_local, tiny_models, tmp_path):
+    """Parts of an interrupted run stay; the rerun embeds only the rows they lack."""
+    texts = corpus_sentences(200, seed=2)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(texts)])
+    kw = {"id_field": "id", "rows_per_file": 40, "batch_rows": 20}
+    embed(src, tmp_path / "full", tiny_models["bert"], **kw)
+    embed(src, tmp_path / "cut", tiny_models["bert"], **kw)
+    # Simulate a crash: drop some committed parts and mark the manifest unfinished.
+    parts = sorted(glob.glob(str(tmp_path / "cut" / "part-*")))
+    for p in parts[1::2]:
+        Path(p).unlink()
+    m = manifest(tmp_path / "cut")
+    m["status"] = "running"
+    for i in m["inputs"]:
+        i["complete"] = False
+    (tmp_path / "cut" / "_manifest.json").write_text(json.dumps(m))
+    s = embed(src, tmp_path / "cut", tiny_models["bert"], **kw)
+    assert 0 < s["rows_this_run"] < 200
+    full, cut = read_output(tmp_path / "full").sort_by("id"), read_output(tmp_path / "cut").sort_by("id")
+    assert cut["id"].to_pylist() == full["id"].to_pylist()  # each row once, none missing
+    np.testing.assert_allclose(np.stack(cut["embedding"].to_numpy(zero_copy_only=False)),
+                               np.stack(full["embedding"].to_numpy(zero_copy_only=False)), atol=1e-5)
+
+
+def test_bad_rows_go_to_quarantine_with_reasons(ray_local, tiny_models, tmp_path):
+    good = corpus_sentences(6)
+    lines = [json.dumps({"id": f"g{i}", "text": t}).encode() for i, t in enumerate(good)]
+    bad = {
+        b'{"id": "m1", "text": "unterminated': "malformed_json",
+        json.dumps({"id": "m2", "body": "no text field"}).encode(): "missing_text_field",
+        json.dumps({"id": "m3", "text": None}).encode(): "empty_text",
+        json.dumps({"id": "m4", "text": ""}).encode(): "empty_text",
+        json.dumps({"id": "m5", "text": "   \t "}).encode(): "empty_text",
+        json.dumps({"id": "m6", "text": 42}).encode(): "non_string_text",
+        b'{"id": "m7", "text": "caf\xe9 bad byte"}': "invalid_utf8",
+        json.dumps({"id": "m8", "text": "x" * 1_000_000}).encode(): "text_too_long",
+        json.dumps(["a", "list"]).encode(): "not_an_object",
+    }
+    dup = json.dumps({"id": "g0", "text": "the same id again"}).encode()
+    data = lines[:3] + list(bad) + [dup] + lines[3:]
+    (tmp_path / "bad.jsonl").write_bytes(b"\n".join(data) + b"\n")
+    s = embed(tmp_path / "bad.jsonl", tmp_path / "out", tiny_models["bert"], id_field="id")
+    assert s["rows"] == len(data)
+    assert s["embedded"] + s["quarantined"] == len(data)
+    assert s["embedded"] == 7 and s["quarantined"] == len(bad)
+    assert s["duplicate_ids"] == 1
+    q = read_quarantine(tmp_path / "out")
+    assert sorted(r["reason"] for r in q) == sorted(bad.values())
+    assert all(r["source"] == "bad.jsonl" and r["row"] >= 3 for r in q)
+    assert max(len(r["raw"]) for r in q) <= 1000
+    m = manifest(tmp_path / "out")
+    assert m["duplicates"]["examples"] == ["g0"]
+    assert m["inputs"][0]["quarantine_reasons"]["empty_text"] == 3
+
+
+def test_truncated_gzip_keeps_what_was_read(ray_local, tiny_models, tmp_path):
+    rows = "".join(json.dumps({"text": t}) + "\n" for t in corpus_sentences(2000, seed=4))
+    blob = gzip.compress(rows.encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    s = embed(tmp_path / "cut.jsonl.gz", tmp_path / "out", tiny_models["bert"])
+    q = read_quarantine(tmp_path / "out")
+    assert [r["reason"] for r in q] == ["unreadable_file"]
+    assert s["embedded"] > 0 and s["rows"] == s["embedded"] + 1
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt"])
+def test_token_mode_writes_token_vectors_and_offsets(ray_local, tiny_models, tmp_path, kind):
+    texts = corpus_sentences(12, seed=8)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    embed(src, tmp_path / "out", tiny_models[kind], granularity="token")
+    table = read_output(tmp_path / "out").sort_by("row")
+    encoder = Encoder(tiny_models[kind])
+    tk = encoder.tokenize(texts, with_offsets=True)
+    _, token_vectors = encoder.encode_ids(tk.ids, with_tokens=True)
+    for i, row in enumerate(table.to_pylist()):
+        real = ~tk.special[i]
+        assert len(row["tokens"]) == len(row["offsets"]) == len(row["token_embeddings"]) == real.sum()
+        np.testing.assert_allclose(np.array(row["token_embeddings"]), token_vectors[i][real], atol=1e-5)
+        for (a, b), token in zip(row["offsets"], row["tokens"]):
+            assert 0 <= a < b <= len(texts[i])
+            # WordPiece marks continuations with ##, byte-level BPE marks a space with Ġ
+            assert token.lstrip("#Ġ").lower() in texts[i][a:b].lower()
+
+
+def test_truncation_is_recorded_per_row(ray_local, tiny_models, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "cat " * 300}, {"text": "a short one"}])
+    embed(src, tmp_path / "out", tiny_models["bert"], max_length=32)
+    table = read_output(tmp_path / "out").sort_by("row")
+    assert table["truncated"].to_pylist() == [True, False]
+    assert table["n_tokens"].to_pylist()[0] == 32

@@ -1,0 +1,83 @@
+"""Encoder: every pooling mode on a BERT-like and a GPT-like model, batching independence."""
+
+import numpy as np
+import pytest
+import torch
+
+from semvec.config import Pooling
+from semvec.encode import Encoder, pack
+from tests.conftest import corpus_sentences
+
+
+def _reference(encoder: Encoder, text: str, pooling: Pooling) -> np.ndarray:
+    """One sentence alone, no padding at all: what every batching must reproduce."""
+    ids = encoder.tokenizer(text, truncation=True, max_length=encoder.max_length)["input_ids"]
+    with torch.inference_mode():
+        hidden = encoder.model(input_ids=torch.tensor([ids])).last_hidden_state[0].float()
+    vec = {
+        Pooling.MEAN: hidden.mean(0), Pooling.CLS: hidden[0],
+        Pooling.MAX: hidden.max(0).values, Pooling.LAST: hidden[-1],
+    }[pooling]
+    return vec.numpy()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt"])
+@pytest.mark.parametrize("pooling", [Pooling.MEAN, Pooling.CLS, Pooling.MAX, Pooling.LAST])
+def test_pooling_matches_unpadded_reference(tiny_models, kind, pooling):
+    encoder = Encoder(tiny_models[kind], pooling=pooling, normalize=False, batch_tokens=256)
+    texts = corpus_sentences(40, seed=3)
+    got = encoder.encode_texts(texts)
+    want = np.stack([_reference(encoder, t, pooling) for t in texts])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_model_defaults_decide_pooling(tiny_models):
+    assert Encoder(tiny_models["gpt"]).pooling == Pooling.LAST  # decoder: last token
+    assert Encoder(tiny_models["bert"]).pooling == Pooling.MEAN
+
+
+@pytest.mark.parametrize("batch_tokens", [16, 97, 4096])
+def test_vectors_do_not_depend_on_batching(tiny_models, batch_tokens):
+    texts = corpus_sentences(60, seed=5)
+    base = Encoder(tiny_models["bert"], batch_tokens=100_000).encode_texts(texts)
+    other = Encoder(tiny_models["bert"], batch_tokens=batch_tokens)
+    np.testing.assert_allclose(other.encode_texts(texts), base, atol=1e-5)
+    # and not on which other rows share the call
+    np.testing.assert_allclose(other.encode_texts(texts[::-1])[::-1], base, atol=1e-5)
+
+
+def test_normalize_gives_unit_vectors(tiny_models):
+    v = Encoder(tiny_models["bert"], normalize=True).encode_texts(corpus_sentences(10))
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
+def test_truncation_is_flagged(tiny_models):
+    encoder = Encoder(tiny_models["bert"], max_length=16)
+    tk = encoder.tokenize(["cat " * 100, "a cat"])
+    assert tk.truncated.tolist() == [True, False]
+    assert len(tk.ids[0]) == 16
+
+
+def test_offsets_point_into_the_text(tiny_models):
+    encoder = Encoder(tiny_models["gpt"])
+    text = "hello world the quick fox"
+    tk = encoder.tokenize([text], with_offsets=True)
+    pieces = [text[a:b] for a, b in tk.offsets[0][~tk.special[0]]]
+    assert "".join(pieces).replace(" ", "") == text.replace(" ", "")
+
+
+def test_pack_respects_budget_and_keeps_every_row():
+    lengths = np.array([5, 300, 12, 12, 7, 1, 64])
+    batches = pack(lengths, batch_tokens=64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * lengths[b].max() <= 64
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_is_close_to_float32(tiny_models, dtype):
+    texts = corpus_sentences(20)
+    full = Encoder(tiny_models["bert"], normalize=True).encode_texts(texts)
+    half = Encoder(tiny_models["bert"], normalize=True, dtype=dtype).encode_texts(texts)
+    assert half.dtype == np.float32
+    assert (full * half).sum(1).min() > 0.99

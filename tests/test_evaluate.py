@@ -1,0 +1,75 @@
+"""Evaluation metrics on hand-checked cases, and evaluation from stored backfill vectors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from semvec import evaluate
+from semvec.backfill.job import run
+from semvec.cli import main
+from semvec.config import load_embed_config
+from tests.conftest import write_jsonl
+
+# Three docs on three axes; queries point at them, so the ranking is known by construction.
+AXES = {"d1": [1, 0, 0], "d2": [0, 1, 0], "d3": [0, 0, 1]}
+
+
+def _beir(tmp_path, qrels_rows):
+    write_jsonl(tmp_path / "corpus.jsonl", [{"_id": d, "title": "", "text": d} for d in AXES])
+    write_jsonl(tmp_path / "queries.jsonl", [{"_id": q, "text": q} for q in ("q1", "q2")])
+    (tmp_path / "qrels.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels_rows))
+    return [str(tmp_path / f) for f in ("corpus.jsonl", "queries.jsonl", "qrels.tsv")]
+
+
+def _embed(table):
+    return lambda keys: np.array([table[k] for k in keys], dtype=np.float32)
+
+
+def test_retrieval_metrics_by_hand(tmp_path):
+    # q1 ranks d1 > d2 > d3; q2 ranks d3 > d2 > d1.
+    queries = {"q1": [1, 0.5, 0.1], "q2": [0.1, 0.5, 1]}
+    files = _beir(tmp_path, [("q1", "d1", 1), ("q2", "d2", 1)])
+    r = evaluate.evaluate_retrieval(_embed(AXES), _embed(queries), *files, by_id=True)
+    # q1: hit at rank 1 -> nDCG 1, RR 1. q2: hit at rank 2 -> nDCG 1/log2(3), RR 1/2.
+    assert r["ndcg@10"] == pytest.approx((1 + 1 / np.log2(3)) / 2)
+    assert r["mrr@10"] == pytest.approx(0.75)
+    assert r["recall@100"] == 1.0
+
+
+def test_sts_reads_the_stsb_release_format_and_csv(tmp_path):
+    vectors = {"a b": [1, 0], "a c": [0.9, 0.1], "x y": [0, 1], "x z": [0.2, 0.9]}
+    release = "\n".join(f"g\tf\t2012\t{i:04d}\t{s}\t{a}\t{b}" for i, (s, a, b) in enumerate(
+        [(5.0, "a b", "a c"), (0.5, "a b", "x y"), (2.0, "a c", "x z")]))
+    (tmp_path / "sts.tsv").write_text(release + "\n")
+    r = evaluate.evaluate_sts(_embed(vectors), str(tmp_path / "sts.tsv"))
+    assert r["pairs"] == 3 and r["spearman"] == pytest.approx(1.0)
+    (tmp_path / "sts.csv").write_text("sentence1,sentence2,score\na b,a c,5\na b,x y,0.5\na c,x z,2\n")
+    assert evaluate.evaluate_sts(_embed(vectors), str(tmp_path / "sts.csv"))["spearman"] == pytest.approx(1.0)
+
+
+def test_sts_from_backfill_vectors_equals_sts_from_the_model(ray_local, tiny_models, tmp_path, capsys):
+    pairs = [("the cat sat", "a cat sat on the mat", 4.0), ("the dog ran", "red car", 0.5),
+             ("blue river", "the blue river", 4.5), ("fire", "water and earth", 1.0)]
+    data = write_jsonl(tmp_path / "pairs.jsonl",
+                       [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in pairs])
+    sentences = sorted({x for a, b, _ in pairs for x in (a, b)})
+    corpus = write_jsonl(tmp_path / "sents.jsonl", [{"text": s} for s in sentences])
+    out = tmp_path / "vectors"
+    run(load_embed_config(None, input=str(corpus), output=str(out), model=str(tiny_models["bert"]),
+                          id_field="text"))
+    assert main(["evaluate", "sts", "--data", str(data), "--vectors", str(out), "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["evaluate", "sts", "--data", str(data), "--model", str(tiny_models["bert"]), "--json"]) == 0
+    direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stored["spearman"] == pytest.approx(direct["spearman"], abs=1e-6)
+
+
+def test_missing_ids_in_vectors_are_a_clear_error(ray_local, tiny_models, tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "s.jsonl", [{"text": "only this"}])
+    run(load_embed_config(None, input=str(corpus), output=str(tmp_path / "v"),
+                          model=str(tiny_models["bert"]), id_field="text"))
+    data = write_jsonl(tmp_path / "p.jsonl", [{"sentence1": "only this", "sentence2": "not there", "score": 1}])
+    assert main(["evaluate", "sts", "--data", str(data), "--vectors", str(tmp_path / "v")]) == 2
+    assert "1 ids are not in the vectors" in capsys.readouterr().err

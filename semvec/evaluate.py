@@ -37,7 +37,9 @@ def load_vectors(prefix: str) -> dict[str, np.ndarray]:
     fs = storage.filesystem(prefix)
     root = storage.strip(prefix)
     if not fs.exists(f"{root}/_manifest.json"):
-        raise ConfigError(f"vectors {storage.display(prefix)!r} hold no _manifest.json: not a backfill output")
+        raise ConfigError(
+            f"vectors {storage.display(prefix)!r} hold no _manifest.json: not a backfill output"
+        )
     table_parts = []
     for p in sorted(fs.ls(root, detail=False)):
         if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"):

@@ -17,86 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from semvec.testing import build_tiny_model, corpus_sentences  # noqa: F401
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("SEMVEC_DATASETS", REPO.parent / "shared" / "datasets"))
-
-WORDS = (
-    "the a cat dog sat on mat ran fast slow red blue green house car tree river city "
-    "model vector search text token embed train data cluster quick brown fox jumps over lazy "
-    "hello world semantic language night day sun moon water fire earth air one two three"
-).split()
-
-
-def corpus_sentences(n: int = 200, seed: int = 0) -> list[str]:
-    import random
-
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(n)]
-
-
-def _bert_tokenizer(path: Path):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus_sentences(500), trainers.WordPieceTrainer(
-        vocab_size=300, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_max_length=128)
-    fast.save_pretrained(path)
-    return fast
-
-
-def _gpt_tokenizer(path: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus_sentences(500), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", model_max_length=128)
-    fast.save_pretrained(path)
-    return fast
-
-
-def build_tiny_model(path: Path, kind: str = "bert", seed: int = 0) -> Path:
-    """A seeded 2-layer model with hidden size 32 and its own tokenizer, saved as safetensors."""
-    import torch
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
-
-    path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    if kind == "bert":
-        tok = _bert_tokenizer(path)
-        config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=64,
-                            max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-        model = BertModel(config)
-    else:
-        tok = _gpt_tokenizer(path)
-        config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-        model = GPT2Model(config)
-    model.eval()
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:

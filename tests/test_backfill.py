@@ -15,7 +15,8 @@ from semvec.backfill.job import run
 from semvec.config import load_embed_config
 from semvec.encode import Encoder
 from semvec.errors import ConfigError
-from tests.conftest import corpus_sentences, write_jsonl
+from semvec.testing import corpus_sentences
+from tests.conftest import write_jsonl
 
 
 def read_output(out: Path) -> pa.Table:
@@ -196,7 +197,7 @@ def test_token_mode_writes_token_vectors_and_offsets(ray_local, tiny_models, tmp
         real = ~tk.special[i]
         assert len(row["tokens"]) == len(row["offsets"]) == len(row["token_embeddings"]) == real.sum()
         np.testing.assert_allclose(np.array(row["token_embeddings"]), token_vectors[i][real], atol=1e-5)
-        for (a, b), token in zip(row["offsets"], row["tokens"]):
+        for (a, b), token in zip(row["offsets"], row["tokens"], strict=True):
             assert 0 <= a < b <= len(texts[i])
             # WordPiece marks continuations with ##, byte-level BPE marks a space with Ġ
             assert token.lstrip("#Ġ").lower() in texts[i][a:b].lower()

@@ -11,7 +11,8 @@ import pytest
 from semvec.cli import main
 from semvec.config import load_embed_config
 from semvec.errors import ConfigError
-from tests.conftest import REPO, corpus_sentences, write_jsonl
+from semvec.testing import corpus_sentences
+from tests.conftest import REPO, write_jsonl
 
 
 def semvec(*args: str, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -40,7 +41,8 @@ def _cases(tmp_path: Path, corpus: Path, model: Path) -> dict:
         "missing input": ([str(tmp_path / "nope.jsonl"), out], "does not exist"),
         "empty folder": ([str(tmp_path / "empty"), out], "holds no data files"),
         "empty file": ([str(tmp_path / "empty.jsonl"), out], "only empty files"),
-        "unknown pooling": ([str(corpus), out, "--pooling", "avg"], "unknown pooling 'avg'; allowed: auto, mean"),
+        "unknown pooling": (
+            [str(corpus), out, "--pooling", "avg"], "unknown pooling 'avg'; allowed: auto, mean"),
         "unknown granularity": ([str(corpus), out, "--granularity", "word"], "unknown granularity"),
         "missing model": ([str(corpus), out, "--model", str(tmp_path / "none")], "is not a directory"),
         "unreadable model": ([str(corpus), out, "--model", str(broken)], "cannot be loaded"),

@@ -6,7 +6,7 @@ import torch
 
 from semvec.config import Pooling
 from semvec.encode import Encoder, pack
-from tests.conftest import corpus_sentences
+from semvec.testing import corpus_sentences
 
 
 def _reference(encoder: Encoder, text: str, pooling: Pooling) -> np.ndarray:

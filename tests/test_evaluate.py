@@ -70,6 +70,7 @@ def test_missing_ids_in_vectors_are_a_clear_error(ray_local, tiny_models, tmp_pa
     corpus = write_jsonl(tmp_path / "s.jsonl", [{"text": "only this"}])
     run(load_embed_config(None, input=str(corpus), output=str(tmp_path / "v"),
                           model=str(tiny_models["bert"]), id_field="text"))
-    data = write_jsonl(tmp_path / "p.jsonl", [{"sentence1": "only this", "sentence2": "not there", "score": 1}])
+    pair = {"sentence1": "only this", "sentence2": "not there", "score": 1}
+    data = write_jsonl(tmp_path / "p.jsonl", [pair])
     assert main(["evaluate", "sts", "--data", str(data), "--vectors", str(tmp_path / "v")]) == 2
     assert "1 ids are not in the vectors" in capsys.readouterr().err

@@ -16,7 +16,8 @@ import pytest
 import s3fs
 
 from semvec.encode import Encoder
-from tests.conftest import REPO, corpus_sentences
+from semvec.testing import corpus_sentences
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -127,7 +127,8 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
     S3 PUTs are atomic already; on a local disk write a temporary file and rename it.
     """
-    if fs.protocol in ("s3", ("s3", "s3a")) or "s3" in fs.protocol:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if "s3" in protocols:
         with fs.open(path, "wb") as f:
             f.write(data)
         return

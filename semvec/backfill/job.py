@@ -107,12 +107,12 @@ def _prepare_output(p: Plan) -> None:
             "to replace it, or choose another output"
         )
     finished = {i["source"]: i for i in manifest.get("inputs", []) if i.get("complete")}
+    known = {i["source"]: i.get("version") for i in manifest.get("inputs", [])}
     for f in p.files:
         prior = finished.get(f.relative)
         if prior and prior.get("version") == f.version:
             p.skip.add(f.relative)
             continue
-        known = {i["source"]: i.get("version") for i in manifest.get("inputs", [])}
         if f.relative in known and known[f.relative] != f.version:
             out.drop_parts_of(f.relative)  # the file changed since: its old vectors are stale
             continue

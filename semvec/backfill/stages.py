@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +155,9 @@ class EncodeActor:
         n = batch.num_rows
         ok = np.flatnonzero(batch["reason"].is_null().to_numpy(zero_copy_only=False))
         ids_col = batch["input_ids"].combine_chunks()
-        ids = [np.asarray(ids_col[int(i)].values, dtype=np.int32) for i in ok]
+        flat = ids_col.values.to_numpy()
+        offsets = ids_col.offsets.to_numpy()
+        ids = [flat[offsets[i]:offsets[i + 1]] for i in ok]
         reasons = batch["reason"].to_pylist()
         dim = self.encoder.dim
         try:
@@ -231,8 +232,7 @@ class Writer:
             first = int(pa.compute.min(part["row"]).as_py())
             name = f"part-{source_key(source)}-{first:012d}.parquet"
             if good.num_rows:
-                _put(fs, os.path.join(root, name) if not storage.is_remote(self.output)
-                     else f"{root}/{name}", self._embedded(good))
+                _put(fs, f"{root}/{name}", self._embedded(good))
             if bad.num_rows:
                 qpath = f"{root}/{QUARANTINE_DIR}/{name}"
                 _put(fs, qpath, bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA))

@@ -1,0 +1,108 @@
+"""Throughput: `semvec embed` end to end vs sentence-transformers `encode`, same model, same machine.
+
+    .venv/bin/python benchmarks/throughput.py [--rows 10000] [--st-batch-sizes 16,32] [--out FILE]
+
+Corpus: 80% STS-B sentences (short) and 20% SciFact abstracts (long), shuffled with seed 0, from
+../shared/datasets (or SEMVEC_DATASETS). The reference is sentence-transformers `encode` alone at
+each batch size (model already loaded, nothing written), the best one kept. semvec is timed end to
+end as a user runs it: a fresh process that starts Ray, loads the model, reads the jsonl and
+writes parquet. ratio = reference seconds / semvec seconds (> 1: semvec is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("SEMVEC_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+def mixed_corpus(rows: int, seed: int = 0) -> list[str]:
+    sentences = []
+    for split in ("train", "dev", "test"):
+        with open(DATASETS / "stsb" / f"sts-{split}.csv", newline="", encoding="utf-8") as f:
+            for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+                sentences += [r[5], r[6]]
+    with open(DATASETS / "beir_scifact" / "corpus.jsonl", encoding="utf-8") as f:
+        abstracts = [(d["title"] + " " + d["text"]).strip() for d in map(json.loads, f)]
+    rng = random.Random(seed)
+    n_long = rows // 5
+    texts = rng.sample(sentences, rows - n_long) + rng.sample(abstracts, min(n_long, len(abstracts)))
+    while len(texts) < rows:  # more long rows than SciFact has: repeat abstracts
+        texts.append(rng.choice(abstracts))
+    rng.shuffle(texts)
+    return texts
+
+
+def time_sentence_transformers(texts: list[str], batch_sizes: list[int], threads: int) -> dict:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from semvec.models import resolve_model
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(resolve_model("bundled")), device="cpu")
+    model.encode(texts[:64], batch_size=16)  # warm-up
+    seconds = {}
+    for bs in batch_sizes:
+        t = time.perf_counter()
+        model.encode(texts, batch_size=bs)
+        seconds[bs] = round(time.perf_counter() - t, 2)
+    return seconds
+
+
+def time_semvec(corpus: Path, out: Path, extra: list[str]) -> tuple[float, dict]:
+    cmd = [sys.executable, "-m", "semvec.cli", "embed", str(corpus), str(out), "--json", *extra]
+    t = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - t
+    if result.returncode != 0:
+        sys.exit(f"semvec embed failed:\n{result.stderr[-3000:]}")
+    return round(seconds, 2), json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=10_000)
+    ap.add_argument("--st-batch-sizes", default="16,32")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--semvec-args", default="", help="extra flags for semvec embed")
+    ap.add_argument("--out", help="append the JSON result to this file")
+    args = ap.parse_args()
+
+    texts = mixed_corpus(args.rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "mixed.jsonl"
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        sv_seconds, summary = time_semvec(corpus, Path(tmp) / "out", args.semvec_args.split())
+    assert summary["embedded"] == args.rows, summary
+    st = time_sentence_transformers(texts, [int(b) for b in args.st_batch_sizes.split(",")],
+                                    args.threads)
+    best_bs = min(st, key=st.get)
+    result = {
+        "rows": args.rows, "machine": f"{os.cpu_count()} CPU, {platform.processor() or platform.machine()}",
+        "sentence_transformers_s": st, "st_best_batch": best_bs,
+        "semvec_end_to_end_s": sv_seconds, "semvec_args": args.semvec_args,
+        "ratio": round(st[best_bs] / sv_seconds, 3),
+        "semvec_rows_per_s": round(args.rows / sv_seconds, 1),
+        "st_rows_per_s": round(args.rows / st[best_bs], 1),
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -74,12 +74,16 @@ class EmbedConfig:
     # Rows longer than this many characters go to quarantine instead of the tokenizer.
     max_chars: int = 200_000
     # Throughput knobs: they do not change a vector beyond float noise.
-    batch_tokens: int = 8192  # padded tokens per forward pass
+    # Padded tokens per forward pass. None: 1024 on CPU, where small batches stay in cache and
+    # run fastest (benchmarks/RESULTS.md), 16384 on a GPU, which wants big ones.
+    batch_tokens: int | None = None
     batch_rows: int = 512  # rows per Ray Data batch handed to one encoder actor
     rows_per_file: int = 50_000
     min_workers: int = 1
     max_workers: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
-    cpus_per_worker: float = 1.0
+    # None: 1 with GPUs; on CPUs 2, capped by the cluster. Fewer actors with more threads each
+    # measured faster here than one single-thread actor per core (benchmarks/RESULTS.md).
+    cpus_per_worker: float | None = None
     num_gpus_per_worker: float = 0.0
     threads_per_worker: int | None = None  # torch threads; None: cpus_per_worker
     overwrite: bool = False
@@ -97,17 +101,17 @@ class EmbedConfig:
         for name in ("input", "output", "model", "text_field"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        positive = ("max_chars", "batch_tokens", "batch_rows", "rows_per_file", "min_workers")
+        positive = ("max_chars", "batch_rows", "rows_per_file", "min_workers")
         for name in positive:
             _require_positive_int(name, getattr(self, name))
-        for name in ("max_length", "max_workers", "threads_per_worker"):
+        for name in ("max_length", "max_workers", "threads_per_worker", "batch_tokens"):
             if getattr(self, name) is not None:
                 _require_positive_int(name, getattr(self, name))
         if self.max_workers is not None and self.max_workers < self.min_workers:
             raise ConfigError(
                 f"max_workers {self.max_workers} is below min_workers {self.min_workers}"
             )
-        if self.cpus_per_worker <= 0 or self.num_gpus_per_worker < 0:
+        if (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) or self.num_gpus_per_worker < 0:
             raise ConfigError(
                 f"cpus_per_worker must be > 0 and num_gpus_per_worker >= 0, got "
                 f"{self.cpus_per_worker} and {self.num_gpus_per_worker}"

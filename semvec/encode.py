@@ -69,6 +69,10 @@ def tokenize(tok, texts: list[str], max_length: int, with_offsets: bool = False)
     return out
 
 
+CPU_BATCH = (1024, 32)  # (padded tokens, rows) per forward pass
+GPU_BATCH = (16384, 512)
+
+
 def pack(lengths: np.ndarray, batch_tokens: int, max_rows: int = 256) -> list[np.ndarray]:
     """Group row indices into batches, longest first, each under a padded-token budget.
 
@@ -96,7 +100,7 @@ class Encoder:
         max_length: int | None = None,
         dtype: DType | str = DType.FLOAT32,
         device: str | None = None,
-        batch_tokens: int = 8192,
+        batch_tokens: int | None = None,
         trust_remote_code: bool = False,
     ):
         from transformers import AutoModel
@@ -106,8 +110,9 @@ class Encoder:
         self.pooling = Pooling(defaults.pooling) if pooling == Pooling.AUTO else pooling
         self.normalize = defaults.normalize if normalize is None else normalize
         self.max_length = max_length or defaults.max_length
-        self.batch_tokens = batch_tokens
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default_tokens, self.max_rows = GPU_BATCH if self.device.type == "cuda" else CPU_BATCH
+        self.batch_tokens = batch_tokens or default_tokens
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
         self.model = AutoModel.from_pretrained(
             str(model_dir),
@@ -136,7 +141,7 @@ class Encoder:
         if n == 0:
             return out, tokens
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        for batch in pack(lengths, self.batch_tokens):
+        for batch in pack(lengths, self.batch_tokens, self.max_rows):
             width = int(lengths[batch].max())
             input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
             mask = np.zeros((len(batch), width), dtype=np.int64)

@@ -24,7 +24,7 @@ Embed = Callable[[list[str]], np.ndarray]
 # ---------------------------------------------------------------- vector sources
 
 
-def model_embedder(ref: str, batch_tokens: int = 8192) -> Embed:
+def model_embedder(ref: str, batch_tokens: int | None = None) -> Embed:
     from semvec.encode import Encoder
     from semvec.models import resolve_model
 

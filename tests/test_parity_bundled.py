@@ -44,7 +44,7 @@ def test_backfill_vectors_match_sentence_transformers(
     corpus = write_jsonl(tmp_path / "sts.jsonl", [{"text": s} for s in sentences])
     out = tmp_path / "vectors"
     summary = run(load_embed_config(
-        None, input=str(corpus), output=str(out), id_field="text", max_workers=workers,
+        None, input=str(corpus), output=str(out), id_field="text", max_workers=workers, cpus_per_worker=1,
         batch_tokens=batch_tokens, batch_rows=batch_rows,
     ))
     assert summary["embedded"] == len(sentences)

@@ -175,7 +175,18 @@ def _init_ray(config: EmbedConfig) -> bool:
     return True
 
 
-def _pool_size(config: EmbedConfig) -> tuple[int, int]:
+def _worker_cpus(config: EmbedConfig) -> float:
+    import ray
+
+    if config.cpus_per_worker is not None:
+        return config.cpus_per_worker
+    if config.num_gpus_per_worker > 0:
+        return 1.0
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    return float(max(1, min(2, int(largest) - 1)))
+
+
+def _pool_size(config: EmbedConfig, cpus: float) -> tuple[int, int]:
     import ray
 
     resources = ray.cluster_resources()
@@ -187,7 +198,7 @@ def _pool_size(config: EmbedConfig) -> tuple[int, int]:
                 f"{resources.get('GPU', 0)} GPUs"
             )
     else:
-        most = max(1, int((resources.get("CPU", 1) - 1) // config.cpus_per_worker))
+        most = max(1, int((resources.get("CPU", 1) - 1) // cpus))
     high = config.max_workers or most
     low = config.min_workers or high
     return min(low, high), high
@@ -232,8 +243,9 @@ def _execute(p: Plan, todo: list[InputFile]) -> int:
 
     c = p.config
     _init_ray(c)
-    low, high = _pool_size(c)
-    threads = c.threads_per_worker or max(1, math.floor(c.cpus_per_worker))
+    cpus = _worker_cpus(c)
+    low, high = _pool_size(c, cpus)
+    threads = c.threads_per_worker or max(1, math.floor(cpus))
     token_mode = c.granularity == Granularity.TOKEN
     encoder_cfg = {
         "granularity": c.granularity.value, "pooling": p.pooling, "normalize": p.normalize,
@@ -250,7 +262,7 @@ def _execute(p: Plan, todo: list[InputFile]) -> int:
         fn_constructor_kwargs={"model_dir": p.model_dir, "config": encoder_cfg, "threads": threads},
         compute=ActorPoolStrategy(min_size=low, max_size=high),
         batch_size=c.batch_rows, batch_format="pyarrow",
-        num_cpus=c.cpus_per_worker, num_gpus=c.num_gpus_per_worker or None,
+        num_cpus=cpus, num_gpus=c.num_gpus_per_worker or None,
     )
     ds = ds.map_batches(Writer(c.output, token_mode), batch_size=c.rows_per_file,
                         batch_format="pyarrow", num_cpus=IO_CPUS)

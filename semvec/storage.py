@@ -56,9 +56,11 @@ def join(uri: str, *parts: str) -> str:
 
 def display(uri: str) -> str:
     """A URI safe to print: anything that looks like user:secret@ is cut out."""
-    if "@" in uri.split("/", 3)[2 if "://" in uri else 0]:
+    if "://" in uri:
         scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
+        host, sep, path = rest.partition("/")
+        if "@" in host:
+            return f"{scheme}://{host.rsplit('@', 1)[1]}{sep}{path}"
     return uri
 
 

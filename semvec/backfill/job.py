@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import numpy as np
 from semvec import __version__, models, storage
 from semvec.backfill.manifest import OutputDir, now
 from semvec.backfill.read import detect_format
+from semvec.cluster import init_ray
 from semvec.config import EmbedConfig, Granularity, InputFormat, Pooling
 from semvec.errors import ConfigError
 from semvec.storage import InputFile
@@ -156,25 +156,6 @@ def _manifest(p: Plan, status: str, started: str, accounting: dict | None = None
     }
 
 
-def _init_ray(config: EmbedConfig) -> bool:
-    """Connect to RAY_ADDRESS (also set under `ray job submit`), else start a local Ray.
-
-    Returns True when a local Ray was started here.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return False
-    # One logical CPU more than the cores: the actor pool takes one per core, and the light
-    # read/tokenize/write tasks need a slot of their own or they starve behind it.
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
-             logging_level=logging.WARNING)
-    return True
-
-
 def _worker_cpus(config: EmbedConfig) -> float:
     import ray
 
@@ -242,7 +223,7 @@ def _execute(p: Plan, todo: list[InputFile]) -> int:
     from semvec.backfill.stages import CorpusSource, EncodeActor, Tokenize, Writer
 
     c = p.config
-    _init_ray(c)
+    init_ray()
     cpus = _worker_cpus(c)
     low, high = _pool_size(c, cpus)
     threads = c.threads_per_worker or max(1, math.floor(cpus))

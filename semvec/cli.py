@@ -56,6 +56,11 @@ def _evaluate_parser(sub) -> None:
     ret.add_argument("--queries", required=True)
     ret.add_argument("--qrels", required=True)
     ret.add_argument("--query-vectors", help="backfill output with the queries' vectors (by _id)")
+    for task in ("classification", "ner"):
+        t = tasks.add_parser(task, help=f"score a model trained by `semvec train --task {task}`")
+        t.add_argument("--model", required=True)
+        t.add_argument("--data", required=True)
+        t.add_argument("--json", action="store_true")
     for t in (sts, ret):
         src = t.add_mutually_exclusive_group()
         src.add_argument("--model", help="model reference (default: bundled)")
@@ -63,11 +68,40 @@ def _evaluate_parser(sub) -> None:
         t.add_argument("--json", action="store_true")
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune on Ray Train, tracked in MLflow")
+    p.add_argument("--config", help="YAML file with the same settings (flags override it)")
+    p.add_argument("--task", help="sts | pairs | classification | ner")
+    p.add_argument("--method", help="full | lora | prompt | adapter | bitfit")
+    p.add_argument("--train", help="training data: jsonl/csv/tsv/parquet or CoNLL, local or s3://")
+    p.add_argument("--dev", help="dev data for choosing (default: a seeded 10%% of train)")
+    p.add_argument("--output", help="where the model directory goes")
+    p.add_argument("--model", help="base model reference (default: bundled)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--loss", help="sts: cosent | cosine_mse; pairs: mnrl")
+    p.add_argument("--symmetric", action="store_true", default=None)
+    p.add_argument("--optimizer", help="adamw | sgd")
+    p.add_argument("--schedule", help="linear | cosine | constant")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--name", help="run name; rerunning a name resumes it")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. lora_r=16, freeze_layers=2")
+    p.add_argument("--register", help="register the model under this name in MLflow")
+    p.add_argument("--experiment", default="semvec")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semvec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _embed_parser(sub)
     _evaluate_parser(sub)
+    _train_parser(sub)
     return parser
 
 
@@ -87,7 +121,13 @@ def _embed(args) -> dict:
 def _evaluate(args) -> dict:
     from semvec import evaluate
 
-    if args.task == "sts":
+    if args.task in ("classification", "ner"):
+        from semvec.train.data import Task
+        from semvec.train.predict import evaluate_task
+
+        result = evaluate_task(args.model, args.data, Task(args.task))
+        report = result.pop("report", None)
+    elif args.task == "sts":
         embed = (evaluate.vector_embedder(args.vectors) if args.vectors
                  else evaluate.model_embedder(args.model or "bundled"))
         result = evaluate.evaluate_sts(embed, args.data)
@@ -101,16 +141,49 @@ def _evaluate(args) -> dict:
             by_id = False
         result = evaluate.evaluate_retrieval(docs, queries, args.corpus, args.queries,
                                              args.qrels, by_id=by_id)
+    if args.task in ("classification", "ner") and report and not args.json:
+        print(report)
     if not args.json:
         print(f"semvec evaluate {args.task}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return result
 
 
+def _train(args) -> dict:
+    import yaml
+
+    from semvec.train.config import load_train_config
+    from semvec.train.job import fit
+
+    options = {}
+    for item in args.option:
+        if "=" not in item:
+            raise ConfigError(f"--option {item!r} must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    skip = {"command", "config", "json", "option", "register", "experiment"}
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    if options:
+        overrides["method_options"] = options
+    config = load_train_config(args.config, **overrides)
+    summary = fit(config, register=args.register, experiment=args.experiment)
+    if not args.json:
+        print(f"semvec train: {config.task.value}/{config.method.value} -> {summary['output']}; best "
+              + ", ".join(f"{k} {v:.4f}" for k, v in summary["best"].items() if isinstance(v, float))
+              + f"; trainable parameters {summary['trainable_parameters']:,} of "
+              f"{summary['total_parameters']:,}; MLflow run {summary['run_id']}"
+              + (f"; registered version {summary['registered_version']}"
+                 if summary["registered_version"] else ""))
+    return summary
+
+
+COMMANDS = {"embed": _embed, "evaluate": _evaluate, "train": _train}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = _embed(args) if args.command == "embed" else _evaluate(args)
+        result = COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"semvec: error: {exc}", file=sys.stderr)
         return exc.exit_code

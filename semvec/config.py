@@ -137,8 +137,9 @@ def _require_positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def load_embed_config(path: str | Path | None = None, **overrides: Any) -> EmbedConfig:
-    """Read a YAML config (optional) and apply overrides (None means 'not given')."""
+def load_settings(cls: type, path: str | Path | None, required: tuple[str, ...],
+                  overrides: dict[str, Any]):
+    """Build a config dataclass from a YAML file (optional) plus overrides (None = not given)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -152,17 +153,22 @@ def load_embed_config(path: str | Path | None = None, **overrides: Any) -> Embed
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings")
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(EmbedConfig)}
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-    for required in ("input", "output"):
-        if required not in data:
-            raise ConfigError(f"missing required setting {required!r}")
+    for name in required:
+        if name not in data:
+            raise ConfigError(f"missing required setting {name!r}")
     try:
-        return EmbedConfig(**data)
+        return cls(**data)
     except TypeError as exc:  # a wrong type that the dataclass itself rejects
         raise ConfigError(str(exc)) from None
+
+
+def load_embed_config(path: str | Path | None = None, **overrides: Any) -> EmbedConfig:
+    """Read a backfill YAML config (optional) and apply overrides (None means 'not given')."""
+    return load_settings(EmbedConfig, path, ("input", "output"), overrides)
 
 
 def replace(config: EmbedConfig, **changes: Any) -> EmbedConfig:

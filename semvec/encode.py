@@ -122,6 +122,9 @@ class Encoder:
         ).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self.pad_id = int(self.tokenizer.pad_token_id)
+        self.extras = _method_extras(model_dir, self.model)
+
+
 
     def tokenize(self, texts: list[str], with_offsets: bool = False) -> Tokenized:
         return tokenize(self.tokenizer, texts, self.max_length, with_offsets)
@@ -157,13 +160,32 @@ class Encoder:
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [b, t, d]
+        if self.extras is not None:  # adapters or a learned prompt that could not be merged
+            hidden, _ = self.extras(input_ids, mask)
+        else:
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [b, t, d]
         hidden = hidden.float()
         pooled = pool(hidden, mask, self.pooling)  # [b, d]
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
             hidden = torch.nn.functional.normalize(hidden, p=2, dim=-1)
         return hidden.cpu().numpy(), pooled.cpu().numpy()
+
+
+def _method_extras(model_dir: Path, model):
+    """A model fine-tuned with adapters or prompt tuning carries extra weights beside the base
+    model (semvec.json says which); every other model runs as it is."""
+    import json
+
+    from semvec.models import SEMVEC_JSON
+
+    path = Path(model_dir) / SEMVEC_JSON
+    method = json.loads(path.read_text()).get("method") if path.is_file() else None
+    if not isinstance(method, dict) or method.get("method") not in ("adapter", "prompt"):
+        return None
+    from semvec.train.methods import load_extras
+
+    return load_extras(Path(model_dir), model, method).to(next(model.parameters()).device)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:

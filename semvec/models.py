@@ -45,14 +45,10 @@ def resolve_model(ref: str) -> Path:
 
 
 def resolve_registry(ref: str) -> Path:
-    """``models:/NAME/VERSION`` and ``models:/NAME@ALIAS``: the MLflow registry.
+    """``models:/NAME/VERSION`` and ``models:/NAME@ALIAS``: the MLflow registry (MLFLOW_TRACKING_URI)."""
+    from semvec.tracking import download_model
 
-    The registry arrives with the tracking work (fine-tuning issue); until then say so plainly.
-    """
-    raise ConfigError(
-        f"model {ref!r}: MLflow registry references are not supported yet; "
-        "use bundled, a local directory or s3://"
-    )
+    return _checked(download_model(ref), ref)
 
 
 def _bundled_dir() -> Path:

@@ -1,0 +1,120 @@
+"""MLflow: runs, metrics, models and the registry.
+
+Embedded default: a SQLite tracking store in the working directory (``sqlite:///mlflow.db``,
+artifacts under ``./mlartifacts``); ``MLFLOW_TRACKING_URI`` points at a server. Only the config is
+logged as params: secrets live in the environment and never enter a config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from semvec import storage
+from semvec.errors import ConfigError
+
+RUN_NAME_TAG = "semvec.run_name"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _mlflow():
+    try:
+        import mlflow
+    except ImportError:
+        raise ConfigError("tracking needs MLflow: pip install 'semvec[tracking]'") from None
+    return mlflow
+
+
+def metric_name(name: str) -> str:
+    """MLflow refuses '@' in names: mrr@10 is logged as mrr_at_10."""
+    return name.replace("@", "_at_")
+
+
+@dataclass
+class Tracker:
+    """Picklable handle that training workers use to log to one run."""
+
+    uri: str
+    run_id: str
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
+        MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
+
+
+def start_run(experiment: str, run_name: str, params: dict) -> Tracker:
+    """Reuse the unfinished run of the same name (a resumed job keeps one run id), else start one."""
+    mlflow = _mlflow()
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    if found and found[0].info.status != "FINISHED":
+        return Tracker(uri, found[0].info.run_id)
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    mlflow.set_tracking_uri(uri)
+    client.log_batch(run.info.run_id, params=[
+        mlflow.entities.Param(k, str(v)[:500]) for k, v in sorted(params.items())])
+    return Tracker(uri, run.info.run_id)
+
+
+def finish_run(tracker: Tracker, model_dir: Path, artifacts: dict[str, Path], register: str | None,
+               status: str = "FINISHED") -> str | None:
+    """Log the model directory and artifacts; register a version when asked. Returns the version."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracker.uri)
+    client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
+    for name, path in artifacts.items():
+        client.log_artifact(tracker.run_id, str(path), artifact_path=name)
+    version = None
+    if register:
+        try:
+            client.get_registered_model(register)
+        except Exception:  # noqa: BLE001 - not found: create it
+            client.create_registered_model(register)
+        source = f"{client.get_run(tracker.run_id).info.artifact_uri}/model"
+        mv = client.create_model_version(register, source, run_id=tracker.run_id)
+        version = mv.version
+    client.set_terminated(tracker.run_id, status)
+    return version
+
+
+def download_model(ref: str) -> Path:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> a local model directory."""
+    _mlflow()
+    from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    body = ref[len("models:/"):]
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = body.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+    except Exception as exc:  # noqa: BLE001 - unknown name/version/alias
+        raise ConfigError(f"model {ref!r} is not in the registry at {storage.display(tracking_uri())} "
+                          f"({type(exc).__name__})") from None
+    from semvec.models import cache_root
+
+    target = cache_root() / "registry" / f"{name}-v{mv.version}"
+    if not (target / "config.json").is_file():
+        download_artifacts(artifact_uri=mv.source, dst_path=str(target.parent / f".{target.name}"))
+        (target.parent / f".{target.name}" / "model").rename(target)
+    return target

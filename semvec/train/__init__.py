@@ -1,0 +1,1 @@
+"""Fine-tuning on Ray Train: tasks, methods, the training loop and export."""

@@ -1,0 +1,182 @@
+"""The fine-tuning job: validate on the driver, train on Ray Train, export the best checkpoint.
+
+    plan (data, labels, model; all errors before Ray) -> TorchTrainer.fit -> best checkpoint
+    -> model directory (HF + semvec.json + sentence-transformers files) -> MLflow
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from semvec import models, storage
+from semvec.errors import ConfigError
+from semvec.train.config import TrainConfig
+from semvec.train.data import Task, label_set, load_examples
+from semvec.train.tasks import PRIMARY
+
+DEV_SHARE = 0.1
+
+
+def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
+    """Load and check data and model; returns (plan, train, dev)."""
+    train = load_examples(cfg.task, cfg.train)
+    if cfg.dev:
+        dev = load_examples(cfg.task, cfg.dev)
+    else:  # hold out a seeded slice of train for choosing; never a test split
+        rng = random.Random(cfg.seed)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        cut = max(1, int(len(train) * DEV_SHARE))
+        dev, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+    if not train:
+        raise ConfigError(f"train data {cfg.train!r} holds no examples after holding out dev")
+    labels = label_set(train, dev, cfg.task)
+    model_dir = models.resolve_model(cfg.model)
+    defaults = models.model_defaults(model_dir)
+    max_length = cfg.max_length or defaults.max_length
+    if max_length > defaults.limit:
+        raise ConfigError(f"max_length {max_length} exceeds the model's limit of {defaults.limit}")
+    scores = [float(e["score"]) for e in train] if cfg.task == Task.STS else [1.0]
+    p = {"model_dir": str(model_dir), "pooling": defaults.pooling, "normalize": defaults.normalize,
+         "max_length": max_length, "labels": labels, "score_scale": max(max(scores), 1e-6),
+         "fingerprint": models.fingerprint(model_dir)}
+    _check_output(cfg.output)
+    return p, train, dev
+
+
+def _check_output(output: str) -> None:
+    """The output is replaced by the new model: refuse a non-empty prefix that is not one."""
+    fs, root = storage.filesystem(output), storage.strip(output)
+    if fs.exists(root) and fs.ls(root) and not fs.exists(f"{root}/{models.SEMVEC_JSON}"):
+        raise ConfigError(f"output {storage.display(output)!r} is not empty and holds no semvec model; "
+                          "choose an empty or new path")
+    storage.check_writable(output)
+
+
+def _run_name(cfg: TrainConfig) -> str:
+    return cfg.name or f"{cfg.task.value}-{cfg.method.value}-{Path(storage.strip(cfg.output)).name}"
+
+
+def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec") -> dict:
+    """Train, export the best checkpoint to cfg.output, log to MLflow; returns a summary."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from semvec import tracking
+    from semvec.cluster import init_ray
+    from semvec.train.loop import train_loop
+
+    p, train, dev = plan(cfg)
+    name = _run_name(cfg)
+    tracker = tracking.start_run(experiment, name, {**cfg.to_dict(), "base_fingerprint": p["fingerprint"],
+                                                    "train_examples": len(train), "dev_examples": len(dev)})
+    init_ray()
+    primary = f"dev_{PRIMARY[cfg.task]}"
+    storage_path = _checkpoint_root(cfg)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.to_dict(), "plan": p, "train": train, "dev": dev,
+                           "tracker": tracker},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute=primary,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    nan = bool(result.metrics and result.metrics.get("nan_loss"))
+    best = _best(result, primary)
+    if best is None:
+        tracking.finish_run(tracker, Path(tempfile.mkdtemp()), {}, None, status="FAILED")
+        raise RuntimeError("training stopped before the first checkpoint"
+                           + (" because the loss became NaN" if nan else ""))
+    out = export(cfg, p, best)
+    with tempfile.TemporaryDirectory() as d:
+        report = Path(d) / "dev_report.json"
+        report.write_text(json.dumps(json.loads((out / "semvec.json").read_text())["metrics"], indent=2))
+        config = Path(d) / "train_config.json"
+        config.write_text(json.dumps(cfg.to_dict(), indent=2))
+        version = tracking.finish_run(tracker, out, {"report": report, "config": config}, register)
+    semvec_json = json.loads((out / "semvec.json").read_text())
+    return {"output": str(out), "run_id": tracker.run_id, "registered_version": version,
+            "nan_loss": nan, "best": semvec_json["metrics"], "trainable_parameters":
+            semvec_json["trainable_parameters"], "total_parameters": semvec_json["total_parameters"]}
+
+
+def _checkpoint_root(cfg: TrainConfig) -> str:
+    out = cfg.output.rstrip("/")
+    return out + "-checkpoints" if storage.is_remote(out) else str(Path(out).resolve()) + "-checkpoints"
+
+
+def _best(result, primary: str):
+    ranked = [(m.get(primary, float("-inf")), c) for c, m in (result.best_checkpoints or [])]
+    return max(ranked, key=lambda x: x[0])[1] if ranked else None
+
+
+def export(cfg: TrainConfig, p: dict, checkpoint) -> Path:
+    """The best checkpoint -> a model directory that semvec embed and sentence-transformers load."""
+    from safetensors.torch import save_file
+
+    from semvec.train.loop import STATE, build_model
+    from semvec.train.methods import count_parameters, export_model
+
+    model, tok = build_model(cfg, p)
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE, weights_only=False)
+    model.load_state_dict(state["model"])
+    trainable, total = count_parameters(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        out.mkdir()
+        method_info = export_model(model.encoder, out)
+        tok.save_pretrained(out)
+        if model.head is not None:
+            save_file({k: v.contiguous() for k, v in model.head.state_dict().items()},
+                      out / "head.safetensors")
+        normalize = p["normalize"] or cfg.task in (Task.STS, Task.PAIRS)
+        info = {"pooling": p["pooling"], "normalize": normalize, "max_length": p["max_length"],
+                "task": cfg.task.value, "labels": p["labels"], "base_model": cfg.model,
+                "base_fingerprint": p["fingerprint"], "method": method_info,
+                "metrics": state["metrics"], "trainable_parameters": trainable,
+                "total_parameters": total}
+        (out / models.SEMVEC_JSON).write_text(json.dumps(info, indent=2))
+        _sentence_transformers_files(out, p["pooling"], normalize, p["max_length"], model)
+        _publish(out, cfg.output)
+    return Path(storage.strip(cfg.output)) if not storage.is_remote(cfg.output) else Path(
+        models.resolve_model(cfg.output))
+
+
+def _sentence_transformers_files(out: Path, pooling: str, normalize: bool, max_length: int, model) -> None:
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (out / "2_Normalize").mkdir()
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length}))
+    (out / "1_Pooling").mkdir()
+    mode = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "last": "lasttoken"}[pooling]
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": model.hidden, f"pooling_mode_{mode}": True}))
+
+
+def _publish(src: Path, output: str) -> None:
+    fs = storage.filesystem(output)
+    target = storage.strip(output)
+    if not storage.is_remote(output):
+        import shutil
+
+        if Path(target).exists():
+            shutil.rmtree(target)
+        shutil.copytree(src, target)
+        return
+    fs.put(str(src), target, recursive=True)

@@ -1,0 +1,157 @@
+"""The training loop that runs on every Ray Train worker (DDP over CPU/gloo or GPU/nccl).
+
+Each epoch a seeded permutation is cut into one shard per worker, so every example is seen once
+per epoch across workers (plus at most workers-1 repeats that even out the shards). Rank 0
+evaluates on dev, reports metrics with a checkpoint, and every worker follows its early-stopping
+decision, broadcast so all stop together.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semvec.config import Pooling
+from semvec.train.config import Optimizer, TrainConfig
+from semvec.train.data import Task
+from semvec.train.tasks import PRIMARY, Collator, TaskModel, evaluate, resolve_loss
+
+STATE = "state.pt"
+
+
+def build_model(cfg: TrainConfig, plan: dict) -> tuple[TaskModel, object]:
+    """A fresh TaskModel from the base model with the method applied; the same on every worker."""
+    from transformers import AutoModel
+
+    from semvec.encode import load_tokenizer
+    from semvec.train.methods import apply_method
+
+    torch.manual_seed(cfg.seed)
+    base = AutoModel.from_pretrained(plan["model_dir"], use_safetensors=True,
+                                     trust_remote_code=cfg.trust_remote_code)
+    encoder = apply_method(base, cfg.method, cfg.method_config())
+    model = TaskModel(encoder, cfg.task, Pooling(plan["pooling"]), int(base.config.hidden_size),
+                      len(plan["labels"]), resolve_loss(cfg.task, cfg.loss), cfg.symmetric,
+                      plan["score_scale"], cfg.dropout)
+    return model, load_tokenizer(Path(plan["model_dir"]), cfg.trust_remote_code)
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == Optimizer.SGD:
+        opt = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return opt
+
+
+def _shard(n: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
+    order = np.random.RandomState(seed + epoch).permutation(n)
+    pad = (-n) % world
+    order = np.concatenate([order, order[:pad]])
+    return order[rank::world]
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+    from transformers import get_scheduler
+
+    cfg = TrainConfig(**loop_config["config"])
+    plan, train, dev = loop_config["plan"], loop_config["train"], loop_config["dev"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    model, tok = build_model(cfg, plan)
+    collate = Collator(tok, cfg.task, plan["max_length"], plan["labels"])
+    opt = _optimizer(cfg, model)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / world) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched = get_scheduler(cfg.schedule.value, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
+                          num_training_steps=total)
+    progress = {"epoch": -1, "step": 0, "best": -math.inf, "bad": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker or a resumed run: continue after the last checkpoint
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        progress = state["progress"]
+    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    device = ray.train.torch.get_device()
+    tracker = loop_config.get("tracker")
+    primary = f"dev_{PRIMARY[Task(cfg.task)]}"
+
+    for epoch in range(progress["epoch"] + 1, cfg.epochs):
+        ddp.train()
+        shard = _shard(len(train), epoch, cfg.seed, rank, world)
+        losses = []
+        for start in range(0, len(shard), cfg.batch_size):
+            batch = _to(collate([train[i] for i in shard[start:start + cfg.batch_size]]), device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = ddp(batch)
+            finite = torch.tensor([float(torch.isfinite(loss))], device=device)
+            if world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:
+                ray.train.report({"epoch": epoch, "step": progress["step"], "nan_loss": 1.0})
+                return  # the last good checkpoint stays the best; the driver says what happened
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in ddp.parameters() if p.requires_grad],
+                                           cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            losses.append(loss.item())
+            if rank == 0 and tracker and progress["step"] % 10 == 0:
+                tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
+                                     "lr": sched.get_last_lr()[0]}, step=progress["step"])
+        metrics = {"epoch": epoch, "step": progress["step"], "train_loss": float(np.mean(losses))}
+        score = torch.tensor([0.0], device=device)
+        if rank == 0:
+            dev_metrics = evaluate(model, collate, dev, plan["labels"])
+            metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if not isinstance(v, str)})
+            score[0] = metrics[primary]
+        if world > 1:
+            dist.broadcast(score, src=0)
+        if score.item() > progress["best"]:
+            progress.update(best=score.item(), bad=0)
+        else:
+            progress["bad"] += 1
+        progress["epoch"] = epoch
+        metrics[primary] = score.item()
+        if rank == 0:
+            if tracker:
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=progress["step"])
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "progress": progress,
+                            "metrics": metrics}, Path(d) / STATE)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        if progress["bad"] >= cfg.patience:
+            break
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device)
+        elif isinstance(v, dict):
+            out[k] = {kk: vv.to(device) for kk, vv in v.items()}
+        else:
+            out[k] = v
+    return out

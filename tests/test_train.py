@@ -1,0 +1,178 @@
+"""Fine-tuning on Ray Train with 2 CPU workers (gloo): every method x task learns, exports, tracks."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semvec.backfill.job import run
+from semvec.config import load_embed_config
+from semvec.encode import Encoder
+from semvec.errors import ConfigError
+from semvec.train.config import DEFAULT_LR, load_train_config
+from semvec.train.data import Task
+from semvec.train.job import fit, plan
+from semvec.train.loop import build_model
+from semvec.train.methods import Method
+from semvec.train.tasks import PRIMARY, Collator, evaluate
+from tests.conftest import REPO, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+ANIMALS, COLOURS = ["cat", "dog", "fox"], ["red", "blue", "green"]
+OTHER = ["the", "on", "sat", "mat", "ran", "river", "city"]
+# pairs: a positive says the anchor in other words, so an untrained model cannot match them yet
+ELSEWHERE = ["moon", "sun", "water", "fire", "earth", "air", "one", "two", "three", "night", "day",
+             "house", "car"]
+TRANSLATE = dict(zip(ANIMALS + COLOURS + OTHER, ELSEWHERE, strict=True))
+
+
+# A tiny random model learns slowly at the rates meant for real ones; these factors keep each
+# method's few steps here in the range where it learns without collapsing.
+TINY_LR_FACTOR = {Method.FULL: 10, Method.LORA: 10, Method.BITFIT: 3, Method.ADAPTER: 3, Method.PROMPT: 3}
+
+
+def _sentence(rng: random.Random, words: list[str], n: int = 6) -> list[str]:
+    return [rng.choice(words) for _ in range(n)]
+
+
+def make_task_data(task: Task, root: Path, n_train: int = 160, n_dev: int = 48) -> tuple[Path, Path]:
+    """Small sets a tiny model can learn: the signal is which word groups a text uses."""
+    rng = random.Random(7)
+
+    def example(i: int) -> dict:
+        if task == Task.CLASSIFICATION:
+            label = rng.choice(["animal", "colour"])
+            words = _sentence(rng, (ANIMALS if label == "animal" else COLOURS) + OTHER)
+            return {"text": " ".join(words), "label": label}
+        if task == Task.NER:
+            words = _sentence(rng, ANIMALS + COLOURS + OTHER * 2, 8)
+            tags = ["B-ANI" if w in ANIMALS else "B-COL" if w in COLOURS else "O" for w in words]
+            return {"tokens": words, "tags": tags}
+        a = _sentence(rng, ANIMALS + COLOURS + OTHER)
+        if task == Task.PAIRS:
+            said = a[:2] + [TRANSLATE[w] for w in a[2:]]
+            return {"anchor": " ".join(a), "positive": " ".join(rng.sample(said, len(said)))}
+        # sentence2 keeps the meaning of some words (said in other words) and replaces the rest;
+        # the score is the share kept, which an untrained model cannot read off the surface
+        kept = rng.randint(0, len(a))
+        b = [TRANSLATE[w] for w in a[:kept]] + _sentence(rng, ANIMALS + COLOURS + OTHER, len(a) - kept)
+        return {"sentence1": " ".join(a), "sentence2": " ".join(b), "score": 5.0 * kept / len(a)}
+
+    paths = []
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = [example(i) for i in range(n)]
+        if task == Task.NER:
+            path = root / f"{split}.conll"
+            sentences = ["\n".join(f"{w} {t}" for w, t in zip(r["tokens"], r["tags"], strict=True))
+                         for r in rows]
+            path.write_text("\n\n".join(sentences) + "\n")
+        else:
+            path = write_jsonl(root / f"{split}.jsonl", rows)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # default artifact root ./mlartifacts lands in tmp_path
+    return uri
+
+
+def _untrained_score(cfg, primary: str) -> float:
+    p, _, dev = plan(cfg)
+    model, tok = build_model(cfg, p)
+    return evaluate(model, Collator(tok, cfg.task, p["max_length"], p["labels"]), dev, p["labels"])[
+        primary.removeprefix("dev_")]
+
+
+@pytest.mark.parametrize("task", list(Task))
+@pytest.mark.parametrize("method", list(Method))
+def test_every_method_and_task_learns(ray_local, tiny_models, tmp_path, mlflow_store, task, method):
+    train, dev = make_task_data(task, tmp_path)
+    cfg = load_train_config(None, task=task, method=method, train=str(train), dev=str(dev),
+                            output=str(tmp_path / "model"), model=str(tiny_models["bert"]),
+                            epochs=4, workers=2, batch_size=16, patience=4,
+                            lr=TINY_LR_FACTOR[method] * DEFAULT_LR[method])
+    primary = f"dev_{PRIMARY[task]}"
+    before = _untrained_score(cfg, primary)
+    summary = fit(cfg)
+    after = summary["best"][primary]
+    assert after > before, (before, after)
+    if method != Method.FULL:
+        assert summary["trainable_parameters"] < summary["total_parameters"]
+    info = json.loads((tmp_path / "model" / "semvec.json").read_text())
+    assert info["task"] == task.value and info["method"]["method"] == method.value
+
+
+def test_export_round_trips_through_backfill_and_sentence_transformers(
+    ray_local, tiny_models, tmp_path, mlflow_store
+):
+    train, dev = make_task_data(Task.STS, tmp_path)
+    out = tmp_path / "model"
+    fit(load_train_config(None, task="sts", method="lora", train=str(train), dev=str(dev),
+                          output=str(out), model=str(tiny_models["bert"]), epochs=2, workers=2))
+    texts = ["the cat sat on the red mat", "blue river city", "dog ran"]
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+    run(load_embed_config(None, input=str(corpus), output=str(tmp_path / "v"), model=str(out)))
+    from semvec.evaluate import load_vectors
+
+    stored = load_vectors(str(tmp_path / "v"))
+    ours = Encoder(out).encode_texts(texts)
+    np.testing.assert_allclose(np.stack([stored[f"c.jsonl:{i}"] for i in range(3)]), ours, atol=1e-5)
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out), device="cpu").encode(texts)
+    assert (st * ours).sum(1).min() > 0.9999  # both normalised
+
+
+def test_mlflow_holds_params_metrics_model_and_registered_version(
+    ray_local, tiny_models, tmp_path, mlflow_store
+):
+    from mlflow.tracking import MlflowClient
+
+    train, dev = make_task_data(Task.CLASSIFICATION, tmp_path)
+    summary = fit(load_train_config(None, task="classification", method="full", train=str(train),
+                                    dev=str(dev), output=str(tmp_path / "model"), lr=2e-4,
+                                    model=str(tiny_models["bert"]), epochs=3, workers=2),
+                  register="tiny-clf")
+    client = MlflowClient(mlflow_store)
+    run_ = client.get_run(summary["run_id"])
+    assert run_.data.params["method"] == "full" and run_.data.params["task"] == "classification"
+    assert "dev_accuracy" in run_.data.metrics and run_.info.status == "FINISHED"
+    names = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"model", "report", "config"} <= names
+    assert str(summary["registered_version"]) == "1"
+    client.set_registered_model_alias("tiny-clf", "champion", "1")
+    result = subprocess.run([sys.executable, "-m", "semvec.cli", "evaluate", "classification",
+                             "--model", "models:/tiny-clf@champion", "--data", str(dev), "--json"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scored["examples"] == 48 and 0.0 <= scored["accuracy"] <= 1.0
+    # KNOWN GAP (open on issue 3): the exported model scored dev at 0.396 where its best checkpoint
+    # reported 0.4375 during training; until that is explained, equality is not asserted here.
+    vectors = run(load_embed_config(None, input=str(dev), output=str(tmp_path / "v"),
+                                    model="models:/tiny-clf@champion"))
+    assert vectors["embedded"] == 48
+
+
+def test_bad_training_input_exits_2_naming_file_and_row(tmp_path, tiny_models, capsys):
+    from semvec.cli import main
+
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b"}])
+    code = main(["train", "--task", "classification", "--method", "full", "--train",
+                 str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "m"),
+                 "--model", str(tiny_models["bert"])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "train.jsonl" in err and "2" in err
+    with pytest.raises(ConfigError, match="unknown method 'qlora'"):
+        load_train_config(None, task="sts", method="qlora", train="t", output="o")
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_train_config(None, task="qa", method="full", train="t", output="o")

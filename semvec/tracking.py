@@ -7,7 +7,10 @@ logged as params: secrets live in the environment and never enter a config.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,8 +116,19 @@ def download_model(ref: str) -> Path:
                           f"({type(exc).__name__})") from None
     from semvec.models import cache_root
 
-    target = cache_root() / "registry" / f"{name}-v{mv.version}"
+    # NAME/VERSION is not unique across tracking stores (every new store starts at version 1):
+    # the cache key includes where the version's files live and the run that made them.
+    key = hashlib.sha1(f"{tracking_uri()}|{mv.run_id}|{mv.source}".encode()).hexdigest()[:12]
+    target = cache_root() / "registry" / f"{name}-v{mv.version}-{key}"
     if not (target / "config.json").is_file():
-        download_artifacts(artifact_uri=mv.source, dst_path=str(target.parent / f".{target.name}"))
-        (target.parent / f".{target.name}" / "model").rename(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            download_artifacts(artifact_uri=mv.source, dst_path=str(staging))
+            (staging / "model").rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent download that won
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target

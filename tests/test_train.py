@@ -155,9 +155,9 @@ def test_mlflow_holds_params_metrics_model_and_registered_version(
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     scored = json.loads(result.stdout.strip().splitlines()[-1])
-    assert scored["examples"] == 48 and 0.0 <= scored["accuracy"] <= 1.0
-    # KNOWN GAP (open on issue 3): the exported model scored dev at 0.396 where its best checkpoint
-    # reported 0.4375 during training; until that is explained, equality is not asserted here.
+    # the registered model scores dev as its best checkpoint did during training
+    assert scored["examples"] == 48
+    assert scored["accuracy"] == pytest.approx(summary["best"]["dev_accuracy"], abs=1e-9)
     vectors = run(load_embed_config(None, input=str(dev), output=str(tmp_path / "v"),
                                     model="models:/tiny-clf@champion"))
     assert vectors["embedded"] == 48

@@ -28,6 +28,9 @@ class Schedule(str, Enum):
 # Learning rates that train well per method: updating few parameters wants a larger step.
 DEFAULT_LR = {Method.FULL: 2e-5, Method.LORA: 5e-4, Method.BITFIT: 1e-3, Method.ADAPTER: 1e-3,
               Method.PROMPT: 1e-2}
+# Tasks with a freshly initialised head (and token-level labels) move further from the
+# pre-trained encoder than similarity tuning does: full tuning takes a larger step there.
+TASK_LR = {(Method.FULL, Task.CLASSIFICATION): 5e-5, (Method.FULL, Task.NER): 5e-5}
 
 
 @dataclass
@@ -41,6 +44,7 @@ class TrainConfig:
     epochs: int = 4
     workers: int = 1
     use_gpu: bool = False
+    cpus_per_worker: int | None = None  # None: the cluster's CPUs shared out (1 with a GPU)
     batch_size: int = 16  # per worker
     lr: float | None = None  # None: DEFAULT_LR[method]
     weight_decay: float = 0.01
@@ -53,6 +57,7 @@ class TrainConfig:
     symmetric: bool = False  # pairs: also rank anchors for each positive
     max_length: int | None = None
     seed: int = 42
+    eval_steps: int | None = None  # evaluate on dev every N optimizer steps (and each epoch end)
     patience: int = 2  # evaluations without improvement before stopping
     keep_checkpoints: int = 2
     max_failures: int = 2  # a killed worker restarts the run from its last checkpoint
@@ -71,8 +76,11 @@ class TrainConfig:
             raise ConfigError(
                 f"loss {self.loss.value!r} does not fit task {self.task.value}; allowed: {allowed}"
             )
-        for name in ("epochs", "workers", "batch_size", "keep_checkpoints", "patience"):
+        for name in ("epochs", "workers", "batch_size", "keep_checkpoints", "patience",
+                     "cpus_per_worker", "eval_steps"):
             value = getattr(self, name)
+            if value is None and name in ("cpus_per_worker", "eval_steps"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.lr is not None and not self.lr > 0:
@@ -90,7 +98,9 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        if self.lr is not None:
+            return self.lr
+        return TASK_LR.get((self.method, self.task), DEFAULT_LR[self.method])
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}

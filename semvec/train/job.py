@@ -78,11 +78,13 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     init_ray()
     primary = f"dev_{PRIMARY[cfg.task]}"
     storage_path = _checkpoint_root(cfg)
+    cpus = _worker_cpus(cfg)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "plan": p, "train": train, "dev": dev,
-                           "tracker": tracker},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+                           "tracker": tracker, "threads": cpus},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=name, storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
@@ -109,6 +111,20 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     return {"output": str(out), "run_id": tracker.run_id, "registered_version": version,
             "nan_loss": nan, "best": semvec_json["metrics"], "trainable_parameters":
             semvec_json["trainable_parameters"], "total_parameters": semvec_json["total_parameters"]}
+
+
+def _worker_cpus(cfg: TrainConfig) -> int:
+    """CPUs (and torch threads) per worker: given, 1 beside a GPU, else the cluster's CPUs shared out."""
+    import ray
+
+    if cfg.cpus_per_worker:
+        return cfg.cpus_per_worker
+    if cfg.use_gpu:
+        return 1
+    # one slot stays free for the Train controller and driver tasks; a worker fits on one node
+    free = int(ray.cluster_resources().get("CPU", 1)) - 1
+    largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
+    return max(1, min(free // cfg.workers, largest))
 
 
 def _checkpoint_root(cfg: TrainConfig) -> str:

@@ -1,9 +1,10 @@
 """The training loop that runs on every Ray Train worker (DDP over CPU/gloo or GPU/nccl).
 
 Each epoch a seeded permutation is cut into one shard per worker, so every example is seen once
-per epoch across workers (plus at most workers-1 repeats that even out the shards). Rank 0
-evaluates on dev, reports metrics with a checkpoint, and every worker follows its early-stopping
-decision, broadcast so all stop together.
+per epoch across workers (plus at most workers-1 repeats that even out the shards). At each epoch
+end (and every eval_steps steps) rank 0 evaluates on dev and reports metrics with a checkpoint
+that records where training stands (epoch and batch), and every worker follows the
+early-stopping decision, broadcast so all stop together. A restart resumes at that batch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,7 @@ def train_loop(loop_config: dict) -> None:
     from transformers import get_scheduler
 
     cfg = TrainConfig(**loop_config["config"])
+    torch.set_num_threads(loop_config["threads"])
     plan, train, dev = loop_config["plan"], loop_config["train"], loop_config["dev"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -78,7 +81,8 @@ def train_loop(loop_config: dict) -> None:
     total = steps_per_epoch * cfg.epochs
     sched = get_scheduler(cfg.schedule.value, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
                           num_training_steps=total)
-    progress = {"epoch": -1, "step": 0, "best": -math.inf, "bad": 0}
+    # epoch/batch: where training continues; step: optimizer steps so far; best/bad: early stopping
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best": -math.inf, "bad": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker or a resumed run: continue after the last checkpoint
         with checkpoint.as_directory() as d:
@@ -92,11 +96,40 @@ def train_loop(loop_config: dict) -> None:
     tracker = loop_config.get("tracker")
     primary = f"dev_{PRIMARY[Task(cfg.task)]}"
 
-    for epoch in range(progress["epoch"] + 1, cfg.epochs):
+    def checkpoint_and_decide(metrics: dict) -> bool:
+        """Evaluate on rank 0, report with a checkpoint, return whether to stop early (all ranks)."""
+        score = torch.tensor([0.0], device=device)
+        if rank == 0:
+            dev_metrics = evaluate(model, collate, dev, plan["labels"])
+            metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if not isinstance(v, str)})
+            score[0] = metrics[primary]
+        if world > 1:
+            dist.broadcast(score, src=0)
+        if score.item() > progress["best"]:
+            progress.update(best=score.item(), bad=0)
+        else:
+            progress["bad"] += 1
+        metrics[primary] = score.item()
+        if rank == 0:
+            if tracker:
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=progress["step"])
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "progress": progress,
+                            "metrics": metrics}, Path(d) / STATE)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        return progress["bad"] >= cfg.patience
+
+    while progress["epoch"] < cfg.epochs:
+        epoch = progress["epoch"]
         ddp.train()
         shard = _shard(len(train), epoch, cfg.seed, rank, world)
-        losses = []
-        for start in range(0, len(shard), cfg.batch_size):
+        starts = range(progress["batch"] * cfg.batch_size, len(shard), cfg.batch_size)
+        losses, seen, busy = [], 0, 0.0
+        for start in starts:
+            tick = time.perf_counter()
             batch = _to(collate([train[i] for i in shard[start:start + cfg.batch_size]]), device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = ddp(batch)
@@ -112,37 +145,29 @@ def train_loop(loop_config: dict) -> None:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            busy += time.perf_counter() - tick
+            seen += len(shard[start:start + cfg.batch_size])
             progress["step"] += 1
+            progress["batch"] += 1
             losses.append(loss.item())
             if rank == 0 and tracker and progress["step"] % 10 == 0:
                 tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
                                      "lr": sched.get_last_lr()[0]}, step=progress["step"])
-        metrics = {"epoch": epoch, "step": progress["step"], "train_loss": float(np.mean(losses))}
-        score = torch.tensor([0.0], device=device)
-        if rank == 0:
-            dev_metrics = evaluate(model, collate, dev, plan["labels"])
-            metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if not isinstance(v, str)})
-            score[0] = metrics[primary]
-        if world > 1:
-            dist.broadcast(score, src=0)
-        if score.item() > progress["best"]:
-            progress.update(best=score.item(), bad=0)
-        else:
-            progress["bad"] += 1
-        progress["epoch"] = epoch
-        metrics[primary] = score.item()
-        if rank == 0:
-            if tracker:
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=progress["step"])
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "progress": progress,
-                            "metrics": metrics}, Path(d) / STATE)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
-        if progress["bad"] >= cfg.patience:
-            break
+            epoch_done = progress["batch"] * cfg.batch_size >= len(shard)
+            if epoch_done:
+                progress.update(epoch=epoch + 1, batch=0)
+            if epoch_done or (cfg.eval_steps and progress["step"] % cfg.eval_steps == 0):
+                metrics = {"epoch": epoch + progress["batch"] * cfg.batch_size / len(shard) if not
+                           epoch_done else epoch + 1.0, "step": progress["step"],
+                           "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                           # every worker trains at this pace in step with the others
+                           "train_samples_per_s": world * seen / busy if busy else 0.0}
+                losses, seen, busy = [], 0, 0.0
+                if checkpoint_and_decide(metrics):
+                    return
+                ddp.train()
+        if not starts:  # resumed exactly at an epoch's end
+            progress.update(epoch=epoch + 1, batch=0)
 
 
 def _to(batch: dict, device: torch.device) -> dict:

@@ -143,7 +143,8 @@ class Collator:
 @torch.inference_mode()
 def evaluate(model: TaskModel, collate: Collator, examples: list[dict], labels: list[str],
              batch_size: int = 64) -> dict:
-    """Dev metrics for the task; the primary one is PRIMARY[task]."""
+    """Dev metrics for the task; the primary one is PRIMARY[task]. The model's mode is restored."""
+    was_training = model.training
     model.eval()
     try:
         chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
@@ -162,7 +163,7 @@ def evaluate(model: TaskModel, collate: Collator, examples: list[dict], labels: 
             return metrics.classification_metrics(pred, [e["label"] for e in examples])
         return _evaluate_ner(model, collate, chunks, labels)
     finally:
-        model.train()
+        model.train(was_training)
 
 
 def _evaluate_ner(model: TaskModel, collate: Collator, chunks: list[list[dict]], labels: list[str]) -> dict:

@@ -88,6 +88,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--schedule", help="linear | cosine | constant")
     p.add_argument("--seed", type=int)
     p.add_argument("--patience", type=int)
+    p.add_argument("--eval-steps", dest="eval_steps", type=int,
+                   help="also evaluate and checkpoint every N steps (default: each epoch end)")
+    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=int)
+    p.add_argument("--max-length", dest="max_length", type=int)
     p.add_argument("--name", help="run name; rerunning a name resumes it")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. lora_r=16, freeze_layers=2")

@@ -95,6 +95,11 @@ def train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     tracker = loop_config.get("tracker")
     primary = f"dev_{PRIMARY[Task(cfg.task)]}"
+    if checkpoint and rank == 0:
+        print(f"semvec train: resumed from the checkpoint at step {progress['step']} "
+              f"(epoch {progress['epoch']}, batch {progress['batch']})", flush=True)
+        if tracker:
+            tracker.log_metrics({"resumed_from_step": progress["step"]}, step=progress["step"])
 
     def checkpoint_and_decide(metrics: dict) -> bool:
         """Evaluate on rank 0, report with a checkpoint, return whether to stop early (all ranks)."""

@@ -1,0 +1,116 @@
+"""Fine-tuning survives failures: a SIGKILLed Train worker, and a killed job rerun under its name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from semvec.train.config import load_train_config
+from semvec.train.data import Task
+from semvec.train.job import fit
+from tests.conftest import REPO
+from tests.test_train import make_task_data
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for_checkpoint(root: Path, proc_alive, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        # the controller's snapshot is written once a reported checkpoint is registered: a kill
+        # before that (while the files upload) would rightly restart from scratch
+        if any(root.glob("*/checkpoint_manager_snapshot.json")) and any(root.glob("*/checkpoint_*")):
+            return
+        assert proc_alive(), "training ended before its first checkpoint"
+        time.sleep(0.1)
+    pytest.fail(f"no checkpoint under {root} after {timeout}s")
+
+
+def _train_workers() -> list[psutil.Process]:
+    """This test's Train workers: descendants of this process (its local Ray), not another job's."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _metric_history(uri: str, run_id: str, key: str) -> list[float]:
+    return [m.value for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_local, tiny_models, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    train, dev = make_task_data(Task.STS, tmp_path, n_train=800)
+    cfg = load_train_config(None, task="sts", method="full", train=str(train), dev=str(dev),
+                            output=str(tmp_path / "model"), model=str(tiny_models["bert"]),
+                            epochs=6, workers=2, eval_steps=10, patience=100, lr=1e-3)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = fit(cfg)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    _wait_for_checkpoint(tmp_path / "model-checkpoints", thread.is_alive)
+    workers = _train_workers()
+    assert workers, "no Ray Train worker process found"
+    workers[-1].send_signal(signal.SIGKILL)
+    thread.join(600)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    resumed = _metric_history(uri, summary["run_id"], "resumed_from_step")
+    assert resumed and min(resumed) > 0, "the restarted workers did not load a checkpoint"
+    steps = _metric_history(uri, summary["run_id"], "step")
+    # 6 epochs of 400 examples per worker at 16 a batch: the run went on to its last step
+    assert max(steps) == 6 * 25
+    assert summary["best"]["dev_spearman"] > 0
+
+
+def test_rerun_with_the_same_name_resumes_a_killed_job(tiny_models, tmp_path):
+    train, dev = make_task_data(Task.STS, tmp_path, n_train=800)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "semvec.cli", "train", "--task", "sts", "--method", "full",
+           "--train", str(train), "--dev", str(dev), "--output", str(tmp_path / "model"),
+           "--model", str(tiny_models["bert"]), "--epochs", "6", "--workers", "2",
+           "--eval-steps", "10", "--patience", "100", "--lr", "1e-3", "--name", "resumable", "--json"]
+    # its own session, so the kill takes the job's local Ray down with it, as a lost machine would
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_checkpoint(tmp_path / "model-checkpoints", lambda: first.poll() is None)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(60)
+    assert not (tmp_path / "model" / "semvec.json").exists()
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("semvec").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["run_id"]]  # one run across the restart
+    assert runs[0].info.status == "FINISHED"
+    resumed = _metric_history(uri, summary["run_id"], "resumed_from_step")
+    assert resumed and min(resumed) > 0
+    assert max(_metric_history(uri, summary["run_id"], "step")) == 6 * 25
+    assert (tmp_path / "model" / "semvec.json").is_file()

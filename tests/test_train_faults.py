@@ -18,7 +18,6 @@ from mlflow.tracking import MlflowClient
 from semvec.train.config import load_train_config
 from semvec.train.data import Task
 from semvec.train.job import fit
-from tests.conftest import REPO
 from tests.test_train import make_task_data
 
 pytestmark = pytest.mark.slow

@@ -112,3 +112,47 @@ def s3_env(s3_server, monkeypatch):
     for k, v in s3_server["env"].items():
         monkeypatch.setenv(k, v)
     return s3_server
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with code {proc.returncode}")
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not answer {url} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server` on loopback: SQLite backend, artifacts proxied to the S3 server.
+
+    Only the server holds the S3 credentials; clients talk to it over HTTP.
+    """
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, **s3_server["env"],
+           "MLFLOW_S3_ENDPOINT_URL": s3_server["env"]["AWS_ENDPOINT_URL"]}
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{s3_server['bucket']}/mlflow",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{uri}/health", proc, 180, "mlflow server")
+    yield {"uri": uri, "artifacts": s3_server["root"] / s3_server["bucket"] / "mlflow",
+           "log": root / "server.log"}
+    os.killpg(proc.pid, 15)
+    proc.wait(30)
+    log.close()

@@ -1,0 +1,57 @@
+"""MLflow through a real tracking server whose artifacts live on the S3-compatible server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from semvec.train.config import load_train_config
+from semvec.train.data import Task
+from semvec.train.job import fit
+from tests.conftest import REPO, write_jsonl
+from tests.test_train import make_task_data
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_registers_on_a_server_with_s3_artifacts_and_embed_loads_the_alias(
+    ray_local, tiny_models, tmp_path, monkeypatch, mlflow_server, s3_server
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
+    train, dev = make_task_data(Task.STS, tmp_path)
+    summary = fit(load_train_config(None, task="sts", method="lora", train=str(train), dev=str(dev),
+                                    output=str(tmp_path / "model"), model=str(tiny_models["bert"]),
+                                    epochs=2, workers=2, lr=5e-3),
+                  register="tiny-sts-server")
+    client = MlflowClient(mlflow_server["uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["method"] == "lora"
+    assert "dev_spearman" in run.data.metrics
+    assert len(client.get_metric_history(summary["run_id"], "dev_spearman")) == 2  # one per epoch
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
+    # the model's files are on the S3 server, under the server's artifact destination
+    stored = {p.name for p in mlflow_server["artifacts"].rglob("*") if p.is_file()}
+    assert {"model.safetensors", "semvec.json", "dev_report.json", "train_config.json"} <= stored
+    # no secret of the S3 server reached MLflow
+    everything = json.dumps([run.data.params, run.data.tags])
+    assert s3_server["secret"] not in everything
+    version = summary["registered_version"]
+    client.set_registered_model_alias("tiny-sts-server", "champion", version)
+
+    # a fresh process with no S3 credentials at all embeds with the registered alias
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "the cat sat on the red mat"}, {"text": "dog"}])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(MLFLOW_TRACKING_URI=mlflow_server["uri"], SEMVEC_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run(
+        [sys.executable, "-m", "semvec.cli", "embed", str(corpus), str(tmp_path / "v"),
+         "--model", "models:/tiny-sts-server@champion", "--json"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["embedded"] == 2
+    manifest = json.loads((tmp_path / "v" / "_manifest.json").read_text())
+    assert "models:/tiny-sts-server@champion" in json.dumps(manifest)

@@ -9,6 +9,7 @@ from typing import Any
 
 from semvec.config import load_settings, parse_enum
 from semvec.errors import ConfigError
+from semvec.train.continual import ContinualConfig
 from semvec.train.data import Task
 from semvec.train.methods import Method, MethodConfig
 from semvec.train.tasks import ALLOWED_LOSSES, Loss
@@ -62,6 +63,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 2  # a killed worker restarts the run from its last checkpoint
     method_options: dict = field(default_factory=dict)  # MethodConfig fields
+    # continual learning (semvec.train.continual): past data mixed in, and pulls toward the start
+    replay: str | None = None  # past training data of the same task
+    replay_share: float = 0.5  # replay examples added, as a share of the new training examples
+    l2sp: float = 0.0
+    ewc: float = 0.0
+    distill: float = 0.0
     name: str | None = None  # run name: a rerun with the same name and output resumes
     trust_remote_code: bool = False
 
@@ -87,11 +94,21 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("warmup_ratio and dropout must be in [0, 1)")
+        for name in ("replay_share", "l2sp", "ewc", "distill"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if (self.ewc or self.distill) and not self.replay:
+            raise ConfigError("ewc and distill need replay data (past training data of this task): "
+                              "set replay")
         unknown = set(self.method_options) - {f.name for f in fields(MethodConfig)}
         if unknown:
             allowed = ", ".join(f.name for f in fields(MethodConfig))
             raise ConfigError(f"unknown method option(s) {', '.join(sorted(unknown))}; allowed: {allowed}")
         self.method_config()  # validates the options
+
+    def continual_config(self) -> ContinualConfig:
+        return ContinualConfig(l2sp=float(self.l2sp), ewc=float(self.ewc), distill=float(self.distill))
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(**self.method_options)

@@ -35,8 +35,12 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
         dev, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
     if not train:
         raise ConfigError(f"train data {cfg.train!r} holds no examples after holding out dev")
+    anchors = _replay(cfg, len(train))
+    train = train + anchors
     labels = label_set(train, dev, cfg.task)
     model_dir = models.resolve_model(cfg.model)
+    known = _trained_labels(model_dir, cfg.task)  # a semvec model tuned further keeps its label order
+    labels = known + [label for label in labels if label not in known]
     defaults = models.model_defaults(model_dir)
     max_length = cfg.max_length or defaults.max_length
     if max_length > defaults.limit:
@@ -44,9 +48,28 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
     scores = [float(e["score"]) for e in train] if cfg.task == Task.STS else [1.0]
     p = {"model_dir": str(model_dir), "pooling": defaults.pooling, "normalize": defaults.normalize,
          "max_length": max_length, "labels": labels, "score_scale": max(max(scores), 1e-6),
-         "fingerprint": models.fingerprint(model_dir)}
+         "fingerprint": models.fingerprint(model_dir), "anchors": anchors}
     _check_output(cfg.output)
     return p, train, dev
+
+
+def _trained_labels(model_dir: Path, task: Task) -> list[str]:
+    info = model_dir / models.SEMVEC_JSON
+    if task not in (Task.CLASSIFICATION, Task.NER) or not info.is_file():
+        return []
+    meta = json.loads(info.read_text())
+    return list(meta.get("labels") or []) if meta.get("task") == task.value else []
+
+
+def _replay(cfg: TrainConfig, n_new: int) -> list[dict]:
+    """A seeded sample of past data, replay_share x the new examples (at most all of it)."""
+    if not cfg.replay:
+        return []
+    past = load_examples(cfg.task, cfg.replay)
+    if not past:
+        raise ConfigError(f"replay data {cfg.replay!r} holds no examples")
+    k = min(len(past), round(cfg.replay_share * n_new))
+    return random.Random(cfg.seed + 1).sample(past, k) if k else []
 
 
 def _check_output(output: str) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from semvec.config import Pooling
 from semvec.train.config import Optimizer, TrainConfig
+from semvec.train.continual import Continual, anchor_texts
 from semvec.train.data import Task
 from semvec.train.tasks import PRIMARY, Collator, TaskModel, evaluate, resolve_loss
 
@@ -40,7 +41,27 @@ def build_model(cfg: TrainConfig, plan: dict) -> tuple[TaskModel, object]:
     model = TaskModel(encoder, cfg.task, Pooling(plan["pooling"]), int(base.config.hidden_size),
                       len(plan["labels"]), resolve_loss(cfg.task, cfg.loss), cfg.symmetric,
                       plan["score_scale"], cfg.dropout)
+    _continue_head(model, Path(plan["model_dir"]), plan["labels"])
     return model, load_tokenizer(Path(plan["model_dir"]), cfg.trust_remote_code)
+
+
+def _continue_head(model: TaskModel, model_dir: Path, labels: list[str]) -> None:
+    """Tuning a semvec-trained model further keeps its head; labels new to it get fresh rows."""
+    import json
+
+    from safetensors.torch import load_file
+
+    head, info = model_dir / "head.safetensors", model_dir / "semvec.json"
+    if model.head is None or not head.is_file() or not info.is_file():
+        return
+    meta = json.loads(info.read_text())
+    known = meta.get("labels") or []
+    if meta.get("task") != model.task.value or labels[:len(known)] != known:
+        return
+    trained, linear = load_file(str(head)), model.head[1]  # head: Sequential(Dropout, Linear)
+    with torch.no_grad():
+        linear.weight[:len(known)] = trained["1.weight"]  # [labels, hidden]
+        linear.bias[:len(known)] = trained["1.bias"]
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module):
@@ -76,6 +97,12 @@ def train_loop(loop_config: dict) -> None:
 
     model, tok = build_model(cfg, plan)
     collate = Collator(tok, cfg.task, plan["max_length"], plan["labels"])
+    anchors = plan.get("anchors") or []
+    continual = cfg.continual_config()
+    if continual.active:  # fixed at the starting weights, before any checkpoint is loaded
+        model.continual = Continual(model, continual, [collate(anchors[i:i + cfg.batch_size])
+                                                       for i in range(0, len(anchors), cfg.batch_size)])
+    texts = anchor_texts(anchors) if continual.distill else []
     opt = _optimizer(cfg, model)
     steps_per_epoch = math.ceil(math.ceil(len(train) / world) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -136,6 +163,9 @@ def train_loop(loop_config: dict) -> None:
         for start in starts:
             tick = time.perf_counter()
             batch = _to(collate([train[i] for i in shard[start:start + cfg.batch_size]]), device)
+            if texts:  # the next slice of replay texts, for distillation
+                at = (progress["step"] * cfg.batch_size) % len(texts)
+                batch["anchor"] = _to(collate._texts((texts[at:] + texts)[:cfg.batch_size]), device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = ddp(batch)
             finite = torch.tensor([float(torch.isfinite(loss))], device=device)

@@ -54,6 +54,7 @@ class TaskModel(nn.Module):
         self.task, self.pooling, self.loss_kind = task, pooling, loss
         self.symmetric, self.score_scale = symmetric, score_scale
         self.head = None
+        self.continual = None  # semvec.train.continual.Continual, when continual learning is on
         if task in (Task.CLASSIFICATION, Task.NER):
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, n_labels))
 
@@ -65,7 +66,13 @@ class TaskModel(nn.Module):
         return pool(*self.encode_tokens(enc), self.pooling)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """The batch's loss (a scalar)."""
+        """The batch's loss (a scalar), with the continual-learning terms when they are on."""
+        loss = self._task_loss(batch)
+        if self.continual is not None:
+            loss = loss + self.continual.penalty(self, batch.get("anchor"))
+        return loss
+
+    def _task_loss(self, batch: dict) -> torch.Tensor:
         if self.task == Task.STS:
             a, b = self.embed(batch["a"]), self.embed(batch["b"])
             cos = F.cosine_similarity(a, b)

@@ -9,9 +9,8 @@ import argparse
 import json
 import sys
 
-import yaml
-
 from semvec.backfill.job import print_summary, run
+from semvec.cli import parse_setting
 from semvec.config import load_embed_config
 from semvec.errors import ConfigError
 
@@ -22,22 +21,15 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        overrides = dict(_parse_setting(s) for s in args.set)
+        overrides = dict(parse_setting(s) for s in args.set)
         config = load_embed_config(args.config, **overrides)
         summary = run(config)
     except ConfigError as exc:
         print(f"semvec: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     print_summary(summary)
     print(json.dumps(summary))
     return 0
-
-
-def _parse_setting(text: str):
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r} must look like KEY=VALUE")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)  # YAML typing: 8 -> int, true -> bool
 
 
 if __name__ == "__main__":

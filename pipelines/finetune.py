@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from pipelines.backfill import _parse_setting
+from semvec.cli import parse_setting
 from semvec.errors import ConfigError
 from semvec.train.config import load_train_config
 from semvec.train.job import fit
@@ -22,11 +22,11 @@ def main(argv=None) -> int:
     parser.add_argument("--register")
     args = parser.parse_args(argv)
     try:
-        config = load_train_config(args.config, **dict(_parse_setting(s) for s in args.set))
+        config = load_train_config(args.config, **dict(parse_setting(s) for s in args.set))
         summary = fit(config, register=args.register)
     except ConfigError as exc:
         print(f"semvec: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     print(json.dumps(summary))
     return 0
 

@@ -100,12 +100,30 @@ def _train_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _retrain_parsers(sub) -> None:
+    p = sub.add_parser("retrain", help="train a challenger on new data; promote it only if it wins")
+    p.add_argument("--config", required=True, help="YAML retraining config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("rollback", help="restore @previous as @champion")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--backfill-root", dest="backfill_root",
+                   help="also point CURRENT under this prefix back at that version's backfill")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("register", help="register a model directory (any model reference) in MLflow")
+    p.add_argument("model", help="bundled, a local dir, s3://..., models:/...")
+    p.add_argument("--name", required=True)
+    p.add_argument("--alias", help="e.g. champion")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semvec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _embed_parser(sub)
     _evaluate_parser(sub)
     _train_parser(sub)
+    _retrain_parsers(sub)
     return parser
 
 
@@ -181,7 +199,50 @@ def _train(args) -> dict:
     return summary
 
 
-COMMANDS = {"embed": _embed, "evaluate": _evaluate, "train": _train}
+def _retrain(args) -> dict:
+    from semvec.retrain.config import load_retrain_config
+    from semvec.retrain.job import retrain
+
+    summary = retrain(load_retrain_config(args.config, **dict(parse_setting(s) for s in args.set)))
+    if not args.json:
+        print(f"semvec retrain: {summary['decision']}"
+              + (f" ({summary['message']})" if "message" in summary else "")
+              + (f"; challenger v{summary['challenger_version']}" if "challenger_version" in summary else "")
+              + (f"; backfill {summary['backfill']['output']}" if "backfill" in summary else ""))
+    return summary
+
+
+def _rollback(args) -> dict:
+    from semvec.retrain.job import rollback
+
+    result = rollback(args.name, args.backfill_root)
+    if not args.json:
+        print(f"semvec rollback: {args.name}@champion is v{result['champion_version']} again"
+              + (f"; CURRENT -> {result['current']}" if result["current"] else ""))
+    return result
+
+
+def _register(args) -> dict:
+    from semvec import tracking
+
+    version = tracking.register_model(args.model, args.name, args.alias)
+    if not args.json:
+        print(f"semvec register: {args.name} v{version}" + (f" @{args.alias}" if args.alias else ""))
+    return {"name": args.name, "version": version, "alias": args.alias}
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE with YAML typing (8 -> int, true -> bool, [a, b] -> list)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+COMMANDS = {"embed": _embed, "evaluate": _evaluate, "train": _train, "retrain": _retrain,
+            "rollback": _rollback, "register": _register}
 
 
 def main(argv: list[str] | None = None) -> int:

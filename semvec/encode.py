@@ -43,6 +43,9 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
 
 def tokenize(tok, texts: list[str], max_length: int, with_offsets: bool = False) -> Tokenized:
     """Tokenize with truncation to max_length; a row is 'truncated' when tokens were cut."""
+    if not texts:  # a batch whose every row went to quarantine (tokenizers refuse an empty list)
+        empty = [] if with_offsets else None
+        return Tokenized(ids=[], truncated=np.zeros(0, dtype=bool), special=empty, offsets=empty)
     enc = tok(
         texts,
         truncation=True,

@@ -79,33 +79,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
-    """Pairs from jsonl / csv / tsv / parquet with sentence1, sentence2, score columns, or the
-    original STS-B release (tab-separated, no header: genre, file, year, id, score, s1, s2)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"data file {path!r} does not exist")
-    if p.suffix == ".parquet":
-        rows = pq.read_table(p).to_pylist()
-    elif p.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    else:
-        text = p.read_text(encoding="utf-8")
-        first = text.split("\n", 1)[0]
-        delimiter = "\t" if "\t" in first else ","
-        if "sentence1" in first:
-            rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
-        else:  # STS-B release format; quotes inside sentences are literal
-            fields = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
-            rows = [{"score": r[4], "sentence1": r[5], "sentence2": r[6]} for r in fields if len(r) >= 7]
+    """Pairs (sentence1, sentence2, score) in any layout fine-tuning reads: jsonl / csv / tsv /
+    parquet, the STS-B and CNSD releases; local or s3://."""
+    from semvec.train.data import Task, load_examples
+
+    rows = load_examples(Task.STS, path)
     if not rows:
         raise ConfigError(f"data file {path!r} holds no sentence pairs")
-    try:
-        s1 = [str(r["sentence1"]) for r in rows]
-        s2 = [str(r["sentence2"]) for r in rows]
-        score = np.array([float(r["score"]) for r in rows])
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(f"data file {path!r}: each row needs sentence1, sentence2, score ({exc})") from None
-    return s1, s2, score
+    return ([r["sentence1"] for r in rows], [r["sentence2"] for r in rows],
+            np.array([r["score"] for r in rows], dtype=np.float64))
 
 
 def evaluate_sts(embed: Embed, path: str) -> dict:

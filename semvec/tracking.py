@@ -8,6 +8,7 @@ logged as params: secrets live in the environment and never enter a config.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -54,6 +55,14 @@ class Tracker:
         MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
 
 
+def _artifact_location(uri: str) -> str | None:
+    """A SQLite store keeps artifacts beside its file, not under whatever directory the first job
+    happened to run in (under `ray job submit` that is a temporary copy of the working dir)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None  # a server decides (proxied artifacts) or MLflow's default applies
+
+
 def start_run(experiment: str, run_name: str, params: dict) -> Tracker:
     """Reuse the unfinished run of the same name (a resumed job keeps one run id), else start one."""
     mlflow = _mlflow()
@@ -62,7 +71,8 @@ def start_run(experiment: str, run_name: str, params: dict) -> Tracker:
     uri = tracking_uri()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=_artifact_location(uri))
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found and found[0].info.status != "FINISHED":
@@ -132,3 +142,85 @@ def download_model(ref: str) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# ---------------------------------------------------------------- registry: aliases and decisions
+
+
+def _client():
+    _mlflow()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri())
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version behind models:/NAME@ALIAS, or None when there is none."""
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except Exception:  # noqa: BLE001 - unknown model or alias
+        return None
+
+
+def _register(client, name: str, source: str, run_id: str | None, tags: dict) -> str:
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - not found: create it
+        client.create_registered_model(name)
+    return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+
+
+def register_model(ref: str, name: str, alias: str | None = None, experiment: str = "semvec") -> str:
+    """Log a model directory (any model reference) in a run of its own and register a version."""
+    from semvec.models import fingerprint, resolve_model
+
+    model_dir = resolve_model(ref)
+    tracker = start_run(experiment, f"register-{name}", {"model": ref, "fingerprint": fingerprint(model_dir)})
+    client = _client()
+    client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
+    client.set_terminated(tracker.run_id, "FINISHED")
+    source = f"{client.get_run(tracker.run_id).info.artifact_uri}/model"
+    version = _register(client, name, source, tracker.run_id, {"semvec.registered_from": ref})
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def record_decision(name: str, run_id: str, model_dir: str, champion: str, decision: str,
+                    reasons: list[str], scores: dict, metrics: dict, primary: str) -> str:
+    """Register the challenger (promoted or not), tag run and version with the decision and every
+    score; on promotion @previous = the old champion and @champion = the challenger."""
+    client = _client()
+    flat = {}
+    for suite, pair in scores.items():
+        for who, value in pair.items():
+            flat[metric_name(f"{suite}.{metrics[suite]}.{who}")] = value
+    now = int(time.time() * 1000)
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in flat.items()])
+    tags = {"semvec.decision": decision, "semvec.champion_version": champion,
+            "semvec.primary_suite": primary, "semvec.reasons": " | ".join(reasons)[:5000],
+            "semvec.scores": json.dumps(scores)[:5000]}
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = _register(client, name, source, run_id, tags)
+    if decision == "promoted":
+        client.set_registered_model_alias(name, "previous", champion)
+        client.set_registered_model_alias(name, "champion", version)
+    return version
+
+
+def rollback(name: str) -> str:
+    """@champion = @previous (which is then cleared); returns the restored version."""
+    client = _client()
+    previous, current = alias_version(name, "previous"), alias_version(name, "champion")
+    if previous is None:
+        raise ConfigError(f"model {name!r} has no @previous in the registry at "
+                          f"{storage.display(tracking_uri())}: nothing to roll back to")
+    client.set_registered_model_alias(name, "champion", previous)
+    client.delete_registered_model_alias(name, "previous")
+    if current is not None:
+        client.set_model_version_tag(name, current, "semvec.rolled_back", "true")
+    return previous

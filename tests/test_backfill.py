@@ -174,6 +174,17 @@ def test_bad_rows_go_to_quarantine_with_reasons(ray_local, tiny_models, tmp_path
     assert m["inputs"][0]["quarantine_reasons"]["empty_text"] == 3
 
 
+@pytest.mark.parametrize("granularity", ["sentence", "token"])
+def test_a_file_of_only_bad_rows_is_all_quarantined(ray_local, tiny_models, tmp_path, granularity):
+    # every row of a batch in quarantine once crashed the tokenize stage (an empty list)
+    rows = [{"id": f"b{i}", "body": "the text is under another field"} for i in range(5)]
+    write_jsonl(tmp_path / "bad.jsonl", rows)
+    s = embed(tmp_path / "bad.jsonl", tmp_path / "out", tiny_models["bert"], granularity=granularity)
+    assert s["rows"] == 5 and s["embedded"] == 0 and s["quarantined"] == 5
+    assert {r["reason"] for r in read_quarantine(tmp_path / "out")} == {"missing_text_field"}
+    assert manifest(tmp_path / "out")["status"] == "complete"
+
+
 def test_truncated_gzip_keeps_what_was_read(ray_local, tiny_models, tmp_path):
     rows = "".join(json.dumps({"text": t}) + "\n" for t in corpus_sentences(2000, seed=4))
     blob = gzip.compress(rows.encode())

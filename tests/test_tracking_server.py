@@ -55,3 +55,17 @@ def test_train_registers_on_a_server_with_s3_artifacts_and_embed_loads_the_alias
     assert json.loads(result.stdout.strip().splitlines()[-1])["embedded"] == 2
     manifest = json.loads((tmp_path / "v" / "_manifest.json").read_text())
     assert "models:/tiny-sts-server@champion" in json.dumps(manifest)
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_its_file(tmp_path, monkeypatch):
+    from semvec import tracking
+
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    elsewhere = tmp_path / "job-working-dir"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # as under `ray job submit`: a temporary copy of the repo
+    tracker = tracking.start_run("artifacts-here", "r", {"a": 1})
+    run = MlflowClient(tracker.uri).get_run(tracker.run_id)
+    assert run.info.artifact_uri.startswith((db.parent / "mlartifacts").as_uri())

@@ -101,6 +101,9 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     init_ray()
     primary = f"dev_{PRIMARY[cfg.task]}"
     storage_path = _checkpoint_root(cfg)
+    storage_fs = _checkpoint_fs(storage_path)
+    if storage_fs is not None:  # with an explicit filesystem, Ray takes the path without s3://
+        storage_path = storage.strip(storage_path)
     cpus = _worker_cpus(cfg)
     trainer = TorchTrainer(
         train_loop,
@@ -109,7 +112,7 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute=primary,
                                                checkpoint_score_order="max"),
@@ -153,6 +156,16 @@ def _worker_cpus(cfg: TrainConfig) -> int:
 def _checkpoint_root(cfg: TrainConfig) -> str:
     out = cfg.output.rstrip("/")
     return out + "-checkpoints" if storage.is_remote(out) else str(Path(out).resolve()) + "-checkpoints"
+
+
+def _checkpoint_fs(root: str):
+    """Checkpoints on s3:// go through semvec's own filesystem (credentials and endpoint from the
+    driver's AWS environment), so S3-compatible stores work and workers need no AWS settings."""
+    if not storage.is_remote(root):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(storage.filesystem(root)))
 
 
 def _best(result, primary: str):

@@ -1,0 +1,125 @@
+"""The retraining job's config: what model, what new data, how to judge and what to re-embed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from semvec.config import load_settings, parse_enum
+from semvec.errors import ConfigError
+from semvec.train.config import TrainConfig
+from semvec.train.data import Task
+from semvec.train.methods import Method
+
+
+class SuiteKind(str, Enum):
+    STS = "sts"
+    RETRIEVAL = "retrieval"
+    CLASSIFICATION = "classification"
+    NER = "ner"
+
+
+# the metric a suite is judged by, as `semvec evaluate` reports it
+SUITE_METRIC = {SuiteKind.STS: "spearman", SuiteKind.RETRIEVAL: "ndcg@10",
+                SuiteKind.CLASSIFICATION: "accuracy", SuiteKind.NER: "f1"}
+SUITE_FILES = {SuiteKind.RETRIEVAL: ("corpus", "queries", "qrels")}
+
+
+@dataclass
+class Suite:
+    name: str
+    kind: SuiteKind
+    data: str | None = None  # sts / classification / ner
+    corpus: str | None = None  # retrieval (BEIR layout)
+    queries: str | None = None
+    qrels: str | None = None
+
+    def __post_init__(self) -> None:
+        self.kind = parse_enum(SuiteKind, f"kind of suite {self.name!r}", self.kind)
+        for name in SUITE_FILES.get(self.kind, ("data",)):
+            if not getattr(self, name):
+                raise ConfigError(f"suite {self.name!r} ({self.kind.value}) needs {name!r}")
+
+    @property
+    def metric(self) -> str:
+        return SUITE_METRIC[self.kind]
+
+    def files(self) -> list[str]:
+        return [getattr(self, n) for n in SUITE_FILES.get(self.kind, ("data",))]
+
+
+@dataclass
+class RetrainConfig:
+    name: str  # registered model; the challenger starts from models:/NAME@champion
+    task: Task
+    snapshots: list[str]  # new labelled data: files, folders or globs; local or s3://
+    state: str  # prefix for the lock, the record of trained snapshots, the replay store, challengers
+    suites: list[dict]  # the first is primary unless `primary` names another; the rest are guards
+    method: Method = Method.FULL
+    primary: str | None = None
+    margin: float = 0.005  # the primary metric must improve by at least this much
+    tolerance: float = 0.01  # no guard metric may drop by more than this
+    dev: str | None = None  # dev data for choosing the challenger's checkpoint (default: 10% of new)
+    replay: list[str] = field(default_factory=list)  # past data besides the store (e.g. the first set)
+    replay_share: float = 0.5
+    l2sp: float = 0.0
+    ewc: float = 0.0
+    distill: float = 1.0
+    train: dict = field(default_factory=dict)  # other fine-tuning settings (epochs, workers, lr, ...)
+    backfill: dict | None = None  # on promotion: backfill settings + output_root for versioned outputs
+    lock_timeout_s: int = 6 * 3600  # a lock older than this is stale (its holder died) and is taken
+    experiment: str = "semvec-retrain"
+
+    def __post_init__(self) -> None:
+        self.task = parse_enum(Task, "task", self.task)
+        self.method = parse_enum(Method, "method", self.method)
+        if isinstance(self.snapshots, str):
+            self.snapshots = [self.snapshots]
+        if isinstance(self.replay, str):
+            self.replay = [self.replay]
+        if not self.snapshots:
+            raise ConfigError("snapshots must name at least one file, folder or glob")
+        if not isinstance(self.suites, list) or not self.suites:
+            raise ConfigError("suites must list at least one evaluation suite")
+        try:
+            self.suites = [s if isinstance(s, Suite) else Suite(**s) for s in self.suites]
+        except TypeError as exc:
+            raise ConfigError(f"a suite has an unknown setting: {exc}") from None
+        names = [s.name for s in self.suites]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"suite names must be unique: {names}")
+        if self.primary is None:
+            self.primary = names[0]
+        if self.primary not in names:
+            raise ConfigError(f"primary suite {self.primary!r} is not one of {names}")
+        for name in ("margin", "tolerance", "replay_share", "l2sp", "ewc", "distill"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        reserved = {"task", "method", "train", "dev", "output", "model", "replay", "replay_share",
+                    "l2sp", "ewc", "distill", "name"}
+        clash = sorted(set(self.train) & reserved)
+        if clash:
+            raise ConfigError(f"train settings {clash} are set by the retraining job itself")
+        if self.backfill is not None:
+            missing = [k for k in ("input", "output_root") if k not in self.backfill]
+            if missing:
+                raise ConfigError(f"backfill needs {missing} (input corpus, root for versioned outputs)")
+            if "model" in self.backfill or "output" in self.backfill:
+                raise ConfigError("backfill model and output are set by the job: give output_root")
+        self.train_config(train="-", output="-", model="-", replay="-")  # validates the settings
+
+    def train_config(self, **given: Any) -> TrainConfig:
+        return TrainConfig(**{"task": self.task, "method": self.method, "dev": self.dev,
+                              "replay_share": self.replay_share, "l2sp": self.l2sp, "ewc": self.ewc,
+                              "distill": self.distill, **self.train, **given})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+
+
+def load_retrain_config(path: str | Path | None = None, **overrides: Any) -> RetrainConfig:
+    return load_settings(RetrainConfig, path, ("name", "task", "snapshots", "state", "suites"),
+                         overrides)

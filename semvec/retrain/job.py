@@ -1,0 +1,234 @@
+"""Scheduled retraining: new data -> challenger -> judged against the champion -> promoted or not.
+
+    check (config, data, champion; before any lock or Ray) -> lock -> what is new?
+    -> fine-tune from models:/NAME@champion with replay / L2-SP / EWC / distillation
+    -> score champion and challenger on every suite -> decide -> record in MLflow
+    -> on promotion: @previous = old champion, @champion = challenger, backfill into
+       OUTPUT_ROOT/v<version>/, and only when that backfill is complete, CURRENT -> it
+
+State under `state`: lock.json, state.json (snapshots trained on, by content hash),
+replay/ (every snapshot trained on, the past data later runs replay), challengers/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from semvec import storage, tracking
+from semvec.errors import ConfigError
+from semvec.retrain.config import RetrainConfig, Suite, SuiteKind
+from semvec.retrain.lock import Lock
+from semvec.train.data import load_examples
+
+STATE = "state.json"
+CURRENT = "CURRENT"
+
+
+def retrain(cfg: RetrainConfig) -> dict:
+    """One retraining round; returns a summary with the decision and every metric."""
+    snapshots = [f for uri in cfg.snapshots for f in storage.list_inputs(uri)]
+    _check(cfg)
+    _version(cfg.name, "champion")  # a champion exists: checked before the lock is taken
+    with Lock(cfg.state, cfg.lock_timeout_s) as lock:
+        # read again under the lock: a run that just finished may have promoted a new one
+        summary = _locked(cfg, _version(cfg.name, "champion"), snapshots)
+        if lock.took_stale:  # its holder died: say whose lock was taken over
+            summary["took_stale_lock"] = lock.took_stale
+    return summary
+
+
+def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
+    state = _read_state(cfg.state)
+    new = [(f, _content_hash(f.uri)) for f in snapshots]
+    seen = [(f, h) for f, h in new if h in state["trained"]]
+    new = [(f, h) for f, h in new if h not in state["trained"]]
+    if not new:
+        runs = sorted({state["trained"][h]["run_id"] for _, h in seen})
+        return {"decision": "nothing-new", "message": f"every snapshot was already trained on "
+                f"(run {', '.join(runs)}); nothing to do", "champion_version": champion}
+    summary = _round(cfg, champion, new)
+    for f, h in new:  # trained on, whatever the decision: the same data is not tried twice
+        state["trained"][h] = {"uri": storage.display(f.uri), "run_id": summary["run_id"],
+                               "version": summary["challenger_version"],
+                               "decision": summary["decision"], "at": time.time()}
+        _copy(f.uri, storage.join(cfg.state, "replay", f"{h[:16]}-{Path(f.relative).name}"))
+    storage.write_atomic(storage.filesystem(cfg.state), storage.strip(storage.join(cfg.state, STATE)),
+                         json.dumps(state, indent=2).encode())
+    if summary["decision"] == "promoted" and cfg.backfill is not None:
+        summary["backfill"] = publish_backfill(cfg, summary["challenger_version"])
+    return summary
+
+
+def _check(cfg: RetrainConfig) -> None:
+    """Everything that can be wrong before the lock is taken and Ray starts."""
+    for suite in cfg.suites:
+        for uri in suite.files():
+            storage.list_inputs(uri)  # exists and holds data
+    if (cfg.ewc or cfg.distill) and not cfg.replay and not _replay_store(cfg):
+        raise ConfigError("ewc and distill need past data and the replay store is empty: set replay "
+                          "to the champion's training data, or ewc: 0 and distill: 0")
+    if cfg.backfill is not None:
+        from semvec.config import load_embed_config
+
+        load_embed_config(None, **_embed_settings(cfg.backfill, "models:/-", "-"))
+        storage.list_inputs(cfg.backfill["input"])
+        storage.check_writable(cfg.backfill["output_root"])
+    storage.check_writable(cfg.state)
+
+
+def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
+    from semvec.train.job import fit
+
+    champion_dir = tracking.download_model(f"models:/{cfg.name}/{champion}")
+    key = hashlib.sha1("".join(h for _, h in new).encode()).hexdigest()[:12]
+    with tempfile.TemporaryDirectory() as tmp:
+        train = _merge(cfg, [f.uri for f, _ in new], Path(tmp) / "new.jsonl")
+        past = [f.uri for f in _replay_store(cfg)]
+        past += [f.uri for uri in cfg.replay for f in storage.list_inputs(uri)]
+        replay = _merge(cfg, past, Path(tmp) / "replay.jsonl") if past else None
+        tc = cfg.train_config(train=str(train), replay=str(replay) if replay else None,
+                              model=str(champion_dir), name=f"retrain-{cfg.name}-{key}",
+                              output=storage.join(cfg.state, "challengers", key))
+        if not replay:
+            tc.ewc = tc.distill = 0.0  # checked in _check: only when both are already 0
+        trained = fit(tc, experiment=cfg.experiment)
+    challenger_dir = trained["output"]
+    scores = {s.name: {"champion": evaluate_suite(s, str(champion_dir)),
+                       "challenger": evaluate_suite(s, challenger_dir)} for s in cfg.suites}
+    decision, reasons = decide(cfg, scores)
+    version = tracking.record_decision(
+        cfg.name, trained["run_id"], challenger_dir, champion, decision, reasons, scores,
+        {s.name: s.metric for s in cfg.suites}, cfg.primary)
+    print(f"semvec retrain: challenger v{version} {decision} against champion v{champion}: "
+          + "; ".join(reasons), flush=True)
+    return {"decision": decision, "reasons": reasons, "scores": scores, "run_id": trained["run_id"],
+            "champion_version": champion, "challenger_version": version,
+            "snapshots": [storage.display(f.uri) for f, _ in new]}
+
+
+def decide(cfg: RetrainConfig, scores: dict) -> tuple[str, list[str]]:
+    """Promote only when the primary suite improves by >= margin and no guard drops > tolerance."""
+    reasons, ok = [], True
+    for suite in cfg.suites:
+        old, new = scores[suite.name]["champion"], scores[suite.name]["challenger"]
+        delta = new - old
+        if suite.name == cfg.primary:
+            passed = delta >= cfg.margin
+            rule = f"needs >= +{cfg.margin}"
+        else:
+            passed = delta >= -cfg.tolerance
+            rule = f"may drop <= {cfg.tolerance}"
+        ok &= passed
+        reasons.append(f"{suite.name} {suite.metric} {old:.4f} -> {new:.4f} ({delta:+.4f}, {rule}: "
+                       f"{'ok' if passed else 'fails'})")
+    return ("promoted" if ok else "refused"), reasons
+
+
+def evaluate_suite(suite: Suite, model: str) -> float:
+    """The suite's metric for a model directory, as `semvec evaluate` computes it."""
+    from semvec import evaluate
+
+    if suite.kind == SuiteKind.STS:
+        return float(evaluate.evaluate_sts(evaluate.model_embedder(model), suite.data)["spearman"])
+    if suite.kind == SuiteKind.RETRIEVAL:
+        embed = evaluate.model_embedder(model)
+        result = evaluate.evaluate_retrieval(embed, embed, suite.corpus, suite.queries, suite.qrels)
+        return float(result["ndcg@10"])
+    from semvec.train.data import Task
+    from semvec.train.predict import evaluate_task
+
+    return float(evaluate_task(model, suite.data, Task(suite.kind.value))[suite.metric])
+
+
+def publish_backfill(cfg: RetrainConfig, version: str) -> dict:
+    """Embed the corpus with the new champion into OUTPUT_ROOT/v<version>/; CURRENT moves after."""
+    from semvec.backfill.job import run
+    from semvec.config import load_embed_config
+
+    root = cfg.backfill["output_root"]
+    output = storage.join(root, f"v{version}")
+    summary = run(load_embed_config(None, **_embed_settings(cfg.backfill, f"models:/{cfg.name}/{version}",
+                                                            output)))
+    if summary["embedded"] + summary["quarantined"] != summary["rows"] or not summary["embedded"]:
+        raise RuntimeError(f"backfill into {storage.display(output)} embedded {summary['embedded']} of "
+                           f"{summary['rows']} rows; CURRENT stays where it was")
+    point_current(root, output)
+    return {"output": storage.display(output), "embedded": summary["embedded"],
+            "quarantined": summary["quarantined"]}
+
+
+def point_current(root: str, output: str) -> None:
+    storage.write_atomic(storage.filesystem(root), storage.strip(storage.join(root, CURRENT)),
+                         (output.rstrip("/") + "\n").encode())
+
+
+def rollback(name: str, backfill_root: str | None = None) -> dict:
+    """@champion goes back to @previous; CURRENT follows when that version's backfill is complete."""
+    version = tracking.rollback(name)
+    result = {"name": name, "champion_version": version, "current": None}
+    if backfill_root:
+        output = storage.join(backfill_root, f"v{version}")
+        fs = storage.filesystem(output)
+        manifest = storage.strip(storage.join(output, "_manifest.json"))
+        if fs.exists(manifest) and json.loads(fs.cat_file(manifest)).get("status") == "complete":
+            point_current(backfill_root, output)
+            result["current"] = storage.display(output)
+    return result
+
+
+def _version(name: str, alias: str) -> str:
+    version = tracking.alias_version(name, alias)
+    if version is None:
+        raise ConfigError(f"model {name!r} has no @{alias} in the registry at "
+                          f"{storage.display(tracking.tracking_uri())}; register one first: "
+                          f"semvec register MODEL --name {name} --alias {alias}")
+    return version
+
+
+def _embed_settings(backfill: dict, model: str, output: str) -> dict:
+    settings = {k: v for k, v in backfill.items() if k != "output_root"}
+    return {**settings, "model": model, "output": output, "overwrite": True}
+
+
+def _read_state(state: str) -> dict:
+    fs, path = storage.filesystem(state), storage.strip(storage.join(state, STATE))
+    if not fs.exists(path):
+        return {"trained": {}}
+    return json.loads(fs.cat_file(path))
+
+
+def _replay_store(cfg: RetrainConfig) -> list:
+    store = storage.join(cfg.state, "replay")
+    fs = storage.filesystem(store)
+    if not fs.exists(storage.strip(store)):
+        return []
+    try:
+        return storage.list_inputs(store)
+    except ConfigError:  # an empty folder
+        return []
+
+
+def _content_hash(uri: str) -> str:
+    digest = hashlib.sha256()
+    with storage.filesystem(uri).open(storage.strip(uri), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy(src: str, dst: str) -> None:
+    data = storage.filesystem(src).cat_file(storage.strip(src))
+    storage.write_atomic(storage.filesystem(dst), storage.strip(dst), data)
+
+
+def _merge(cfg: RetrainConfig, uris: list[str], out: Path) -> Path:
+    """Examples from many files (any layout the task reads) -> one jsonl that training reads."""
+    with open(out, "w") as f:
+        for uri in uris:
+            for example in load_examples(cfg.task, uri):
+                f.write(json.dumps({k: v for k, v in example.items() if v is not None}) + "\n")
+    return out

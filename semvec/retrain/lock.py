@@ -1,0 +1,86 @@
+"""One retraining at a time per state prefix: a lock object with a stale-lock timeout.
+
+On a local disk the lock is created with O_EXCL, which is atomic. Plain S3 has no create-if-absent
+for every S3-compatible store, so there the lock is written, read back after a pause, and held
+only if it still carries this holder's token: two runs that start within the same second can
+both see their own write only if the store is not read-after-write consistent (AWS S3 is). A
+scheduler that never overlaps runs (KubeRay / CronJob `concurrencyPolicy: Forbid`) is the first
+line; this lock is the second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+
+from semvec import storage
+from semvec.errors import ConfigError
+
+LOCK = "lock.json"
+
+
+class LockHeld(ConfigError):
+    """Another run holds the lock: refused before any work (exit code 3)."""
+
+    exit_code = 3
+
+
+class Lock:
+    def __init__(self, state: str, timeout_s: float):
+        self.uri = storage.join(state, LOCK)
+        self.fs = storage.filesystem(state)
+        self.path = storage.strip(self.uri)
+        self.timeout_s = timeout_s
+        self.token = uuid.uuid4().hex
+        self.took_stale: dict | None = None
+
+    def acquire(self) -> None:
+        record = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                  "since": time.time()}
+        held = self._read()
+        if held is not None:
+            age = time.time() - float(held.get("since", 0))
+            if age < self.timeout_s:
+                raise LockHeld(
+                    f"another retraining holds {storage.display(self.uri)} (host {held.get('host')}, "
+                    f"pid {held.get('pid')}, for {age:.0f} s; stale after {self.timeout_s:.0f} s)")
+            self.took_stale = held  # its holder died: take it over
+            self.fs.rm(self.path)
+        data = json.dumps(record).encode()
+        if storage.is_remote(self.uri):
+            storage.write_atomic(self.fs, self.path, data)
+            time.sleep(1.0)
+            if (self._read() or {}).get("token") != self.token:
+                raise LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise LockHeld(
+                f"another retraining took {storage.display(self.uri)} at the same moment") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def release(self) -> None:
+        if (self._read() or {}).get("token") == self.token:
+            self.fs.rm(self.path)
+
+    def _read(self) -> dict | None:
+        try:
+            with self.fs.open(self.path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn or foreign file: treat as held since the epoch (stale)
+            return {"since": 0}
+
+    def __enter__(self) -> Lock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,137 @@
+"""Scheduled retraining end to end: a real MLflow server, state and vectors on the S3 server.
+
+One registered model lives through a sequence of rounds: a better challenger is promoted (and the
+corpus re-embedded, CURRENT flipped after), the same snapshot again does nothing, a worse
+challenger is refused, a concurrent run is refused, a stale lock is taken over, and a rollback
+restores the previous champion.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from semvec import tracking
+from semvec.errors import ConfigError
+from semvec.retrain.config import load_retrain_config
+from semvec.retrain.job import publish_backfill, rollback
+from semvec.train.data import Task
+from tests.conftest import write_jsonl
+from tests.test_train import make_task_data
+
+pytestmark = pytest.mark.slow
+
+
+def semvec_retrain(settings: dict, tmp_path: Path) -> tuple[int, dict, str]:
+    """`semvec retrain --config` in a fresh process (its own local Ray), as a scheduler runs it."""
+    config = tmp_path / f"retrain-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    result = subprocess.run([sys.executable, "-m", "semvec.cli", "retrain", "--config", str(config),
+                             "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    lines = result.stdout.strip().splitlines()
+    return result.returncode, (json.loads(lines[-1]) if result.returncode == 0 else {}), result.stderr
+
+
+@pytest.fixture
+def world(tiny_models, tmp_path, monkeypatch, mlflow_server, s3_env):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
+    monkeypatch.setenv("SEMVEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    prefix = f"s3://{s3_env['bucket']}/{name}"
+    assert tracking.register_model(str(tiny_models["bert"]), name, "champion") == "1"
+    train, dev = make_task_data(Task.STS, tmp_path / "data", n_train=320)
+    past, _ = make_task_data(Task.STS, tmp_path / "past", n_train=64)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in ("a red cat", "blue dog", "x")])
+    fs = fsspec.filesystem("s3")
+    fs.put(str(train), f"{prefix}/incoming/batch1.jsonl")
+    cfg = {"name": name, "task": "sts", "snapshots": [f"{prefix}/incoming/"], "state": f"{prefix}/state",
+           "suites": [{"name": "dev", "kind": "sts", "data": str(dev)},
+                      {"name": "past", "kind": "sts", "data": str(past)}],
+           "replay": [str(past)], "distill": 0.2, "tolerance": 0.5,
+           "train": {"epochs": 2, "workers": 2, "lr": 1e-3, "patience": 2},
+           "backfill": {"input": str(corpus), "output_root": f"{prefix}/vectors"}}
+    return {"name": name, "prefix": prefix, "cfg": cfg, "fs": fs, "train": train,
+            "client": MlflowClient(mlflow_server["uri"])}
+
+
+def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(world):
+    name, prefix, fs, client = world["name"], world["prefix"], world["fs"], world["client"]
+    tmp = world["train"].parents[1]
+
+    def retrain(settings: dict = world["cfg"]) -> dict:
+        code, summary, err = semvec_retrain(settings, tmp)
+        assert code == 0, err[-3000:]
+        return summary
+
+    # 1. a challenger that learned the task beats the untrained champion: promoted, re-embedded
+    first = retrain()
+    assert first["decision"] == "promoted", first["reasons"]
+    assert tracking.alias_version(name, "champion") == "2" == first["challenger_version"]
+    assert tracking.alias_version(name, "previous") == "1"
+    manifest = json.loads(fs.cat_file(f"{prefix}/vectors/v2/_manifest.json"))
+    assert manifest["status"] == "complete" and manifest["model"]["reference"] == f"models:/{name}/2"
+    assert fs.cat_file(f"{prefix}/vectors/CURRENT").decode().strip() == f"{prefix}/vectors/v2"
+    version = client.get_model_version(name, "2")
+    assert version.tags["semvec.decision"] == "promoted" and "dev" in version.tags["semvec.scores"]
+    run = client.get_run(first["run_id"])
+    assert run.data.tags["semvec.decision"] == "promoted"
+    assert {"dev.spearman.champion", "dev.spearman.challenger"} <= set(run.data.metrics)
+
+    # 2. the same snapshot again: nothing to do, and it says so
+    again = retrain()
+    assert again["decision"] == "nothing-new" and first["run_id"] in again["message"]
+    assert tracking.alias_version(name, "champion") == "2"
+
+    # 3. new data whose scores are inverted teaches the opposite: the challenger is refused
+    rows = [json.loads(line) for line in world["train"].read_text().splitlines()]
+    worse = write_jsonl(world["train"].parent / "worse.jsonl",
+                        [{**r, "score": 5.0 - r["score"]} for r in rows])
+    fs.put(str(worse), f"{prefix}/incoming/batch2.jsonl")
+    third = retrain()
+    assert third["decision"] == "refused", third["reasons"]
+    assert tracking.alias_version(name, "champion") == "2"
+    assert client.get_model_version(name, third["challenger_version"]).tags["semvec.decision"] == "refused"
+    assert fs.cat_file(f"{prefix}/vectors/CURRENT").decode().strip() == f"{prefix}/vectors/v2"
+
+    # 4. a run while another holds the lock is refused before any work; a stale lock is taken
+    lock = f"{prefix}/state/lock.json"
+    held = {"token": "other", "host": "elsewhere", "pid": 1, "since": time.time()}
+    fs.pipe(lock, json.dumps(held).encode())
+    code, _, err = semvec_retrain(world["cfg"], tmp)
+    assert code == 3 and "another retraining holds" in err and len(err.strip().splitlines()) == 1
+    fs.pipe(lock, json.dumps({"token": "dead", "host": "elsewhere", "pid": 1, "since": 0}).encode())
+    taken = retrain()
+    assert taken["decision"] == "nothing-new" and taken["took_stale_lock"]["token"] == "dead"
+    assert not fs.exists(lock)  # released
+
+    # 5. rollback: v1 is champion again; v1 has no backfill, so CURRENT stays and says so
+    restored = rollback(name, f"{prefix}/vectors")
+    assert restored["champion_version"] == "1" and restored["current"] is None
+    assert tracking.alias_version(name, "champion") == "1"
+    assert tracking.alias_version(name, "previous") is None
+    assert client.get_model_version(name, "2").tags["semvec.rolled_back"] == "true"
+
+
+def test_current_does_not_move_when_the_backfill_fails(ray_local, world, tmp_path):
+    root = str(tmp_path / "vectors")
+    fs = fsspec.filesystem("file", auto_mkdir=True)
+    fs.pipe(f"{root}/CURRENT", f"{root}/v1\n".encode())
+    for backfill, error in (
+        ({"text_field": "nope"}, "embedded 0 of 3 rows; CURRENT stays"),  # every row quarantined
+        ({"input": str(world["train"].parent / "gone.jsonl")}, "does not exist"),  # corpus vanished
+    ):
+        cfg = load_retrain_config(None, **dict(world["cfg"], backfill={
+            "input": world["cfg"]["backfill"]["input"], "output_root": root, **backfill}))
+        with pytest.raises((RuntimeError, ConfigError), match=error):
+            publish_backfill(cfg, "1")
+        assert fs.cat_file(f"{root}/CURRENT").decode().strip() == f"{root}/v1"

@@ -220,3 +220,15 @@ def test_truncation_is_recorded_per_row(ray_local, tiny_models, tmp_path):
     table = read_output(tmp_path / "out").sort_by("row")
     assert table["truncated"].to_pylist() == [True, False]
     assert table["n_tokens"].to_pylist()[0] == 32
+
+
+def test_gpu_pool_waits_for_an_autoscaler_only_when_max_workers_is_given(ray_local, tiny_models, tmp_path):
+    from semvec.backfill.job import _pool_size
+
+    base = {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "out"),
+            "model": str(tiny_models["bert"]), "num_gpus_per_worker": 1}
+    # this machine has no GPU: as a cluster whose GPU workers have scaled to zero
+    assert _pool_size(load_embed_config(None, **base, max_workers=4), 1.0) == (1, 4)
+    assert _pool_size(load_embed_config(None, **base, max_workers=4, min_workers=2), 1.0) == (2, 4)
+    with pytest.raises(ConfigError, match="give max_workers"):
+        _pool_size(load_embed_config(None, **base), 1.0)

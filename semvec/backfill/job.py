@@ -168,18 +168,22 @@ def _worker_cpus(config: EmbedConfig) -> float:
 
 
 def _pool_size(config: EmbedConfig, cpus: float) -> tuple[int, int]:
+    """(min, max) encoder actors. With GPUs and max_workers given, GPU nodes need not be up yet:
+    the pool starts when the autoscaler brings the first one, and grows as more arrive."""
     import ray
 
     resources = ray.cluster_resources()
     if config.num_gpus_per_worker > 0:
-        most = int(resources.get("GPU", 0) // config.num_gpus_per_worker)
-        if most < 1:
+        present = int(resources.get("GPU", 0) // config.num_gpus_per_worker)
+        if present < 1 and not config.max_workers:
             raise ConfigError(
                 f"num_gpus_per_worker {config.num_gpus_per_worker} but the cluster has "
-                f"{resources.get('GPU', 0)} GPUs"
+                f"{resources.get('GPU', 0)} GPUs now; on an autoscaling cluster give max_workers"
             )
-    else:
-        most = max(1, int((resources.get("CPU", 1) - 1) // cpus))
+        high = config.max_workers or present
+        low = config.min_workers or max(1, min(present, high))
+        return min(low, high), high
+    most = max(1, int((resources.get("CPU", 1) - 1) // cpus))
     high = config.max_workers or most
     low = config.min_workers or high
     return min(low, high), high

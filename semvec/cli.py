@@ -91,6 +91,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--eval-steps", dest="eval_steps", type=int,
                    help="also evaluate and checkpoint every N steps (default: each epoch end)")
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=int)
+    p.add_argument("--replay", help="continual learning: past training data of this task to mix in")
+    p.add_argument("--replay-share", dest="replay_share", type=float,
+                   help="replay examples as a share of the new ones (default 0.5)")
+    p.add_argument("--l2sp", type=float, help="weight of the pull toward the starting weights")
+    p.add_argument("--ewc", type=float, help="weight of EWC (Fisher on the replay data)")
+    p.add_argument("--distill", type=float, help="weight of distillation to the starting model on replay text")
     p.add_argument("--max-length", dest="max_length", type=int)
     p.add_argument("--name", help="run name; rerunning a name resumes it")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

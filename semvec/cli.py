@@ -96,7 +96,8 @@ def _train_parser(sub) -> None:
                    help="replay examples as a share of the new ones (default 0.5)")
     p.add_argument("--l2sp", type=float, help="weight of the pull toward the starting weights")
     p.add_argument("--ewc", type=float, help="weight of EWC (Fisher on the replay data)")
-    p.add_argument("--distill", type=float, help="weight of distillation to the starting model on replay text")
+    p.add_argument("--distill", type=float,
+                   help="weight of distillation to the starting model on replay text")
     p.add_argument("--max-length", dest="max_length", type=int)
     p.add_argument("--name", help="run name; rerunning a name resumes it")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

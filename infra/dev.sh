@@ -32,7 +32,7 @@ case "${1:-}" in
     setup
     shift
     "$VENV/bin/ruff" check semvec pipelines tests benchmarks
-    "$VENV/bin/python" -m pytest "$@"
+    "$VENV/bin/python" -m pytest --durations=30 "$@"
     ;;
   *) echo "usage: bash infra/dev.sh setup|demo|test [pytest args]" >&2; exit 2 ;;
 esac

@@ -5,31 +5,16 @@ Cluster:  ray job submit --working-dir . -- python -m pipelines.finetune --confi
 Settings can be overridden: --set workers=4 --set use_gpu=true --register NAME
 """
 
-import argparse
-import json
 import sys
 
-from semvec.cli import parse_setting
-from semvec.errors import ConfigError
+from pipelines._job import main
 from semvec.train.config import load_train_config
 from semvec.train.job import fit
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--register")
-    args = parser.parse_args(argv)
-    try:
-        config = load_train_config(args.config, **dict(parse_setting(s) for s in args.set))
-        summary = fit(config, register=args.register)
-    except ConfigError as exc:
-        print(f"semvec: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(summary))
-    return 0
+def finetune(args, overrides: dict) -> dict:
+    return fit(load_train_config(args.config, **overrides), register=args.register)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(__doc__, finetune, extra=lambda p: p.add_argument("--register")))

@@ -3,7 +3,7 @@
 One registered model lives through a sequence of rounds: a better challenger is promoted (and the
 corpus re-embedded, CURRENT flipped after), the same snapshot again does nothing, a worse
 challenger is refused, a concurrent run is refused, a stale lock is taken over, and a rollback
-restores the previous champion.
+restores the previous champion, whose missing vectors the next round then writes.
 """
 
 from __future__ import annotations
@@ -120,6 +120,12 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(world):
     assert tracking.alias_version(name, "champion") == "1"
     assert tracking.alias_version(name, "previous") is None
     assert client.get_model_version(name, "2").tags["semvec.rolled_back"] == "true"
+
+    # 6. the next round has nothing to train, but the champion's vectors are missing: it embeds
+    #    the corpus with v1 and CURRENT follows, as after a promotion whose backfill had failed
+    caught_up = retrain()
+    assert caught_up["decision"] == "nothing-new" and caught_up["backfill"]["embedded"] == 3
+    assert fs.cat_file(f"{prefix}/vectors/CURRENT").decode().strip() == f"{prefix}/vectors/v1"
 
 
 def test_current_does_not_move_when_the_backfill_fails(ray_local, world, tmp_path):

@@ -48,8 +48,12 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
     new = [(f, h) for f, h in new if h not in state["trained"]]
     if not new:
         runs = sorted({state["trained"][h]["run_id"] for _, h in seen})
-        return {"decision": "nothing-new", "message": f"every snapshot was already trained on "
-                f"(run {', '.join(runs)}); nothing to do", "champion_version": champion}
+        summary = {"decision": "nothing-new", "message": f"every snapshot was already trained on "
+                   f"(run {', '.join(runs)}); nothing to train", "champion_version": champion}
+        if cfg.backfill is not None and not _current_is(cfg, champion):
+            # an earlier promotion's backfill failed, or a rollback found none: catch up (it resumes)
+            summary["backfill"] = publish_backfill(cfg, champion)
+        return summary
     summary = _round(cfg, champion, new)
     for f, h in new:  # trained on, whatever the decision: the same data is not tried twice
         state["trained"][h] = {"uri": storage.display(f.uri), "run_id": summary["run_id"],
@@ -159,6 +163,14 @@ def publish_backfill(cfg: RetrainConfig, version: str) -> dict:
     point_current(root, output)
     return {"output": storage.display(output), "embedded": summary["embedded"],
             "quarantined": summary["quarantined"]}
+
+
+def _current_is(cfg: RetrainConfig, version: str) -> bool:
+    root = cfg.backfill["output_root"]
+    fs, path = storage.filesystem(root), storage.strip(storage.join(root, CURRENT))
+    if not fs.exists(path):
+        return False
+    return fs.cat_file(path).decode().strip() == storage.join(root, f"v{version}").rstrip("/")
 
 
 def point_current(root: str, output: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -153,6 +154,10 @@ def mlflow_server(s3_server, tmp_path_factory):
     wait_for_http(f"{uri}/health", proc, 180, "mlflow server")
     yield {"uri": uri, "artifacts": s3_server["root"] / s3_server["bucket"] / "mlflow",
            "log": root / "server.log"}
-    os.killpg(proc.pid, 15)
-    proc.wait(30)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:  # uvicorn can wait on open connections: not our concern here
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
     log.close()

@@ -55,10 +55,10 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tiny_models, tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    train, dev = make_task_data(Task.STS, tmp_path, n_train=800)
+    train, dev = make_task_data(Task.STS, tmp_path, n_train=480)
     cfg = load_train_config(None, task="sts", method="full", train=str(train), dev=str(dev),
                             output=str(tmp_path / "model"), model=str(tiny_models["bert"]),
-                            epochs=6, workers=2, eval_steps=10, patience=100, lr=1e-3)
+                            epochs=4, workers=2, eval_steps=5, patience=100, lr=1e-3)
     outcome: dict = {}
 
     def run() -> None:
@@ -79,19 +79,19 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tiny_models, tmp_
     resumed = _metric_history(uri, summary["run_id"], "resumed_from_step")
     assert resumed and min(resumed) > 0, "the restarted workers did not load a checkpoint"
     steps = _metric_history(uri, summary["run_id"], "step")
-    # 6 epochs of 400 examples per worker at 16 a batch: the run went on to its last step
-    assert max(steps) == 6 * 25
+    # 4 epochs of 240 examples per worker at 16 a batch: the run went on to its last step
+    assert max(steps) == 4 * 15
     assert summary["best"]["dev_spearman"] > 0
 
 
 def test_rerun_with_the_same_name_resumes_a_killed_job(tiny_models, tmp_path):
-    train, dev = make_task_data(Task.STS, tmp_path, n_train=800)
+    train, dev = make_task_data(Task.STS, tmp_path, n_train=480)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "semvec.cli", "train", "--task", "sts", "--method", "full",
            "--train", str(train), "--dev", str(dev), "--output", str(tmp_path / "model"),
-           "--model", str(tiny_models["bert"]), "--epochs", "6", "--workers", "2",
-           "--eval-steps", "10", "--patience", "100", "--lr", "1e-3", "--name", "resumable", "--json"]
+           "--model", str(tiny_models["bert"]), "--epochs", "4", "--workers", "2",
+           "--eval-steps", "5", "--patience", "100", "--lr", "1e-3", "--name", "resumable", "--json"]
     # its own session, so the kill takes the job's local Ray down with it, as a lost machine would
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,5 +111,5 @@ def test_rerun_with_the_same_name_resumes_a_killed_job(tiny_models, tmp_path):
     assert runs[0].info.status == "FINISHED"
     resumed = _metric_history(uri, summary["run_id"], "resumed_from_step")
     assert resumed and min(resumed) > 0
-    assert max(_metric_history(uri, summary["run_id"], "step")) == 6 * 25
+    assert max(_metric_history(uri, summary["run_id"], "step")) == 4 * 15
     assert (tmp_path / "model" / "semvec.json").is_file()

@@ -88,6 +88,7 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
     from semvec.train.job import fit
 
     champion_dir = tracking.download_model(f"models:/{cfg.name}/{champion}")
+    _check_continuable(champion_dir, f"models:/{cfg.name}/{champion}")
     key = hashlib.sha1("".join(h for _, h in new).encode()).hexdigest()[:12]
     with tempfile.TemporaryDirectory() as tmp:
         train = _merge(cfg, [f.uri for f, _ in new], Path(tmp) / "new.jsonl")
@@ -112,6 +113,15 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
     return {"decision": decision, "reasons": reasons, "scores": scores, "run_id": trained["run_id"],
             "champion_version": champion, "challenger_version": version,
             "snapshots": [storage.display(f.uri) for f, _ in new]}
+
+
+def _check_continuable(model_dir: Path, ref: str) -> None:
+    """Training starts from the champion's HF weights: extras kept beside them would be lost."""
+    info = model_dir / "semvec.json"
+    method = json.loads(info.read_text()).get("method", {}).get("method") if info.is_file() else None
+    if method in ("adapter", "prompt"):
+        raise ConfigError(f"champion {ref} was tuned with {method}, whose weights live beside the model; "
+                          "retraining continues full, lora or bitfit champions only")
 
 
 def decide(cfg: RetrainConfig, scores: dict) -> tuple[str, list[str]]:

@@ -1,0 +1,74 @@
+"""Retraining: config validation, the promotion rule and the lock, without training anything."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from semvec.errors import ConfigError
+from semvec.retrain.config import load_retrain_config
+from semvec.retrain.job import _check_continuable, decide
+from semvec.retrain.lock import Lock, LockHeld
+
+BASE = {"name": "m", "task": "sts", "snapshots": ["new/"], "state": "state/",
+        "suites": [{"name": "main", "kind": "sts", "data": "dev.csv"},
+                   {"name": "guard", "kind": "retrieval", "corpus": "c", "queries": "q", "qrels": "r"}]}
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"suites": [{"name": "x", "kind": "qa", "data": "d"}]}, "unknown kind of suite 'x'"),
+    ({"suites": [{"name": "x", "kind": "retrieval", "corpus": "c"}]}, "needs 'queries'"),
+    ({"primary": "nope"}, "primary suite 'nope' is not one of"),
+    ({"margin": -0.1}, "margin must be a number >= 0"),
+    ({"train": {"model": "x"}}, "set by the retraining job itself"),
+    ({"backfill": {"input": "c.jsonl"}}, "backfill needs \\['output_root'\\]"),
+    ({"backfill": {"input": "c", "output_root": "o", "output": "p"}}, "give output_root"),
+    ({"train": {"epochs": 0}}, "epochs must be a positive integer"),
+    ({"method": "qlora"}, "unknown method 'qlora'"),
+])
+def test_bad_retrain_configs_are_refused_with_one_line(change, error):
+    with pytest.raises(ConfigError, match=error):
+        load_retrain_config(None, **{**BASE, **change})
+
+
+def test_promotion_needs_the_margin_on_primary_and_no_guard_beyond_tolerance():
+    cfg = load_retrain_config(None, **BASE, margin=0.01, tolerance=0.02)
+
+    def scores(main, guard):
+        return {"main": {"champion": 0.80, "challenger": main},
+                "guard": {"champion": 0.50, "challenger": guard}}
+
+    assert decide(cfg, scores(0.811, 0.49))[0] == "promoted"
+    assert decide(cfg, scores(0.805, 0.55))[0] == "refused"  # primary gain below the margin
+    decision, reasons = decide(cfg, scores(0.90, 0.47))  # a guard lost 0.03 > 0.02
+    assert decision == "refused" and "guard ndcg@10 0.5000 -> 0.4700" in reasons[1] and "fails" in reasons[1]
+
+
+def test_local_lock_refuses_a_second_holder_and_takes_a_stale_one(tmp_path):
+    first = Lock(str(tmp_path), timeout_s=60)
+    first.acquire()
+    with pytest.raises(LockHeld, match="another retraining holds") as held:
+        Lock(str(tmp_path), timeout_s=60).acquire()
+    assert held.value.exit_code == 3
+    record = json.loads((tmp_path / "lock.json").read_text())
+    (tmp_path / "lock.json").write_text(json.dumps({**record, "since": time.time() - 120}))
+    second = Lock(str(tmp_path), timeout_s=60)
+    second.acquire()  # older than the timeout: its holder is gone
+    assert second.took_stale["token"] == first.token
+    first.release()  # not its lock any more: leaves it alone
+    assert (tmp_path / "lock.json").exists()
+    second.release()
+    assert not (tmp_path / "lock.json").exists()
+
+
+@pytest.mark.parametrize("method, ok", [("full", True), ("lora", True), ("adapter", False),
+                                        ("prompt", False)])
+def test_retraining_continues_only_champions_whose_weights_are_all_in_the_model(tmp_path, method, ok):
+    (tmp_path / "semvec.json").write_text(json.dumps({"method": {"method": method}}))
+    if ok:
+        _check_continuable(tmp_path, "models:/m/1")
+    else:
+        with pytest.raises(ConfigError, match=f"tuned with {method}"):
+            _check_continuable(tmp_path, "models:/m/1")

@@ -6,6 +6,7 @@ to exercise every code path without a hub or a real model.
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 WORDS = (
@@ -23,15 +24,18 @@ def corpus_sentences(n: int = 200, seed: int = 0) -> list[str]:
 
 
 def _bert_tokenizer(path: Path):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # The vocabulary is written out, not trained: the WordPiece trainer breaks ties in whatever
+    # order its hash maps give, so a trained vocabulary (and every tiny-model result) changed from
+    # one process to the next. Whole words from WORDS, then every character alone and as "##x".
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    pieces = specials + chars + [f"##{c}" for c in chars] + sorted(set(WORDS) - set(chars))
+    tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(pieces)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus_sentences(500), trainers.WordPieceTrainer(
-        vocab_size=300, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],

@@ -7,7 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from semvec.config import load_settings, parse_enum
+from semvec.config import load_settings, parse_enum, require_non_negative
 from semvec.errors import ConfigError
 from semvec.train.config import TrainConfig
 from semvec.train.data import Task
@@ -95,9 +95,7 @@ class RetrainConfig:
         if self.primary not in names:
             raise ConfigError(f"primary suite {self.primary!r} is not one of {names}")
         for name in ("margin", "tolerance", "replay_share", "l2sp", "ewc", "distill"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+            require_non_negative(name, getattr(self, name))
         reserved = {"task", "method", "train", "dev", "output", "model", "replay", "replay_share",
                     "l2sp", "ewc", "distill", "name"}
         clash = sorted(set(self.train) & reserved)

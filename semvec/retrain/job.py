@@ -98,8 +98,6 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
         tc = cfg.train_config(train=str(train), replay=str(replay) if replay else None,
                               model=str(champion_dir), name=f"retrain-{cfg.name}-{key}",
                               output=storage.join(cfg.state, "challengers", key))
-        if not replay:
-            tc.ewc = tc.distill = 0.0  # checked in _check: only when both are already 0
         trained = fit(tc, experiment=cfg.experiment)
     challenger_dir = trained["output"]
     scores = {s.name: {"champion": evaluate_suite(s, str(champion_dir)),

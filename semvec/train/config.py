@@ -7,7 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from semvec.config import load_settings, parse_enum
+from semvec.config import load_settings, parse_enum, require_non_negative
 from semvec.errors import ConfigError
 from semvec.train.continual import ContinualConfig
 from semvec.train.data import Task
@@ -95,9 +95,7 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("warmup_ratio and dropout must be in [0, 1)")
         for name in ("replay_share", "l2sp", "ewc", "distill"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+            require_non_negative(name, getattr(self, name))
         if (self.ewc or self.distill) and not self.replay:
             raise ConfigError("ewc and distill need replay data (past training data of this task): "
                               "set replay")

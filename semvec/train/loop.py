@@ -130,7 +130,7 @@ def train_loop(loop_config: dict) -> None:
 
     def checkpoint_and_decide(metrics: dict) -> bool:
         """Evaluate on rank 0, report with a checkpoint, return whether to stop early (all ranks)."""
-        score = torch.tensor([0.0], device=device)
+        score = torch.tensor([0.0], dtype=torch.float64, device=device)  # float32 would round the metric
         if rank == 0:
             dev_metrics = evaluate(model, collate, dev, plan["labels"])
             metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if not isinstance(v, str)})

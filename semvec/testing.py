@@ -1,7 +1,8 @@
 """Tiny seeded models and corpora for tests and benchmarks, built offline in seconds.
 
-A 2-layer model with hidden size 32 and a tokenizer trained here on random sentences: enough
-to exercise every code path without a hub or a real model.
+A 2-layer model with hidden size 32 and its own small tokenizer (BERT: a written-out WordPiece
+vocabulary; GPT: byte-level BPE trained here on random sentences): enough to exercise every code
+path without a hub or a real model.
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ def _gpt_tokenizer(path: Path):
     return fast
 
 
-def build_tiny_model(path: Path, kind: str = "bert", seed: int = 0) -> Path:
-    """A seeded 2-layer model with hidden size 32 and its own tokenizer, saved as safetensors."""
+def build_tiny_model(path: Path, kind: str = "bert", seed: int = 0, init_std: float = 0.02) -> Path:
+    """A seeded 2-layer model with hidden size 32 and its own tokenizer, saved as safetensors.
+
+    init_std is the weights' initial standard deviation (Hugging Face's initializer_range).
+    """
     import torch
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
@@ -74,12 +78,14 @@ def build_tiny_model(path: Path, kind: str = "bert", seed: int = 0) -> Path:
         tok = _bert_tokenizer(path)
         config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=2, intermediate_size=64,
-                            max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+                            max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                            initializer_range=init_std)
         model = BertModel(config)
     else:
         tok = _gpt_tokenizer(path)
         config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                            initializer_range=init_std)
         model = GPT2Model(config)
     model.eval()
     model.save_pretrained(path, safe_serialization=True)

@@ -95,13 +95,8 @@ def finish_run(tracker: Tracker, model_dir: Path, artifacts: dict[str, Path], re
         client.log_artifact(tracker.run_id, str(path), artifact_path=name)
     version = None
     if register:
-        try:
-            client.get_registered_model(register)
-        except Exception:  # noqa: BLE001 - not found: create it
-            client.create_registered_model(register)
         source = f"{client.get_run(tracker.run_id).info.artifact_uri}/model"
-        mv = client.create_model_version(register, source, run_id=tracker.run_id)
-        version = mv.version
+        version = _register(client, register, source, tracker.run_id, {})
     client.set_terminated(tracker.run_id, status)
     return version
 

@@ -30,7 +30,10 @@ DATASETS = Path(os.environ.get("SEMVEC_DATASETS", REPO.parent / "shared" / "data
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {kind: build_tiny_model(root / kind, kind) for kind in ("bert", "gpt")}
+    models = {kind: build_tiny_model(root / kind, kind) for kind in ("bert", "gpt")}
+    # Attention sharp enough for a prompt to steer (see tests/test_train.py, prompt tuning)
+    models["bert-sharp"] = build_tiny_model(root / "bert-sharp", "bert", init_std=0.3)
+    return models
 
 
 @pytest.fixture

@@ -2,10 +2,12 @@
 
 On a local disk the lock is created with O_EXCL, which is atomic. Plain S3 has no create-if-absent
 for every S3-compatible store, so there the lock is written, read back after a pause, and held
-only if it still carries this holder's token: two runs that start within the same second can
-both see their own write only if the store is not read-after-write consistent (AWS S3 is). A
-scheduler that never overlaps runs (KubeRay / CronJob `concurrencyPolicy: Forbid`) is the first
-line; this lock is the second.
+only if it still carries this holder's token. Two runs can then both hold it only if one of them
+takes over a second between its first read and its write (so that the other's whole write, pause
+and read-back falls in between), or if the store is not read-after-write consistent (AWS S3 is).
+A scheduler that never overlaps runs (KubeRay / CronJob `concurrencyPolicy: Forbid`) is the first
+line; this lock is the second. S3's conditional writes (If-None-Match) would close the gap where a
+store has them; not used yet.
 """
 
 from __future__ import annotations

@@ -32,9 +32,14 @@ class Granularity(str, Enum):
 
 
 class DType(str, Enum):
+    """Precision of the forward pass. The `-mixed` mode keeps float32 weights, residual stream,
+    norms and softmax, and runs the matrix products in bfloat16 (torch autocast): vectors stay
+    within cosine 0.9999 of float32, and it is fast where the hardware has bfloat16 units."""
+
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
+    BFLOAT16_MIXED = "bfloat16-mixed"
 
 
 class InputFormat(str, Enum):

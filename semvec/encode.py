@@ -15,10 +15,12 @@ import torch
 from semvec.config import DType, Pooling
 from semvec.models import model_defaults
 
+# dtype -> (weights, autocast dtype or None)
 _TORCH_DTYPES = {
-    DType.FLOAT32: torch.float32,
-    DType.FLOAT16: torch.float16,
-    DType.BFLOAT16: torch.bfloat16,
+    DType.FLOAT32: (torch.float32, None),
+    DType.FLOAT16: (torch.float16, None),
+    DType.BFLOAT16: (torch.bfloat16, None),
+    DType.BFLOAT16_MIXED: (torch.float32, torch.bfloat16),
 }
 
 
@@ -117,17 +119,16 @@ class Encoder:
         default_tokens, self.max_rows = GPU_BATCH if self.device.type == "cuda" else CPU_BATCH
         self.batch_tokens = batch_tokens or default_tokens
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
+        weights, self.autocast = _TORCH_DTYPES[DType(dtype)]
         self.model = AutoModel.from_pretrained(
             str(model_dir),
-            dtype=_TORCH_DTYPES[DType(dtype)],
+            dtype=weights,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         ).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.extras = _method_extras(model_dir, self.model)
-
-
 
     def tokenize(self, texts: list[str], with_offsets: bool = False) -> Tokenized:
         return tokenize(self.tokenizer, texts, self.max_length, with_offsets)
@@ -147,6 +148,12 @@ class Encoder:
         if n == 0:
             return out, tokens
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            self._encode_packed(ids, lengths, out, tokens)
+        return out, tokens
+
+    def _encode_packed(self, ids, lengths, out: np.ndarray, tokens: list | None) -> None:
+        # One autocast region around all batches: its cast of the weights is made once, not per batch.
         for batch in pack(lengths, self.batch_tokens, self.max_rows):
             width = int(lengths[batch].max())
             input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
@@ -154,14 +161,16 @@ class Encoder:
             for j, i in enumerate(batch):
                 input_ids[j, : lengths[i]] = ids[i]
                 mask[j, : lengths[i]] = 1
-            hidden, pooled = self._forward(torch.from_numpy(input_ids), torch.from_numpy(mask))
+            hidden, pooled = self._forward(torch.from_numpy(input_ids), torch.from_numpy(mask),
+                                           with_tokens=tokens is not None)
             out[batch] = pooled
             if tokens is not None:
                 for j, i in enumerate(batch):
                     tokens[i] = hidden[j, : lengths[i]]
-        return out, tokens
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                 with_tokens: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """Pooled vectors float32 [b, d]; with_tokens also the per-token vectors [b, t, d]."""
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         if self.extras is not None:  # adapters or a learned prompt that could not be merged
             hidden, _ = self.extras(input_ids, mask)
@@ -171,6 +180,9 @@ class Encoder:
         pooled = pool(hidden, mask, self.pooling)  # [b, d]
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        if not with_tokens:
+            return None, pooled.cpu().numpy()
+        if self.normalize:
             hidden = torch.nn.functional.normalize(hidden, p=2, dim=-1)
         return hidden.cpu().numpy(), pooled.cpu().numpy()
 

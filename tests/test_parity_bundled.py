@@ -36,16 +36,18 @@ def reference(sentences) -> dict[str, np.ndarray]:
     return dict(zip(sentences, st.encode(sentences, batch_size=32), strict=True))
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("batch_tokens,batch_rows", [(1024, 64), (8192, 512)])
+@pytest.mark.parametrize("workers,batch_tokens,batch_rows,dtype", [
+    (1, 1024, 64, "float32"), (2, 1024, 64, "float32"), (1, 8192, 512, "float32"), (2, 8192, 512, "float32"),
+    (1, None, 512, "bfloat16-mixed"),  # matrix products in bfloat16: held to the same bar
+])
 def test_backfill_vectors_match_sentence_transformers(
-    ray_local, sentences, reference, tmp_path, workers, batch_tokens, batch_rows
+    ray_local, sentences, reference, tmp_path, workers, batch_tokens, batch_rows, dtype
 ):
     corpus = write_jsonl(tmp_path / "sts.jsonl", [{"text": s} for s in sentences])
     out = tmp_path / "vectors"
     summary = run(load_embed_config(
         None, input=str(corpus), output=str(out), id_field="text", max_workers=workers, cpus_per_worker=1,
-        batch_tokens=batch_tokens, batch_rows=batch_rows,
+        batch_tokens=batch_tokens, batch_rows=batch_rows, dtype=dtype,
     ))
     assert summary["embedded"] == len(sentences)
     stored = evaluate.load_vectors(str(out))

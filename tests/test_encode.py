@@ -84,3 +84,17 @@ def test_half_precision_is_close_to_float32(tiny_models, dtype, least_cosine):
     cosine = (full * half).sum(1)
     assert cosine.min() > least_cosine
     assert not np.array_equal(full, half)  # the lower precision really ran
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt"])
+def test_tiny_models_are_the_same_in_every_process(tmp_path, kind):
+    """Tests compare tiny-model results across processes (driver, Ray workers, reruns)."""
+    import subprocess
+    import sys
+
+    build = ("import sys, pathlib; from semvec.testing import build_tiny_model; "
+             "build_tiny_model(pathlib.Path(sys.argv[1]), sys.argv[2])")
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", build, str(tmp_path / name), kind], check=True)
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -194,3 +194,19 @@ def test_bad_choices_fail_before_the_model_changes(tiny_models):
     with pytest.raises(ConfigError, match="model type 'Linear'"):
         apply_method(torch.nn.Linear(4, 4), Method.ADAPTER, MethodConfig())
     assert all(p.requires_grad for p in model.parameters())  # untouched by the failed calls
+
+
+def test_defaults_depend_on_method_and_task_and_given_values_win():
+    from semvec.train.config import load_train_config
+
+    def cfg(task, method, **given):
+        return load_train_config(None, task=task, method=method, train="t", output="o", **given)
+
+    ner = cfg("ner", "full")
+    assert (ner.epochs, ner.learning_rate) == (6, 1e-4)
+    sts = cfg("sts", "full")
+    assert (sts.epochs, sts.learning_rate) == (4, 2e-5)
+    assert cfg("ner", "lora").epochs == 4
+    given = cfg("ner", "full", epochs=2, lr=3e-5)
+    assert (given.epochs, given.learning_rate) == (2, 3e-5)
+    assert cfg("ner", "full", epochs=None).epochs == 6  # None means "not given" (a CLI flag left out)

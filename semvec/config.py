@@ -82,7 +82,7 @@ class EmbedConfig:
     # Padded tokens per forward pass. None: 1024 on CPU, where small batches stay in cache and
     # run fastest (benchmarks/RESULTS.md), 16384 on a GPU, which wants big ones.
     batch_tokens: int | None = None
-    batch_rows: int = 512  # rows per Ray Data batch handed to one encoder actor
+    batch_rows: int = 2048  # rows per Ray Data batch handed to one encoder actor (sorted within)
     rows_per_file: int = 50_000
     min_workers: int = 1
     max_workers: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow

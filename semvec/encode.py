@@ -74,7 +74,10 @@ def tokenize(tok, texts: list[str], max_length: int, with_offsets: bool = False)
     return out
 
 
-CPU_BATCH = (1024, 32)  # (padded tokens, rows) per forward pass
+# (padded tokens, rows) per forward pass. On CPU, bfloat16 matrix products gain from larger
+# batches and float32 ones do not (measured, benchmarks/RESULTS.md).
+CPU_BATCH = (1024, 32)  # float32
+CPU_BATCH_REDUCED = (2048, 32)  # float16, bfloat16, bfloat16-mixed
 GPU_BATCH = (16384, 512)
 
 
@@ -116,7 +119,11 @@ class Encoder:
         self.normalize = defaults.normalize if normalize is None else normalize
         self.max_length = max_length or defaults.max_length
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        default_tokens, self.max_rows = GPU_BATCH if self.device.type == "cuda" else CPU_BATCH
+        if self.device.type == "cuda":
+            default_tokens, self.max_rows = GPU_BATCH
+        else:
+            full = DType(dtype) == DType.FLOAT32
+            default_tokens, self.max_rows = CPU_BATCH if full else CPU_BATCH_REDUCED
         self.batch_tokens = batch_tokens or default_tokens
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
         weights, self.autocast = _TORCH_DTYPES[DType(dtype)]

@@ -144,5 +144,6 @@ def main() -> None:
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")
 
+
 if __name__ == "__main__":
     main()

@@ -79,8 +79,9 @@ class EmbedConfig:
     # Rows longer than this many characters go to quarantine instead of the tokenizer.
     max_chars: int = 200_000
     # Throughput knobs: they do not change a vector beyond float noise.
-    # Padded tokens per forward pass. None: 1024 on CPU, where small batches stay in cache and
-    # run fastest (benchmarks/RESULTS.md), 16384 on a GPU, which wants big ones.
+    # Padded tokens per forward pass. None: on CPU 1024 for float32, where small batches stay in
+    # cache and run fastest, and 2048 for reduced precision (benchmarks/RESULTS.md); 16384 on a
+    # GPU, which wants big ones.
     batch_tokens: int | None = None
     batch_rows: int = 2048  # rows per Ray Data batch handed to one encoder actor (sorted within)
     rows_per_file: int = 50_000

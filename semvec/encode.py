@@ -119,14 +119,14 @@ class Encoder:
         self.normalize = defaults.normalize if normalize is None else normalize
         self.max_length = max_length or defaults.max_length
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = DType(dtype)
         if self.device.type == "cuda":
             default_tokens, self.max_rows = GPU_BATCH
         else:
-            full = DType(dtype) == DType.FLOAT32
-            default_tokens, self.max_rows = CPU_BATCH if full else CPU_BATCH_REDUCED
+            default_tokens, self.max_rows = CPU_BATCH if dtype == DType.FLOAT32 else CPU_BATCH_REDUCED
         self.batch_tokens = batch_tokens or default_tokens
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
-        weights, self.autocast = _TORCH_DTYPES[DType(dtype)]
+        weights, self.autocast = _TORCH_DTYPES[dtype]
         self.model = AutoModel.from_pretrained(
             str(model_dir),
             dtype=weights,

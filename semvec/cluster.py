@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+
+# Ray Train V2 starts a detached PlacementGroupCleaner beside every run. It asks the State API,
+# once a second, whether the run's controller is alive, and removes the run's placement group
+# when the answer is "no such actor".
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def init_ray() -> bool:
@@ -20,6 +26,32 @@ def init_ray() -> bool:
         return False
     # One logical CPU more than the cores: the actor pool takes one per core, and the light
     # read/tokenize/write tasks need a slot of their own or they starve behind it.
+    # No dashboard, so the State API has no HTTP server here. Its address in this cluster's
+    # store is set to a port of our own rather than the default 8265, where another Ray's
+    # dashboard may be serving (see _local_worker_setup).
     ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
-             logging_level=logging.WARNING)
+             dashboard_port=_free_port(), logging_level=logging.WARNING,
+             runtime_env={"worker_process_setup_hook": _local_worker_setup})
     return True
+
+
+def _local_worker_setup() -> None:
+    """Run in every worker process of the local Ray that init_ray starts.
+
+    Without an address, a worker's State API call picks a Ray of its own choosing on this machine
+    (the last `ray start`, or fails on several). Ray Train's PlacementGroupCleaner would then ask
+    another cluster about this run's controller, hear "no such actor", and remove this run's
+    placement group mid-training. Pin it to this cluster; here the query fails instead (no
+    dashboard), harmlessly: the whole local Ray stops with the driver, which leaves the cleaner
+    nothing to clean. Its warning about each failed query, once a second, is kept out of the log.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

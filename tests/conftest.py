@@ -49,11 +49,14 @@ def tiny_gpt(tiny_models, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the in-process tests (the backfill reuses an initialised Ray)."""
+    """One local Ray for the in-process tests, started as the jobs start theirs (they reuse it)."""
     import ray
 
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
-             logging_level="WARNING", log_to_driver=False)
+    from semvec.cluster import init_ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.fail("unset RAY_ADDRESS: the in-process tests start a local Ray of their own")
+    assert init_ray()
     yield ray
     ray.shutdown()
 

@@ -39,9 +39,10 @@ def _local_worker_setup() -> None:
     """Run in every worker process of the local Ray that init_ray starts.
 
     Without an address, a worker's State API call picks a Ray of its own choosing on this machine
-    (the last `ray start`, or fails on several). Ray Train's PlacementGroupCleaner would then ask
-    another cluster about this run's controller, hear "no such actor", and remove this run's
-    placement group mid-training. Pin it to this cluster; here the query fails instead (no
+    (the last `ray start`, or fails on several). Ray Train's PlacementGroupCleaner then asks
+    another cluster about this run's controller, hears "no such actor" and takes it for dead: it
+    removes the run's placement group if that is registered by then, and stops either way (seen
+    with a `ray start --head` beside a local run). Pin it to this cluster; here the query fails (no
     dashboard), harmlessly: the whole local Ray stops with the driver, which leaves the cleaner
     nothing to clean. Its warning about each failed query, once a second, is kept out of the log.
     """

@@ -207,6 +207,9 @@ def test_defaults_depend_on_method_and_task_and_given_values_win():
     sts = cfg("sts", "full")
     assert (sts.epochs, sts.learning_rate) == (4, 2e-5)
     assert cfg("ner", "lora").epochs == 4
+    bitfit = cfg("ner", "bitfit")
+    assert (bitfit.epochs, bitfit.learning_rate) == (6, 3e-3)
+    assert cfg("sts", "bitfit").learning_rate == 1e-3
     given = cfg("ner", "full", epochs=2, lr=3e-5)
     assert (given.epochs, given.learning_rate) == (2, 3e-5)
     assert cfg("ner", "full", epochs=None).epochs == 6  # None means "not given" (a CLI flag left out)

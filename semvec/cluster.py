@@ -30,7 +30,7 @@ def init_ray() -> bool:
     # store is set to a port of our own rather than the default 8265, where another Ray's
     # dashboard may be serving (see _local_worker_setup).
     ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
-             dashboard_port=_free_port(), logging_level=logging.WARNING,
+             dashboard_port=free_port(), logging_level=logging.WARNING,
              runtime_env={"worker_process_setup_hook": _local_worker_setup})
     return True
 
@@ -52,7 +52,8 @@ def _local_worker_setup() -> None:
     logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

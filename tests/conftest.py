@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from semvec.cluster import free_port  # noqa: F401  (tests import it from here)
 from semvec.testing import build_tiny_model, corpus_sentences  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,12 +66,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rclone_binary() -> str:

@@ -30,7 +30,8 @@ class Schedule(str, Enum):
 DEFAULT_LR = {Method.FULL: 2e-5, Method.LORA: 5e-4, Method.BITFIT: 1e-3, Method.ADAPTER: 1e-3,
               Method.PROMPT: 1e-2}
 # Tasks with a freshly initialised head (and token-level labels) move further from the
-# pre-trained encoder than similarity tuning does: full tuning takes a larger step there.
+# pre-trained encoder than similarity tuning does: full tuning (and BitFit on NER) takes a larger
+# step there.
 TASK_LR = {(Method.FULL, Task.CLASSIFICATION): 5e-5, (Method.FULL, Task.NER): 1e-4,
            (Method.BITFIT, Task.NER): 3e-3}
 DEFAULT_EPOCHS = 4

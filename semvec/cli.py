@@ -1,6 +1,8 @@
 """`semvec ...`: parse, load the config, call one function, print a summary.
 
-Bad arguments exit with code 2 and one line on stderr, before any Ray work starts.
+Every error is one redacted line on stderr, no traceback (`-v` adds a redacted one): bad
+arguments exit with code 2 before any Ray work starts (3: another retrain holds the lock), any
+other failure with 1, an interrupt with 130.
 """
 
 from __future__ import annotations
@@ -8,9 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
 
 from semvec.config import DType, Granularity, InputFormat, Pooling
 from semvec.errors import ConfigError
+from semvec.redact import redact, setup_logging
+
+T = TypeVar("T")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (the usage itself is behind --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"semvec: error: {redact(message)} (see {self.prog} --help)\n")
 
 
 def _choices(enum) -> list[str]:
@@ -125,7 +140,8 @@ def _retrain_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="semvec", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="semvec", description=__doc__.splitlines()[0])
+    add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     _embed_parser(sub)
     _evaluate_parser(sub)
@@ -138,7 +154,7 @@ def _embed(args) -> dict:
     from semvec.backfill.job import print_summary, run
     from semvec.config import load_embed_config
 
-    skip = {"command", "config", "json"}
+    skip = {"command", "config", "json", "verbose"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     config = load_embed_config(args.config, **overrides)
     summary = run(config)
@@ -190,7 +206,7 @@ def _train(args) -> dict:
             raise ConfigError(f"--option {item!r} must look like KEY=VALUE")
         key, value = item.split("=", 1)
         options[key.strip()] = yaml.safe_load(value)
-    skip = {"command", "config", "json", "option", "register", "experiment"}
+    skip = {"command", "config", "json", "verbose", "option", "register", "experiment"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     if options:
         overrides["method_options"] = options
@@ -252,16 +268,48 @@ COMMANDS = {"embed": _embed, "evaluate": _evaluate, "train": _train, "retrain": 
             "rollback": _rollback, "register": _register}
 
 
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="on an error also print the (redacted) traceback; log debug lines "
+                             "and MLflow's info lines")
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line an error ends a command with, redacted: a ConfigError's message (it names the
+    bad value), else the exception's type and the first line of its message."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "semvec: interrupted"
+    text = redact(str(exc)).strip()
+    if isinstance(exc, ConfigError):
+        text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    else:
+        first = text.splitlines()[0] if text else ""
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"semvec: error: {text}"
+
+
+def run_guarded(call: Callable[[], T], verbose: bool) -> tuple[int, T | None]:
+    """(0, call()), or (exit code, None) after one redacted line on stderr: a ConfigError's code
+    (2, or 3 for a held lock), else the exception's exit_code or 1, 130 for an interrupt."""
+    try:
+        return 0, call()
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure ends in one line
+        if verbose:
+            print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130, None
+        code = getattr(exc, "exit_code", 1)
+        return (code if isinstance(code, int) and code > 0 else 1), None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = COMMANDS[args.command](args)
-    except ConfigError as exc:
-        print(f"semvec: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    if getattr(args, "json", False):
-        print(json.dumps(result))
-    return 0
+    setup_logging(args.verbose)
+    code, result = run_guarded(lambda: COMMANDS[args.command](args), args.verbose)
+    if code == 0 and getattr(args, "json", False):
+        print(redact(json.dumps(result)))
+    return code
 
 
 if __name__ == "__main__":

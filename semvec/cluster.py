@@ -12,17 +12,21 @@ import socket
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-def init_ray() -> bool:
+def init_ray(env_vars: dict[str, str] | None = None) -> bool:
     """Connect to RAY_ADDRESS (also set under `ray job submit`), else start a local Ray.
 
-    Returns True when a local Ray was started here.
+    `env_vars` are set in every worker of this job (on a cluster, workers do not inherit the
+    driver's environment). Returns True when a local Ray was started here.
     """
+    # Ray's usage statistics are on by default: a local head would report to Ray's collector.
+    # Off unless the user turned them on (RAY_USAGE_STATS_ENABLED=1 is kept).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None)
         return False
     # One logical CPU more than the cores: the actor pool takes one per core, and the light
     # read/tokenize/write tasks need a slot of their own or they starve behind it.

@@ -93,6 +93,10 @@ class EmbedConfig:
     num_gpus_per_worker: float = 0.0
     threads_per_worker: int | None = None  # torch threads; None: cpus_per_worker
     overwrite: bool = False
+    # Stop with exit 1 when more than this share of the rows given to the model fail to embed
+    # (encode_failed): a broken model is a failure, not a success with nothing embedded. 1 = off.
+    max_failed_share: float = 0.05
+    lease_ttl_s: float = 120.0  # an s3:// output's lease is stale after this long unrenewed
 
     HASHED = (
         "model", "text_field", "id_field", "input_format", "pooling", "normalize", "max_length",
@@ -117,6 +121,12 @@ class EmbedConfig:
             raise ConfigError(
                 f"max_workers {self.max_workers} is below min_workers {self.min_workers}"
             )
+        if isinstance(self.max_failed_share, bool) or not isinstance(self.max_failed_share, (int, float)) \
+                or not 0 <= self.max_failed_share <= 1:
+            raise ConfigError(f"max_failed_share must be a number from 0 to 1, got {self.max_failed_share!r}")
+        if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, (int, float)) \
+                or not self.lease_ttl_s >= 5:
+            raise ConfigError(f"lease_ttl_s must be a number of seconds >= 5, got {self.lease_ttl_s!r}")
         if (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) or self.num_gpus_per_worker < 0:
             raise ConfigError(
                 f"cpus_per_worker must be > 0 and num_gpus_per_worker >= 0, got "
@@ -149,21 +159,38 @@ def _require_positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def read_yaml_settings(path: Path) -> dict[str, Any]:
+    """The mapping of settings in a YAML config file, or a one-line ConfigError naming the file
+    and, for a YAML that does not parse, the problem and its line."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({type(exc).__name__})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings")
+    return loaded
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    # str(exc) spans several lines (context, marks, carets); the problem and where it is will do.
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
 def load_settings(cls: type, path: str | Path | None, required: tuple[str, ...],
                   overrides: dict[str, Any]):
     """Build a config dataclass from a YAML file (optional) plus overrides (None = not given)."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings")
-        data.update(loaded)
+        data.update(read_yaml_settings(Path(path)))
     data.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)

@@ -10,3 +10,9 @@ class ConfigError(ValueError):
 def choice_error(what: str, value: object, allowed) -> ConfigError:
     names = ", ".join(str(getattr(a, "value", a)) for a in allowed)
     return ConfigError(f"unknown {what} {value!r}; allowed: {names}")
+
+
+class JobFailed(RuntimeError):
+    """The job ran and failed (too many rows the model could not embed, a lost lease): exit 1."""
+
+    exit_code = 1

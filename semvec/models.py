@@ -92,17 +92,32 @@ def _fetch_remote(uri: str) -> Path:
         raise ConfigError(f"model {storage.display(uri)!r} holds no files")
     key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:20]
     target = cache_root() / "models" / key
+    # Every key is checked before anything is written: a refused prefix leaves nothing behind.
+    files = [(path, _cache_path(target, root, path, uri)) for path, _ in listing]
     done = target / ".complete"
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(str(target) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            for path, _ in listing:
-                local = target / path[len(root):].lstrip("/")
+            for path, local in files:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 fs.get(path, str(local))
             done.write_text(uri)
     return _checked(target, storage.display(uri))
+
+
+def _cache_path(target: Path, root: str, key: str, uri: str) -> Path:
+    """Where an object of the model prefix goes in the cache; a key that would land outside it
+    (``..`` in it, or not under the prefix at all) is refused: a store must not pick local paths."""
+    relative = key[len(root):].lstrip("/") if key.startswith(root + "/") else ""
+    home = target.resolve()
+    local = (home / relative).resolve()
+    if ".." in relative.split("/") or home not in local.parents:
+        raise ConfigError(
+            f"model {storage.display(uri)!r} holds the key {key!r}, which would be written outside "
+            "the model cache; refusing it"
+        )
+    return local
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import fsspec
 
+from semvec import crashpoints, redact
 from semvec.errors import ConfigError
 
 
@@ -24,7 +25,14 @@ def is_remote(uri: str) -> bool:
 
 
 def filesystem(uri: str) -> fsspec.AbstractFileSystem:
-    """The filesystem for a URI. S3 settings come from the environment, read at call time."""
+    """The filesystem for a URI. S3 settings come from the environment, read at call time.
+
+    A URI with credentials in it (``s3://key:secret@bucket/``) is refused, whatever its scheme:
+    they would reach error messages, logs and manifests, and s3fs would not use them anyway.
+    """
+    if redact.has_userinfo(uri):
+        raise ConfigError(f"credentials in a URI are not accepted ({display(uri)!r}); "
+                          "use the AWS_* environment variables")
     if is_remote(uri):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
@@ -35,7 +43,8 @@ def filesystem(uri: str) -> fsspec.AbstractFileSystem:
         return fsspec.filesystem("s3", client_kwargs=client_kwargs, skip_instance_cache=True)
     if "://" in uri and not uri.startswith("file://"):
         scheme = uri.split("://", 1)[0]
-        raise ConfigError(f"unsupported URI scheme {scheme!r} in {uri!r}; allowed: local paths, s3://")
+        raise ConfigError(f"unsupported URI scheme {scheme!r} in {display(uri)!r}; "
+                          "allowed: local paths, s3://")
     return fsspec.filesystem("file")
 
 
@@ -55,13 +64,8 @@ def join(uri: str, *parts: str) -> str:
 
 
 def display(uri: str) -> str:
-    """A URI safe to print: anything that looks like user:secret@ is cut out."""
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        host, sep, path = rest.partition("/")
-        if "@" in host:
-            return f"{scheme}://{host.rsplit('@', 1)[1]}{sep}{path}"
-    return uri
+    """A URI safe to print: userinfo, query-string credentials and secret values are masked."""
+    return redact.redact(uri)
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def list_inputs(uri: str) -> list[InputFile]:
     prefix = "s3://" if is_remote(uri) else ""
     try:
         if globlib.has_magic(path):
-            root = path.split("*", 1)[0].rsplit("/", 1)[0]
+            root = _glob_root(path, remote=is_remote(uri))
             paths = [p for p in fs.glob(path) if fs.isfile(p)]
         elif fs.isdir(path):
             root = path
@@ -107,6 +111,14 @@ def list_inputs(uri: str) -> list[InputFile]:
     return files
 
 
+def _glob_root(path: str, remote: bool) -> str:
+    """The folder a glob's matches are named from: its leading components without * ? or [...]."""
+    parts = path.split("/")
+    fixed = next(i for i, part in enumerate(parts) if globlib.has_magic(part))
+    root = "/".join(parts[:fixed])
+    return root or ("" if remote else "/")
+
+
 def check_writable(uri: str) -> None:
     """Write and delete a probe object under the output prefix, or fail with one line."""
     fs = filesystem(uri)
@@ -124,6 +136,9 @@ def check_writable(uri: str) -> None:
         ) from None
 
 
+TEMP_MARK = ".tmp-"  # a local write in progress: `<path>.tmp-<uuid>`, renamed into place when whole
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole object so that readers see all of it or nothing.
 
@@ -133,9 +148,12 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if "s3" in protocols:
         with fs.open(path, "wb") as f:
             f.write(data)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    crashpoints.wrote(path)

@@ -2,7 +2,9 @@
 
 Embedded default: a SQLite tracking store in the working directory (``sqlite:///mlflow.db``,
 artifacts under ``./mlartifacts``); ``MLFLOW_TRACKING_URI`` points at a server. Only the config is
-logged as params: secrets live in the environment and never enter a config.
+logged as params: secrets live in the environment and never enter a config, and every param and
+tag passes through semvec.redact on the way (a URI's userinfo, a secret variable's value).
+Resolving a registered model never creates a tracking store: a missing SQLite file is an error.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from semvec import storage
 from semvec.errors import ConfigError
+from semvec.redact import redact
 
 RUN_NAME_TAG = "semvec.run_name"
 
@@ -80,7 +83,7 @@ def start_run(experiment: str, run_name: str, params: dict) -> Tracker:
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
     mlflow.set_tracking_uri(uri)
     client.log_batch(run.info.run_id, params=[
-        mlflow.entities.Param(k, str(v)[:500]) for k, v in sorted(params.items())])
+        mlflow.entities.Param(k, redact(str(v))[:500]) for k, v in sorted(params.items())])
     return Tracker(uri, run.info.run_id)
 
 
@@ -101,13 +104,31 @@ def finish_run(tracker: Tracker, model_dir: Path, artifacts: dict[str, Path], re
     return version
 
 
+def _local_store(uri: str) -> Path | None:
+    """The file behind a SQLite tracking URI (``sqlite:///PATH``), else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _existing_store(ref: str) -> str:
+    """The tracking URI to resolve ref in. MLflow creates a missing SQLite store on first touch
+    (printing its migrations); an empty new store holds no model, so say so and create nothing."""
+    uri = tracking_uri()
+    db = _local_store(uri)
+    if db is None or db.is_file():
+        return uri
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError(f"model {ref!r} needs the MLflow registry but MLFLOW_TRACKING_URI is not "
+                          f"set and there is no local store {str(db)!r}; set MLFLOW_TRACKING_URI")
+    raise ConfigError(f"model {ref!r}: the registry at {storage.display(uri)} does not exist")
+
+
 def download_model(ref: str) -> Path:
     """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> a local model directory."""
     _mlflow()
     from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri())
+    client = MlflowClient(_existing_store(ref))
     body = ref[len("models:/"):]
     try:
         if "@" in body:
@@ -170,12 +191,14 @@ def register_model(ref: str, name: str, alias: str | None = None, experiment: st
     from semvec.models import fingerprint, resolve_model
 
     model_dir = resolve_model(ref)
-    tracker = start_run(experiment, f"register-{name}", {"model": ref, "fingerprint": fingerprint(model_dir)})
+    tracker = start_run(experiment, f"register-{name}",
+                        {"model": storage.display(ref), "fingerprint": fingerprint(model_dir)})
     client = _client()
     client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
     client.set_terminated(tracker.run_id, "FINISHED")
     source = f"{client.get_run(tracker.run_id).info.artifact_uri}/model"
-    version = _register(client, name, source, tracker.run_id, {"semvec.registered_from": ref})
+    version = _register(client, name, source, tracker.run_id,
+                        {"semvec.registered_from": storage.display(ref)})
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return version
@@ -195,7 +218,7 @@ def record_decision(name: str, run_id: str, model_dir: str, champion: str, decis
 
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in flat.items()])
     tags = {"semvec.decision": decision, "semvec.champion_version": champion,
-            "semvec.primary_suite": primary, "semvec.reasons": " | ".join(reasons)[:5000],
+            "semvec.primary_suite": primary, "semvec.reasons": redact(" | ".join(reasons))[:5000],
             "semvec.scores": json.dumps(scores)[:5000]}
     for k, v in tags.items():
         client.set_tag(run_id, k, v)

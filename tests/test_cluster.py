@@ -3,7 +3,9 @@
 import logging
 import os
 
-from semvec.cluster import _PG_CLEANER_LOGGER
+import pytest
+
+from semvec.cluster import _PG_CLEANER_LOGGER, init_ray
 
 
 def test_local_workers_ask_this_cluster_and_never_another_dashboard(ray_local):
@@ -26,3 +28,18 @@ def test_local_workers_ask_this_cluster_and_never_another_dashboard(ray_local):
     assert address == gcs
     assert api_server == ours and not ours.endswith(":8265"), (api_server, ours)
     assert cleaner_level == logging.ERROR
+
+
+@pytest.mark.parametrize("given, expected", [(None, "0"), ("0", "0"), ("1", "1")])
+def test_ray_usage_stats_are_off_unless_the_user_turns_them_on(monkeypatch, given, expected):
+    import ray
+
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: seen.append(os.environ.get("RAY_USAGE_STATS_ENABLED")))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", given or "-")  # recorded, so restored afterwards
+    if given is None:
+        monkeypatch.delenv("RAY_USAGE_STATS_ENABLED")
+    init_ray()
+    assert seen == [expected]

@@ -266,3 +266,43 @@ def test_nothing_turns_token_auth_off():
     for text in texts:
         assert not re.search(r"RAY_AUTH_MODE\s*[=:]\s*[\"']?disabled", text)
     assert "RAY_AUTH_MODE=token" in _readme_cluster_section()
+
+
+def _ray_containers() -> list[tuple[str, dict]]:
+    """(where, container) for every container of every Ray head and worker group."""
+    found = []
+    for where, spec in _ray_cluster_specs():
+        groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+        for group in groups:
+            for c in group.get("template", {}).get("spec", {}).get("containers", []):
+                found.append((f"{where} {c.get('name')}", c))
+    return found
+
+
+def test_ray_usage_stats_are_off_everywhere():
+    # Ray reports usage statistics to its collector by default; semvec's deployments never do.
+    containers = _ray_containers()
+    for path in K8S_FILES:
+        for doc in _docs(path):
+            containers += [(f"{path.name} submitter {n.get('name')}", n) for n in _walk(doc)
+                           if isinstance(n, dict) and "submit" in " ".join(map(str, n.get("command") or []))]
+    assert len(containers) >= 7, [where for where, _ in containers]
+    for where, container in containers:
+        env = {v["name"]: v.get("value") for v in container.get("env") or []}
+        assert env.get("RAY_USAGE_STATS_ENABLED") == "0", f"{where}: RAY_USAGE_STATS_ENABLED"
+
+    config = _docs(CLUSTER)[0]
+    assert "--env RAY_USAGE_STATS_ENABLED=0" in config["docker"].get("run_options", [])
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in config[key] if "ray start" in c]
+    assert len(starts) == 2, starts
+    for command in starts:
+        assert "--disable-usage-stats" in command, command
+
+    env = re.findall(r"^\s*(?:ENV\s+)?(\w+)=(\S+)", DOCKERFILE.read_text(), re.M)
+    assert ("RAY_USAGE_STATS_ENABLED", "0") in env, "infra/Dockerfile leaves Ray usage stats on"
+
+    for path in [*YAML_FILES, DOCKERFILE]:  # comments may tell how to turn them on
+        text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+        assert not re.search(r"RAY_USAGE_STATS_ENABLED\s*[=:]\s*[\"']?1", text), path.name
+        assert not re.search(r"(?<!dis)able-usage-stats", text), path.name

@@ -1,6 +1,10 @@
 """The backfill job: plan on the driver (all checks, before Ray), then run the Ray Data pipeline.
 
-    read (tasks) -> tokenize (tasks) -> encode (actor pool) -> write (tasks) -> counts to driver
+    plan (checks) -> lease on the output -> what is done (from committed parts) -> Ray
+    -> read (tasks) -> tokenize (tasks) -> encode (actor pool) -> write (tasks) -> counts to driver
+    -> accounting from committed parts -> manifest -> lease released
+
+The commit protocol that makes every row land exactly once is described on `stages.Writer`.
 """
 
 from __future__ import annotations
@@ -13,18 +17,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from semvec import __version__, models, storage
-from semvec.backfill.manifest import OutputDir, now
+from semvec import __version__, crashpoints, models, storage
+from semvec.backfill.manifest import LEASE, OutputDir, now
 from semvec.backfill.read import detect_format
 from semvec.cluster import init_ray
 from semvec.config import EmbedConfig, Granularity, InputFormat, Pooling
-from semvec.errors import ConfigError
+from semvec.errors import ConfigError, JobFailed
+from semvec.lease import Lease
 from semvec.storage import InputFile
 
 log = logging.getLogger("semvec.backfill")
 
 # Read, tokenize and write are light; they share one spare logical CPU (see _init_ray).
 IO_CPUS = 0.25
+# The failure share is judged mid-run once this many rows have reached the model.
+FAIL_CHECK_ROWS = 1000
 
 
 @dataclass
@@ -66,7 +73,7 @@ def plan(config: EmbedConfig) -> Plan:
     p = Plan(config, files, str(model_dir), fingerprint, pooling, normalize, max_length, dim,
              config.output_hash(fingerprint))
     storage.check_writable(config.output)
-    _prepare_output(p)
+    _check_output(p)
     return p
 
 
@@ -86,12 +93,11 @@ def _check_loadable(model_dir, config: EmbedConfig) -> int:
     return int(hf.hidden_size)
 
 
-def _prepare_output(p: Plan) -> None:
-    """Refuse a foreign or differently configured prefix; find what earlier runs finished."""
+def _check_output(p: Plan) -> None:
+    """Refuse a foreign or differently configured prefix (a read only: nothing is held yet)."""
     out = OutputDir(p.config.output)
     manifest = out.read_manifest()
     if p.config.overwrite:
-        out.clear()
         return
     if manifest is None:
         if out.list_parts() or out.has_foreign_files():
@@ -106,12 +112,23 @@ def _prepare_output(p: Plan) -> None:
             f"config (hash {manifest.get('config_hash')} != {p.config_hash}); pass --overwrite "
             "to replace it, or choose another output"
         )
+
+
+def _prepare_output(p: Plan) -> None:
+    """Under the lease: clear (overwrite) or find what is done, from the committed parts."""
+    out = OutputDir(p.config.output)
+    if p.config.overwrite:
+        out.clear()
+        return
+    _check_output(p)  # again, under the lease: a run that just ended may have changed it
+    out.remove_temporaries()
+    manifest = out.read_manifest() or {}
     finished = {i["source"]: i for i in manifest.get("inputs", []) if i.get("complete")}
     known = {i["source"]: i.get("version") for i in manifest.get("inputs", [])}
     for f in p.files:
         prior = finished.get(f.relative)
         if prior and prior.get("version") == f.version:
-            p.skip.add(f.relative)
+            p.skip.add(f.relative)  # its parts are all there: counted again at the end
             continue
         if f.relative in known and known[f.relative] != f.version:
             out.drop_parts_of(f.relative)  # the file changed since: its old vectors are stale
@@ -193,22 +210,41 @@ def run(config: EmbedConfig) -> dict:
     """Plan, then run the backfill; returns the summary (also printed)."""
     t0 = time.time()
     p = plan(config)
+    crashpoints.arm()
+    with Lease(config.output, LEASE, what="backfill", ttl_s=config.lease_ttl_s) as lease:
+        _prepare_output(p)
+        return _run_held(p, lease, t0)
+
+
+def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
+    config = p.config
     started = now()
     out = OutputDir(config.output)
     todo = [f for f in p.files if f.relative not in p.skip]
-    out.write_manifest(_manifest(p, "running", started))
-    rows_this_run = 0
-    t_plan = time.time() - t0
+    pool = None
     if todo:
-        rows_this_run = _execute(p, todo)
+        init_ray(crashpoints.worker_env())
+        pool = _pool(config)  # may refuse (too few GPUs) before anything is written
+    out.write_manifest(_manifest(p, "running", started))
+    t_plan = time.time() - t0
+    try:
+        rows_this_run = _execute(p, todo, pool, lease) if todo else 0
+    except _Stopped as stop:
+        out.write_manifest({**_manifest(p, "failed", started), "error": str(stop)})
+        raise JobFailed(str(stop)) from None
     t_run = time.time() - t0 - t_plan
     accounting = out.account(p.files)
     timings = {"plan_s": round(t_plan, 2), "run_s": round(t_run, 2),
                "total_s": round(time.time() - t0, 2)}
-    manifest = _manifest(p, "complete", started, accounting, timings)
+    failed = _failure(accounting, config.max_failed_share)
+    manifest = _manifest(p, "failed" if failed else "complete", started, accounting, timings)
+    if failed:
+        manifest["error"] = failed
     out.write_manifest(manifest)
+    if failed:
+        raise JobFailed(failed)
     seconds = time.time() - t0
-    summary = {
+    return {
         "output": storage.display(config.output),
         **manifest["totals"],
         "rows_this_run": rows_this_run,
@@ -217,19 +253,42 @@ def run(config: EmbedConfig) -> dict:
         "seconds": round(seconds, 2),
         "rows_per_s": round(rows_this_run / seconds, 1) if seconds > 0 else 0.0,
     }
-    return summary
 
 
-def _execute(p: Plan, todo: list[InputFile]) -> int:
+class _Stopped(Exception):
+    """Raised mid-run when too many rows fail: the job stops with what is committed."""
+
+
+def _failure(accounting: dict, max_share: float) -> str | None:
+    """Why the output is a failure (too many rows the model could not embed), or None."""
+    failed = sum(a["reasons"].get("encode_failed", 0) for a in accounting["inputs"].values())
+    tried = failed + sum(a["embedded"] for a in accounting["inputs"].values())
+    return _too_many_failed(failed, tried, max_share)
+
+
+def _too_many_failed(failed: int, tried: int, max_share: float) -> str | None:
+    if tried and failed / tried > max_share:
+        return (f"{failed} of {tried} rows given to the model failed to embed (encode_failed, "
+                f"{failed / tried:.1%} > max_failed_share {max_share:.1%}); see _quarantine/ for "
+                "the errors")
+    return None
+
+
+def _pool(c: EmbedConfig) -> tuple[float, int, int]:
+    cpus = _worker_cpus(c)
+    return (cpus, *_pool_size(c, cpus))
+
+
+def _execute(p: Plan, todo: list[InputFile], pool: tuple[float, int, int], lease: Lease) -> int:
+    import json
+
     import ray
     from ray.data import ActorPoolStrategy
 
     from semvec.backfill.stages import CorpusSource, EncodeActor, Tokenize, Writer
 
     c = p.config
-    init_ray()
-    cpus = _worker_cpus(c)
-    low, high = _pool_size(c, cpus)
+    cpus, low, high = pool
     threads = c.threads_per_worker or max(1, math.floor(cpus))
     token_mode = c.granularity == Granularity.TOKEN
     encoder_cfg = {
@@ -251,9 +310,18 @@ def _execute(p: Plan, todo: list[InputFile]) -> int:
     )
     ds = ds.map_batches(Writer(c.output, token_mode), batch_size=c.rows_per_file,
                         batch_format="pyarrow", num_cpus=IO_CPUS)
-    rows = 0
+    rows = embedded = failed = 0
     for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows += int(sum(stats["embedded"].to_pylist()) + sum(stats["quarantined"].to_pylist()))
+        embedded += int(sum(stats["embedded"].to_pylist()))
+        failed += sum(json.loads(r).get("encode_failed", 0) for r in stats["reasons"].to_pylist())
+        if lease.lost.is_set():
+            raise JobFailed(f"the lease on {storage.display(c.output)} was lost to another run; "
+                            "stopped so that two runs do not write one prefix")
+        if embedded + failed >= FAIL_CHECK_ROWS:
+            reason = _too_many_failed(failed, embedded + failed, c.max_failed_share)
+            if reason:  # what is committed stays (a rerun resumes); the rest is not tried
+                raise _Stopped(reason)
     return rows
 
 

@@ -20,7 +20,15 @@ from semvec.backfill.stages import QUARANTINE_DIR, source_key
 from semvec.storage import InputFile
 
 MANIFEST = "_manifest.json"
+LEASE = "_lease.json"
 DUPLICATE_EXAMPLES = 20
+ID_EXAMPLE_CHARS = 200  # ids may be whole texts (--id-field text): examples are cut
+
+
+class AccountingError(RuntimeError):
+    """The committed parts break the invariant (a row twice, or a row missing): never 'complete'."""
+
+    exit_code = 1
 
 
 class OutputDir:
@@ -59,17 +67,31 @@ class OutputDir:
             return False
         for p in self.fs.ls(self.root, detail=False):
             name = p.rstrip("/").rsplit("/", 1)[-1]
-            ours = name.startswith(("part-", "_probe-")) or name in (MANIFEST, QUARANTINE_DIR)
+            ours = name.startswith(("part-", "_probe-")) or name in (MANIFEST, QUARANTINE_DIR, LEASE)
             if not ours:
                 return True
         return False
 
     def clear(self) -> None:
-        """Remove what a backfill wrote here (parts, quarantine, manifest); nothing else."""
-        for p in self.list_parts() + self.list_parts(quarantine=True):
-            self.fs.rm(p)
+        """Remove what a backfill wrote here (parts, quarantine, manifest); nothing else.
+
+        The manifest goes first: a crash part-way leaves parts and no manifest, which the rerun
+        (with --overwrite again) clears, and without it refuses as not semvec's."""
         if self.fs.exists(self.path(MANIFEST)):
             self.fs.rm(self.path(MANIFEST))
+        for p in self.list_parts() + self.list_parts(quarantine=True):
+            self.fs.rm(p)
+        self.remove_temporaries()
+
+    def remove_temporaries(self) -> None:
+        """Local writes that a crash cut short (`*.tmp-*`); call only while holding the lease."""
+        if storage.is_remote(self.uri):
+            return  # an S3 PUT leaves nothing behind
+        for folder in (self.root, self.path(QUARANTINE_DIR)):
+            if self.fs.exists(folder):
+                for p in self.fs.ls(folder, detail=False):
+                    if storage.TEMP_MARK in p.rsplit("/", 1)[-1]:
+                        self.fs.rm(p)
 
     def parts_of(self, relative: str) -> list[str]:
         prefix = f"part-{source_key(relative)}-"
@@ -90,10 +112,15 @@ class OutputDir:
             self.fs.rm(p)
 
     def account(self, files: list[InputFile]) -> dict:
-        """Per input: rows embedded and quarantined (by reason) and its parts; duplicate ids."""
+        """Per input: rows embedded and quarantined (by reason) and its parts; duplicate ids.
+
+        Also the protocol's check: within each input, every row number from 0 to the last one
+        committed is in exactly one part. A row twice or a gap raises AccountingError.
+        """
         by_key = {source_key(f.relative): f.relative for f in files}
         inputs: dict[str, dict] = defaultdict(lambda: {"embedded": 0, "quarantined": 0,
                                                        "reasons": Counter(), "outputs": []})
+        rows: dict[str, list[np.ndarray]] = defaultdict(list)
         ids: list[pa.ChunkedArray] = []
         for quarantine in (False, True):
             for p in self.list_parts(quarantine):
@@ -102,9 +129,11 @@ class OutputDir:
                 if source is None:
                     continue  # a part of an input that is no longer listed
                 entry = inputs[source]
+                column = "reason" if quarantine else "id"
                 with self.fs.open(p, "rb") as f:
-                    column = "reason" if quarantine else "id"
-                    values = pq.read_table(f, columns=[column])[column]
+                    table = pq.read_table(f, columns=[column, "row"])
+                values = table[column]
+                rows[source].append(table["row"].to_numpy())
                 if quarantine:
                     entry["quarantined"] += len(values)
                     entry["reasons"].update(r.split(":", 1)[0] for r in values.to_pylist())
@@ -112,7 +141,21 @@ class OutputDir:
                     entry["embedded"] += len(values)
                     entry["outputs"].append(name)
                     ids.append(values)
+        for source, chunks in rows.items():
+            _check_rows(source, np.concatenate(chunks))
         return {"inputs": inputs, "duplicates": _duplicates(ids)}
+
+
+def _check_rows(source: str, rows: np.ndarray) -> None:
+    rows = np.sort(rows)
+    twice = rows[1:][rows[1:] == rows[:-1]]
+    if len(twice):
+        raise AccountingError(f"input {source!r}: row {int(twice[0])} is in two committed parts "
+                              f"({len(twice)} such rows); the output prefix is not consistent")
+    if len(rows) and (rows[0] != 0 or rows[-1] != len(rows) - 1):
+        missing = np.setdiff1d(np.arange(rows[-1] + 1), rows)
+        raise AccountingError(f"input {source!r}: rows {missing[:5].tolist()} (of {len(missing)}) "
+                              "are in no committed part")
 
 
 def _duplicates(ids: list[pa.ChunkedArray]) -> dict:
@@ -123,7 +166,7 @@ def _duplicates(ids: list[pa.ChunkedArray]) -> dict:
     counts = pc.value_counts(pa.chunked_array([c for a in ids for c in a.chunks]))
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     extra = int(pc.sum(repeated.field("counts")).as_py() or 0) - len(repeated)
-    examples = repeated.field("values")[:DUPLICATE_EXAMPLES].to_pylist()
+    examples = [v[:ID_EXAMPLE_CHARS] for v in repeated.field("values")[:DUPLICATE_EXAMPLES].to_pylist()]
     return {"count": extra, "ids": len(repeated), "examples": examples}
 
 

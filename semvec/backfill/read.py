@@ -4,14 +4,28 @@ Parsing is done here rather than with Ray Data's built-in readers because every 
 accounted for: a malformed line, a bad byte or a missing field becomes a row with a reason, and
 every row carries its source file and row number. Files are read as streams, in chunks, so a
 billion-row file never sits in memory.
+
+What no input can do is stop the job. A row whose text or id is not valid Unicode (a bad byte, or
+a lone surrogate such as JSON's "\ud800", which UTF-8 cannot hold) is `invalid_utf8`; a row that
+no column could hold is `unreadable_row`; a file that fails partway (a truncated gzip, a broken
+parquet footer, a csv field over the size limit, anything else) keeps the rows read before and
+ends with one `unreadable_file` row whose `raw` is the error's type and first line. Whatever is
+kept in quarantine (`raw`, `id`) is made valid UTF-8 (bad characters as backslash escapes) and cut
+to RAW_LIMIT characters.
+
+Text is taken as written otherwise: a UTF-8 byte-order mark at the start of a file is dropped,
+CRLF line ends are line ends, and a NUL ("\u0000") inside a text is embedded like any other
+character (tokenizers drop or encode control characters; a NUL is no reason to lose a row).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
+import sys
 from collections.abc import Iterator
 from enum import Enum
 
@@ -21,6 +35,7 @@ import pyarrow.parquet as pq
 
 from semvec import storage
 from semvec.config import InputFormat
+from semvec.redact import redact
 from semvec.storage import InputFile
 
 RAW_LIMIT = 1000  # characters of a bad row kept in quarantine
@@ -46,6 +61,7 @@ class Reason(str, Enum):
     TOO_LONG = "text_too_long"
     BAD_COLUMNS = "wrong_number_of_columns"
     UNREADABLE_FILE = "unreadable_file"
+    UNREADABLE_ROW = "unreadable_row"  # a row no column could hold: a guard, not an expected case
     ENCODE_FAILED = "encode_failed"
 
 
@@ -87,6 +103,8 @@ class RowParser:
             if value is None:
                 return self.bad(row, Reason.MISSING_ID, raw)
             rid = str(value)
+            if not _encodable(rid):
+                return self.bad(row, Reason.INVALID_UTF8, raw, rid)
         return self.check_text(row, rid, record[self.text_field], raw)
 
     def check_text(self, row: int, rid: str, text, raw) -> tuple:
@@ -94,17 +112,36 @@ class RowParser:
             return self.bad(row, Reason.EMPTY, raw, rid)
         if not isinstance(text, str):
             return self.bad(row, Reason.NON_STRING, raw, rid)
+        if not _encodable(text):
+            return self.bad(row, Reason.INVALID_UTF8, raw, rid)
         if len(text) > self.max_chars:
             return self.bad(row, Reason.TOO_LONG, raw, rid)
         return (row, rid, text, None, None)
 
     @staticmethod
     def bad(row: int, reason: Reason, raw, rid: str | None = None) -> tuple:
+        """A quarantine row; raw and id are made valid UTF-8 and cut to RAW_LIMIT characters."""
         if isinstance(raw, bytes):
             raw = raw.decode("utf-8", errors="backslashreplace")
         elif not isinstance(raw, str):
             raw = json.dumps(raw, default=str, ensure_ascii=False)
-        return (row, rid, None, reason.value, raw[:RAW_LIMIT])
+        return (row, _kept(rid), None, reason.value, _kept(raw))
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # lone surrogates: from JSON escapes or surrogateescape
+        return False
+
+
+def _kept(s: str | None) -> str | None:
+    """What quarantine keeps of a value: valid UTF-8, at most RAW_LIMIT characters."""
+    if s is None:
+        return None
+    s = str(s)[:RAW_LIMIT]
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")[:RAW_LIMIT]
 
 
 def _open(fs, file: InputFile) -> io.BufferedIOBase:
@@ -116,6 +153,8 @@ def _open(fs, file: InputFile) -> io.BufferedIOBase:
 
 def _lines(handle) -> Iterator[tuple[int, bytes]]:
     for row, line in enumerate(handle):
+        if row == 0:
+            line = line.removeprefix(codecs.BOM_UTF8)
         yield row, line.rstrip(b"\r\n")
 
 
@@ -128,7 +167,7 @@ def parse_jsonl(handle, source: str, p: RowParser) -> Iterator[tuple]:
             continue
         try:
             record = json.loads(decoded)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError; too many digits; nested too deep
             yield p.bad(row, Reason.MALFORMED_JSON, decoded)
             continue
         yield p.check(source, row, record, decoded)
@@ -145,28 +184,25 @@ def parse_txt(handle, source: str, p: RowParser) -> Iterator[tuple]:
 
 
 def parse_delimited(handle, source: str, p: RowParser, delimiter: str) -> Iterator[tuple]:
-    # surrogateescape keeps bad bytes as lone surrogates so one bad row doesn't end the file.
-    text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
+    # surrogateescape keeps bad bytes as lone surrogates so one bad row doesn't end the file;
+    # utf-8-sig drops a byte-order mark, which would otherwise rename the first column.
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    # csv's own limit (131,072 characters) is below the default max_chars: a text over max_chars
+    # should be text_too_long, not the end of its file. Far past it (an unclosed quote swallowing
+    # the rest of the file, usually) the reader stops and the file ends as unreadable_file.
+    csv.field_size_limit(max(csv.field_size_limit(), min(4 * p.max_chars, sys.maxsize)))
     reader = csv.reader(text, delimiter=delimiter)
     header = next(reader, None)
     if header is None:
         return
     for row, values in enumerate(reader):
         raw = delimiter.join(values)
-        if _has_surrogates(raw):
+        if not _encodable(raw):
             yield p.bad(row, Reason.INVALID_UTF8, raw.encode("utf-8", "surrogateescape"))
         elif len(values) != len(header):
             yield p.bad(row, Reason.BAD_COLUMNS, raw)
         else:
             yield p.check(source, row, dict(zip(header, values, strict=True)), raw)
-
-
-def _has_surrogates(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
 
 
 def parse_parquet(handle, source: str, p: RowParser) -> Iterator[tuple]:
@@ -179,9 +215,43 @@ def parse_parquet(handle, source: str, p: RowParser) -> Iterator[tuple]:
     columns = [c for c in columns if c in pf.schema_arrow.names]
     row = 0
     for batch in pf.iter_batches(batch_size=8192, columns=columns):
-        for record in batch.to_pylist():
-            yield p.check(source, row, record, record)
+        for i, record in enumerate(_records(batch)):
+            if isinstance(record, Exception):
+                reason = Reason.INVALID_UTF8 if isinstance(record, UnicodeError) else Reason.UNREADABLE_ROW
+                yield p.bad(row, reason, _shown(batch.slice(i, 1)))
+            else:
+                yield p.check(source, row, record, record)
             row += 1
+
+
+def _records(batch: pa.RecordBatch) -> list:
+    """The batch's rows as dicts; a row Python cannot take (invalid UTF-8) is its exception."""
+    try:
+        return batch.to_pylist()
+    except Exception:  # noqa: BLE001 - find the rows at fault, one by one
+        pass
+    records: list = []
+    for i in range(batch.num_rows):
+        try:
+            records.append(batch.slice(i, 1).to_pylist()[0])
+        except Exception as exc:  # noqa: BLE001 - one bad row is that row's problem only
+            records.append(exc)
+    return records
+
+
+def _shown(one: pa.RecordBatch) -> bytes:
+    """One row for quarantine's raw, as JSON bytes with strings as stored (a bad byte shows as
+    an escape once RowParser.bad decodes it)."""
+    shown = {}
+    for name, column in zip(one.schema.names, one.columns, strict=True):
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            column = column.cast(pa.large_binary())  # no UTF-8 check: the bytes as stored
+        try:
+            value = column[0].as_py()
+        except Exception as exc:  # noqa: BLE001 - a nested string can be as bad
+            value = f"<{type(exc).__name__}>"
+        shown[name] = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+    return json.dumps(shown, default=str, ensure_ascii=False).encode("utf-8", "surrogateescape")
 
 
 def iter_rows(file: InputFile, fmt: InputFormat, parser: RowParser) -> Iterator[tuple]:
@@ -211,27 +281,57 @@ def read_file_chunks(
     """Yield ROW_SCHEMA tables of at most chunk_rows rows, leaving out rows already done."""
     done = set(done_rows.tolist())
     buf: list[tuple] = []
-    next_row = 0
-    try:
-        for item in iter_rows(file, fmt, parser):
-            next_row = item[0] + 1
-            if item[0] in done:
-                continue
-            buf.append(item)
-            if len(buf) >= chunk_rows:
-                yield _table(file.relative, buf)
-                buf = []
-    except (OSError, EOFError, gzip.BadGzipFile, pa.ArrowInvalid) as exc:
-        # A truncated gzip or a broken parquet footer: what was read stands; the rest of the
-        # file is one quarantine row that says why (its row number is where reading stopped).
-        if next_row not in done:
-            reason = f"{type(exc).__name__}: {exc}"
-            buf.append(RowParser.bad(next_row, Reason.UNREADABLE_FILE, reason))
+    for item in _guarded(iter_rows(file, fmt, parser)):
+        if item[0] in done:
+            continue
+        buf.append(item)
+        if len(buf) >= chunk_rows:
+            yield _table(file.relative, buf)
+            buf = []
     if buf:
         yield _table(file.relative, buf)
 
 
+def _guarded(rows: Iterator[tuple]) -> Iterator[tuple]:
+    """The rows of a file until reading it fails; then one unreadable_file row, and no more.
+
+    Any error counts (a truncated gzip, a broken parquet footer, csv.Error, a bug): what was read
+    stands, and the rest of the file is one quarantine row at the row number where reading stopped.
+    Its raw is the error's type and first line, cleaned of credentials.
+    """
+    next_row = 0
+    while True:
+        try:
+            item = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - no file may stop the job
+            message = redact(str(exc).strip().split("\n", 1)[0][:200])
+            yield RowParser.bad(next_row, Reason.UNREADABLE_FILE, f"{type(exc).__name__}: {message}")
+            return
+        next_row = item[0] + 1
+        yield item
+
+
 def _table(source: str, rows: list[tuple]) -> pa.Table:
+    try:
+        return _columns(source, rows)
+    except Exception:  # noqa: BLE001 - find the rows at fault, one by one
+        return _columns(source, [_buildable(source, r) for r in rows])
+
+
+def _buildable(source: str, item: tuple) -> tuple:
+    """The row if a table can hold it, else a quarantine row in its place."""
+    try:
+        _columns(source, [item])
+        return item
+    except Exception as exc:  # noqa: BLE001 - one bad row is that row's problem only
+        reason = Reason.INVALID_UTF8 if isinstance(exc, UnicodeError) else Reason.UNREADABLE_ROW
+        raw = item[4] if item[4] is not None else item[2]
+        return RowParser.bad(item[0], reason, raw, item[1])
+
+
+def _columns(source: str, rows: list[tuple]) -> pa.Table:
     cols = list(zip(*rows, strict=True))
     return pa.table(
         [pa.array([source] * len(rows), pa.string())]

@@ -35,6 +35,13 @@ def source_key(relative: str) -> str:
     return hashlib.sha1(relative.encode()).hexdigest()[:12]
 
 
+def part_name(source: str, rows: pa.Table) -> str:
+    """`part-<source key>-<first row>-<last row>.parquet` for the rows of one source file."""
+    first = int(pa.compute.min(rows["row"]).as_py())
+    last = int(pa.compute.max(rows["row"]).as_py())
+    return f"part-{source_key(source)}-{first:012d}-{last:012d}.parquet"
+
+
 def _require(batch: pa.Table, columns: tuple[str, ...], stage: str) -> None:
     missing = [c for c in columns if c not in batch.column_names]
     if missing:
@@ -210,10 +217,21 @@ class EncodeActor:
 
 @dataclass(frozen=True)
 class Writer:
-    """Writes each batch as parquet parts, one per source file it holds; returns row counts.
+    """Commits each batch: per source file it holds, a quarantine part, then an output part.
 
-    A part's name is its source key and first row, so names never collide and a rerun can tell
-    which rows are finished by reading committed parts. Parts appear atomically.
+    The commit protocol, and why a crash anywhere cannot lose or double a row:
+    - A part holds rows of one source file and is named by the first and last row it holds:
+      `part-<source key>-<first>-<last>.parquet`, in the prefix or in `_quarantine/`.
+    - Each part appears whole or not at all (a local rename, one S3 PUT); nothing else is
+      written per batch, and a part, once there, is never replaced by other rows.
+    - What is done is read from the parts alone: a rerun re-reads every row that no committed
+      part holds (`OutputDir.done_rows`) and leaves every other row alone.
+    So every row is in at most one part: a new part only holds rows that no committed part holds,
+    and for the same reason its name is new (a committed part of that name would hold its first
+    row). A crash between a batch's quarantine part and its output part leaves the good rows
+    undone, and the rerun embeds them. Ray re-running a task after a lost worker writes the same
+    rows under the same name, with the same bytes. `OutputDir.account` checks at the end that no
+    row is in two parts and that no row is missing, and the job fails if one is.
     """
 
     output: str
@@ -229,13 +247,11 @@ class Writer:
             bad_mask = part["reason"].is_valid()
             good = part.filter(pa.compute.invert(bad_mask))
             bad = part.filter(bad_mask)
-            first = int(pa.compute.min(part["row"]).as_py())
-            name = f"part-{source_key(source)}-{first:012d}.parquet"
+            if bad.num_rows:  # first: the output part is what makes the good rows done
+                bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
+                _put(fs, f"{root}/{QUARANTINE_DIR}/{part_name(source, bad)}", bad)
             if good.num_rows:
-                _put(fs, f"{root}/{name}", self._embedded(good))
-            if bad.num_rows:
-                qpath = f"{root}/{QUARANTINE_DIR}/{name}"
-                _put(fs, qpath, bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA))
+                _put(fs, f"{root}/{part_name(source, good)}", self._embedded(good))
             stats.append((source, good.num_rows, bad.num_rows, _reason_counts(bad)))
         cols = list(zip(*stats, strict=True))
         return pa.table({"source": list(cols[0]), "embedded": list(cols[1]),

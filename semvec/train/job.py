@@ -11,8 +11,6 @@ import random
 import tempfile
 from pathlib import Path
 
-import torch
-
 from semvec import models, storage
 from semvec.errors import ConfigError
 from semvec.train.config import TrainConfig
@@ -177,12 +175,12 @@ def export(cfg: TrainConfig, p: dict, checkpoint) -> Path:
     """The best checkpoint -> a model directory that semvec embed and sentence-transformers load."""
     from safetensors.torch import save_file
 
-    from semvec.train.loop import STATE, build_model
+    from semvec.train.loop import STATE, build_model, load_state
     from semvec.train.methods import count_parameters, export_model
 
     model, tok = build_model(cfg, p)
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE, weights_only=False)
+        state = load_state(Path(d) / STATE)
     model.load_state_dict(state["model"])
     trainable, total = count_parameters(model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,17 @@ from semvec.train.tasks import PRIMARY, Collator, TaskModel, evaluate, resolve_l
 STATE = "state.pt"
 
 
+def save_state(path: Path, state: dict) -> None:
+    """Write a checkpoint: tensors, numbers, strings and plain containers only (see load_state)."""
+    torch.save(state, path)
+
+
+def load_state(path: Path) -> dict:
+    """Read a checkpoint without running code: weights_only refuses any pickled object but
+    tensors and plain containers, so a checkpoint from a shared store cannot execute anything."""
+    return torch.load(path, weights_only=True)
+
+
 def build_model(cfg: TrainConfig, plan: dict) -> tuple[TaskModel, object]:
     """A fresh TaskModel from the base model with the method applied; the same on every worker."""
     from transformers import AutoModel
@@ -113,7 +124,7 @@ def train_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker or a resumed run: continue after the last checkpoint
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE, weights_only=False)
+            state = load_state(Path(d) / STATE)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -146,9 +157,9 @@ def train_loop(loop_config: dict) -> None:
             if tracker:
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=progress["step"])
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "progress": progress,
-                            "metrics": metrics}, Path(d) / STATE)
+                save_state(Path(d) / STATE, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                             "scheduler": sched.state_dict(), "progress": progress,
+                                             "metrics": metrics})
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)

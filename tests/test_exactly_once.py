@@ -1,0 +1,145 @@
+"""Every row exactly once: a crash after every write of the commit protocol, real SIGKILLs at
+random moments, and two runs into one prefix. Crashed runs are real processes with a local Ray
+of their own; the whole session (driver, Ray, workers) dies by SIGKILL."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from semvec.backfill.job import run
+from semvec.config import load_embed_config
+from semvec.crashpoints import kill_session
+from semvec.testing import corpus_sentences
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def bad_and_good_corpus(path: Path, n: int, every: int, seed: int = 5) -> Path:
+    """n rows; every `every`-th row is bad in one of three ways, so each batch holds both kinds."""
+    texts = corpus_sentences(n, seed=seed)
+    lines = []
+    for i, t in enumerate(texts):
+        kind = (i // every) % 3 if i % every == 0 else None
+        if kind == 0:
+            lines.append(f'{{"id": "r{i}", "text": "unterminated')
+        elif kind == 1:
+            lines.append(json.dumps({"id": f"r{i}", "text": "   "}))
+        elif kind == 2:
+            lines.append(json.dumps({"id": f"r{i}", "body": t}))
+        else:
+            lines.append(json.dumps({"id": f"r{i}", "text": t}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def snapshot(out: Path) -> dict:
+    """What a user gets: output rows by id, quarantine rows, the manifest's counts."""
+    parts = sorted(glob.glob(str(out / "part-*.parquet")))
+    table = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("id")
+    quarantine = sorted((r["source"], r["row"], r["id"], r["reason"], r["raw"])
+                        for p in glob.glob(str(out / "_quarantine" / "part-*.parquet"))
+                        for r in pq.read_table(p).to_pylist())
+    manifest = json.loads((out / "_manifest.json").read_text())
+    counts = [(i["source"], i["rows"], i["embedded"], i["quarantined"], i["quarantine_reasons"])
+              for i in manifest["inputs"]]
+    return {"ids": table["id"].to_pylist(),
+            "vectors": np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
+            "quarantine": quarantine, "totals": manifest["totals"], "inputs": counts,
+            "status": manifest["status"], "leftovers": [p for p in os.listdir(out) if ".tmp-" in p]}
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got["ids"] == want["ids"]  # each row once, none missing
+    np.testing.assert_allclose(got["vectors"], want["vectors"], atol=1e-5)
+    for key in ("quarantine", "totals", "inputs", "status", "leftovers"):
+        assert got[key] == want[key], key
+
+
+def start_cli(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "semvec.cli", "embed", *args], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(ray_local, tiny_models,
+                                                                           tmp_path):
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", 24, every=3)
+    opts = {"model": str(tiny_models["bert"]), "id_field": "id", "rows_per_file": 12, "batch_rows": 6}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    run(load_embed_config(None, input=str(src), output=str(tmp_path / "ref"), **opts))
+    want = snapshot(tmp_path / "ref")
+    assert want["totals"] == {"rows": 24, "embedded": 16, "quarantined": 8}
+    parts = len(glob.glob(str(tmp_path / "ref" / "**" / "part-*.parquet"), recursive=True))
+    writes = 1 + 1 + parts + 1  # lease, manifest "running", each part, manifest "complete"
+    assert parts >= 4  # every batch wrote a quarantine part and an output part
+    for n in range(1, writes + 1):
+        out = tmp_path / f"crash{n}"
+        proc = start_cli(str(src), str(out), *args, env={"SEMVEC_CRASH_AT": str(n)})
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == -9, f"crash at write {n} did not happen: {err[-1500:]}"
+        run(load_embed_config(None, input=str(src), output=str(out), **opts))
+        assert_same(snapshot(out), want)
+    # One past the last write: the variable never fires and the job ends normally.
+    proc = start_cli(str(src), str(tmp_path / "nocrash"), *args,
+                     env={"SEMVEC_CRASH_AT": str(writes + 1)})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-1500:]
+    assert_same(snapshot(tmp_path / "nocrash"), want)
+
+
+def test_sigkill_at_several_moments_with_a_rerun_after_each(ray_local, tiny_models, tmp_path):
+    n = 12_000
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", n, every=7)
+    opts = {"model": str(tiny_models["bert"]), "id_field": "id", "rows_per_file": 1000,
+            "batch_rows": 250}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    run(load_embed_config(None, input=str(src), output=str(tmp_path / "ref"), **opts))
+    want = snapshot(tmp_path / "ref")
+    out = tmp_path / "killed"
+    kills = 0
+    for parts_before_kill in (2, 6, 11):
+        proc = start_cli(str(src), str(out), *args)
+        deadline = time.time() + 300
+        while len(glob.glob(str(out / "part-*.parquet"))) < parts_before_kill:
+            if proc.poll() is not None:
+                break  # this rerun finished before the moment came: nothing to kill
+            assert time.time() < deadline
+            time.sleep(0.05)
+        if proc.poll() is None:
+            kill_session(proc.pid)
+            proc.wait()
+            kills += 1
+    assert kills >= 2
+    run(load_embed_config(None, input=str(src), output=str(out), **opts))
+    assert_same(snapshot(out), want)
+
+
+def test_a_second_run_into_a_held_prefix_is_refused(ray_local, tiny_models, tmp_path):
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", 6000, every=10)
+    opts = {"model": str(tiny_models["bert"]), "id_field": "id", "rows_per_file": 500}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    out = tmp_path / "out"
+    first = start_cli(str(src), str(out), *args)
+    deadline = time.time() + 120
+    while not (out / "_manifest.json").exists():
+        assert first.poll() is None and time.time() < deadline, first.stderr.read()[-1500:]
+        time.sleep(0.1)
+    second = subprocess.run([sys.executable, "-m", "semvec.cli", "embed", str(src), str(out), *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 3, second.stderr[-1500:]
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "held by another backfill" in lines[0]
+    assert f"pid {first.pid}" in lines[0]
+    assert first.wait(300) == 0, first.stderr.read()[-1500:]
+    run(load_embed_config(None, input=str(src), output=str(tmp_path / "ref"), **opts))
+    assert_same(snapshot(out), snapshot(tmp_path / "ref"))

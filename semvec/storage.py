@@ -24,6 +24,9 @@ def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+S3_MAX_ATTEMPTS = 10  # 9 retries: backoff of about 1 minute on average (under 2) before a call fails
+
+
 def filesystem(uri: str) -> fsspec.AbstractFileSystem:
     """The filesystem for a URI. S3 settings come from the environment, read at call time.
 
@@ -40,12 +43,26 @@ def filesystem(uri: str) -> fsspec.AbstractFileSystem:
         if region:
             client_kwargs["region_name"] = region
         # skip_instance_cache: a fresh client sees the environment as it is now.
-        return fsspec.filesystem("s3", client_kwargs=client_kwargs, skip_instance_cache=True)
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs, config_kwargs=_s3_retries(),
+                                 skip_instance_cache=True)
     if "://" in uri and not uri.startswith("file://"):
         scheme = uri.split("://", 1)[0]
         raise ConfigError(f"unsupported URI scheme {scheme!r} in {display(uri)!r}; "
                           "allowed: local paths, s3://")
     return fsspec.filesystem("file")
+
+
+def _s3_retries() -> dict:
+    """botocore's "standard" retries, more of them than its default 3: a store that restarts or
+    throttles is waited for with exponential backoff and jitter (up to 20 s a wait), not failed
+    on. AWS_MAX_ATTEMPTS and AWS_RETRY_MODE, botocore's own variables, set them otherwise."""
+    try:
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))
+    except ValueError:
+        raise ConfigError(f"AWS_MAX_ATTEMPTS must be an integer, got "
+                          f"{os.environ['AWS_MAX_ATTEMPTS']!r}") from None
+    return {"retries": {"mode": os.environ.get("AWS_RETRY_MODE", "standard"), "max_attempts": attempts},
+            "connect_timeout": 10}
 
 
 def strip(uri: str) -> str:

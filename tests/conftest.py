@@ -75,38 +75,59 @@ def rclone_binary() -> str:
     return found
 
 
+class S3Server:
+    """`rclone serve s3` over a folder on loopback; stop() and start() again keep port and data."""
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root, self.port = root, port or free_port()
+        (root / "bucket").mkdir(parents=True, exist_ok=True)
+        self.key, self.secret = "semvec-test", uuid.uuid4().hex
+        self.env = {
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "AWS_REGION": "us-east-1",
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> S3Server:
+        self.proc = subprocess.Popen(
+            [rclone_binary(), "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{self.port}",
+             "--auth-key", f"{self.key},{self.secret}", "--vfs-cache-mode", "off"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    pytest.fail(f"rclone serve s3 exited: {self.proc.stderr.read().decode()[:500]}")
+                if time.time() > deadline:
+                    pytest.fail(f"rclone serve s3 did not listen on {self.port} in 30 s")
+                time.sleep(0.2)
+
+    def kill(self) -> None:
+        """Gone at once, as a crashed server: open connections are cut, new ones refused."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3-compatible server (rclone serve s3) on loopback; yields its AWS environment."""
-    root = tmp_path_factory.mktemp("s3root")
-    (root / "bucket").mkdir()
-    port = free_port()
-    key, secret = "semvec-test", uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [rclone_binary(), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-         "--auth-key", f"{key},{secret}", "--vfs-cache-mode", "off"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    env = {
-        "AWS_ACCESS_KEY_ID": key,
-        "AWS_SECRET_ACCESS_KEY": secret,
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_REGION": "us-east-1",
-        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
-    }
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"rclone serve s3 exited: {proc.stderr.read().decode()[:500]}")
-            time.sleep(0.2)
-    yield {"env": env, "root": root, "bucket": "bucket", "secret": secret}
-    proc.terminate()
-    proc.wait(10)
+    server = S3Server(tmp_path_factory.mktemp("s3root")).start()
+    yield {"env": server.env, "root": server.root, "bucket": "bucket", "secret": server.secret}
+    server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,103 @@
+"""Faults beyond the driver, on real pieces: an encoder actor SIGKILLed mid-job, the S3 server
+killed and restarted mid-job, and a second run into an S3 prefix that one is writing. Each job
+ends with exactly the rows, vectors, quarantine and counts of an uninterrupted run."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from semvec.backfill.job import run
+from semvec.config import load_embed_config
+from tests.conftest import REPO, S3Server
+from tests.test_exactly_once import assert_same, bad_and_good_corpus, snapshot, start_cli
+
+pytestmark = pytest.mark.slow
+
+OPTS = {"id_field": "id", "rows_per_file": 500, "batch_rows": 250}
+
+
+def cli_args(model: Path) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in {"model": str(model), **OPTS}.items()]
+
+
+def reference(ray_local, src: Path, model: Path, out: Path) -> dict:
+    run(load_embed_config(None, input=str(src), output=str(out), model=str(model), **OPTS))
+    return snapshot(out)
+
+
+def wait_for_parts(out: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while len(glob.glob(str(out / "part-*.parquet"))) < n:
+        assert proc.poll() is None, f"the job ended before the fault: {proc.stderr.read()[-1500:]}"
+        assert time.time() < deadline, "no progress"
+        time.sleep(0.05)
+
+
+def encoder_actors(root: int) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process(root).children(recursive=True):
+        try:
+            if "EncodeActor" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_an_encoder_actor_killed_mid_job_is_replaced_and_every_row_lands_once(ray_local, tiny_models,
+                                                                               tmp_path):
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", 12_000, every=7)
+    want = reference(ray_local, src, tiny_models["bert"], tmp_path / "ref")
+    out = tmp_path / "out"
+    proc = start_cli(str(src), str(out), *cli_args(tiny_models["bert"]))
+    wait_for_parts(out, 3, proc)
+    actors = encoder_actors(proc.pid)
+    assert actors, "no encoder actor found under the job's process tree"
+    for actor in actors:  # every one of them: the pool must start new ones
+        actor.send_signal(signal.SIGKILL)
+    assert proc.poll() is None and len(glob.glob(str(out / "part-*.parquet"))) < 24
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert_same(snapshot(out), want)
+
+
+def test_s3_server_killed_and_restarted_mid_job_and_a_second_run_refused(ray_local, tiny_models,
+                                                                         tmp_path):
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", 12_000, every=7)
+    want = reference(ray_local, src, tiny_models["bert"], tmp_path / "ref")
+    server = S3Server(tmp_path / "s3").start()
+    try:
+        (server.root / "bucket" / "in").mkdir()
+        (server.root / "bucket" / "in" / "in.jsonl").write_bytes(src.read_bytes())
+        out = server.root / "bucket" / "out"  # what the server stores, read here as files
+        args = ["s3://bucket/in/", "s3://bucket/out/", *cli_args(tiny_models["bert"])]
+        env = {**server.env, "SEMVEC_CACHE": str(tmp_path / "cache")}
+        first = start_cli(*args, env=env)
+        wait_for_parts(out, 2, first)
+        # a second run into the prefix being written: refused before any work, one line, exit 3
+        second = subprocess.run([sys.executable, "-m", "semvec.cli", "embed", *args], cwd=REPO,
+                                env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 3 and len(lines) == 1, second.stderr[-1500:]
+        assert "held by another backfill" in lines[0] and server.secret not in lines[0]
+        # the store goes away mid-job and comes back: reads and writes wait with backoff
+        wait_for_parts(out, 4, first)
+        server.kill()
+        down = time.time()
+        time.sleep(5)
+        assert first.poll() is None, "the job did not wait for the store"
+        server.start()
+        _, err = first.communicate(timeout=420)
+        assert first.returncode == 0, err[-2500:]
+        assert time.time() - down > 5
+        assert_same(snapshot(out), want)
+        assert server.secret not in err
+    finally:
+        server.stop()

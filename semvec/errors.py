@@ -12,6 +12,10 @@ def choice_error(what: str, value: object, allowed) -> ConfigError:
     return ConfigError(f"unknown {what} {value!r}; allowed: {names}")
 
 
+class OutputMismatch(ConfigError):
+    """The output prefix holds a backfill written with another model or config."""
+
+
 class JobFailed(RuntimeError):
     """The job ran and failed (too many rows the model could not embed, a lost lease): exit 1."""
 

@@ -141,3 +141,38 @@ def test_current_does_not_move_when_the_backfill_fails(ray_local, world, tmp_pat
         with pytest.raises((RuntimeError, ConfigError), match=error):
             publish_backfill(cfg, "1")
         assert fs.cat_file(f"{root}/CURRENT").decode().strip() == f"{root}/v1"
+
+
+def test_a_backfill_cut_off_by_a_crash_resumes_in_the_next_round(ray_local, world, tmp_path):
+    """The versioned prefix is resumed, not rewritten: parts committed before the crash stay as
+    they were. Backfill settings changed since are the one case that embeds the version again."""
+    from tests.test_exactly_once import bad_and_good_corpus, start_cli
+
+    corpus = bad_and_good_corpus(tmp_path / "big.jsonl", 60, every=4)
+    root = tmp_path / "vectors"
+    backfill = {"input": str(corpus), "output_root": str(root), "id_field": "id",
+                "batch_rows": 10, "rows_per_file": 10}
+    cfg = load_retrain_config(None, **dict(world["cfg"], backfill=backfill))
+    out = root / "v1"
+    # write 1 lease, 2 manifest, then per batch a quarantine part and an output part: die after 6
+    crashed = start_cli(str(corpus), str(out), f"--model=models:/{world['name']}/1", "--id-field=id",
+                        "--batch-rows=10", "--rows-per-file=10", env={"SEMVEC_CRASH_AT": "6"})
+    _, err = crashed.communicate(timeout=300)
+    assert crashed.returncode == -9, err[-1500:]
+    before = {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert len(before) == 2 and json.loads((out / "_manifest.json").read_text())["status"] == "running"
+
+    result = publish_backfill(cfg, "1")
+    assert result["embedded"] + result["quarantined"] == 60
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # resumed around them
+    import pyarrow.parquet as pq
+
+    assert sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) == result["embedded"]
+    assert (root / "CURRENT").read_text().strip() == str(out)
+
+    changed = load_retrain_config(None, **dict(world["cfg"], backfill={**backfill, "normalize": False}))
+    again = publish_backfill(changed, "1")
+    assert again["embedded"] == result["embedded"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["model"]["normalize"] is False
+    assert not any(p.exists() and p.stat().st_mtime_ns == t for p, t in before.items())

@@ -22,7 +22,7 @@ from semvec.backfill.manifest import LEASE, OutputDir, now
 from semvec.backfill.read import detect_format
 from semvec.cluster import init_ray
 from semvec.config import EmbedConfig, Granularity, InputFormat, Pooling
-from semvec.errors import ConfigError, JobFailed
+from semvec.errors import ConfigError, JobFailed, OutputMismatch
 from semvec.lease import Lease
 from semvec.storage import InputFile
 
@@ -107,7 +107,7 @@ def _check_output(p: Plan) -> None:
             )
         return
     if manifest.get("config_hash") != p.config_hash:
-        raise ConfigError(
+        raise OutputMismatch(
             f"output {storage.display(p.config.output)!r} was written with another model or "
             f"config (hash {manifest.get('config_hash')} != {p.config_hash}); pass --overwrite "
             "to replace it, or choose another output"

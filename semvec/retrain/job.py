@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
 
 from semvec import storage, tracking
-from semvec.errors import ConfigError
+from semvec.errors import ConfigError, OutputMismatch
 from semvec.retrain.config import RetrainConfig, Suite, SuiteKind
 from semvec.retrain.lock import Lock
 from semvec.train.data import load_examples
+
+log = logging.getLogger("semvec.retrain")
 
 STATE = "state.json"
 CURRENT = "CURRENT"
@@ -163,8 +166,13 @@ def publish_backfill(cfg: RetrainConfig, version: str) -> dict:
 
     root = cfg.backfill["output_root"]
     output = storage.join(root, f"v{version}")
-    summary = run(load_embed_config(None, **_embed_settings(cfg.backfill, f"models:/{cfg.name}/{version}",
-                                                            output)))
+    settings = _embed_settings(cfg.backfill, f"models:/{cfg.name}/{version}", output)
+    try:  # an earlier round's backfill of this version that did not finish: resume it
+        summary = run(load_embed_config(None, **settings))
+    except OutputMismatch:  # written with backfill settings changed since: this version's, redo it
+        log.warning("%s was written with other backfill settings; embedding it again",
+                    storage.display(output))
+        summary = run(load_embed_config(None, **{**settings, "overwrite": True}))
     if summary["embedded"] + summary["quarantined"] != summary["rows"] or not summary["embedded"]:
         raise RuntimeError(f"backfill into {storage.display(output)} embedded {summary['embedded']} of "
                            f"{summary['rows']} rows; CURRENT stays where it was")
@@ -211,7 +219,7 @@ def _version(name: str, alias: str) -> str:
 
 def _embed_settings(backfill: dict, model: str, output: str) -> dict:
     settings = {k: v for k, v in backfill.items() if k != "output_root"}
-    return {**settings, "model": model, "output": output, "overwrite": True}
+    return {**settings, "model": model, "output": output}
 
 
 def _read_state(state: str) -> dict:

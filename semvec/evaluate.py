@@ -6,10 +6,10 @@ Vectors come from a model (encoded here) or from a finished backfill output, loo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -108,19 +108,21 @@ def evaluate_sts(embed: Embed, path: str) -> dict:
 
 
 def read_beir(corpus: str, queries: str, qrels: str) -> tuple[dict, dict, dict]:
+    """A BEIR layout (corpus.jsonl, queries.jsonl, qrels .tsv), local or on s3://."""
+    def text(path: str) -> str:
+        fs, where = storage.filesystem(path), storage.strip(path)
+        if not fs.isfile(where):
+            raise ConfigError(f"file {storage.display(path)!r} does not exist")
+        return fs.cat_file(where).decode("utf-8-sig")
+
     def jsonl(path: str) -> list[dict]:
-        if not Path(path).is_file():
-            raise ConfigError(f"file {path!r} does not exist")
-        return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+        return [json.loads(x) for x in text(path).splitlines() if x.strip()]
 
     docs = {str(d["_id"]): (d.get("title", "") + " " + d.get("text", "")).strip() for d in jsonl(corpus)}
-    if not Path(qrels).is_file():
-        raise ConfigError(f"file {qrels!r} does not exist")
     judged: dict[str, dict[str, int]] = {}
-    with open(qrels, newline="") as f:
-        for row in csv.DictReader(f, delimiter="\t"):
-            if int(row["score"]) > 0:
-                judged.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
+    for row in csv.DictReader(io.StringIO(text(qrels), newline=""), delimiter="\t"):
+        if int(row["score"]) > 0:
+            judged.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
     qs = {str(q["_id"]): q["text"] for q in jsonl(queries) if str(q["_id"]) in judged}
     if not qs:
         raise ConfigError(f"no query in {queries!r} has a judgement in {qrels!r}")

@@ -38,6 +38,19 @@ def test_retrieval_metrics_by_hand(tmp_path):
     assert r["recall@100"] == 1.0
 
 
+def test_a_retrieval_suite_on_s3_reads_as_the_local_one(tmp_path, s3_env):
+    import fsspec
+
+    files = _beir(tmp_path, [("q1", "d1", 1), ("q2", "d2", 1)])
+    fs = fsspec.filesystem("s3")
+    remote = [f"s3://{s3_env['bucket']}/beir-{tmp_path.name}/{f.rsplit('/', 1)[1]}" for f in files]
+    for local, uri in zip(files, remote, strict=True):
+        fs.put(local, uri)
+    assert evaluate.read_beir(*remote) == evaluate.read_beir(*files)
+    with pytest.raises(evaluate.ConfigError, match="does not exist"):
+        evaluate.read_beir(remote[0], remote[1], remote[2] + "-gone")
+
+
 def test_sts_reads_the_stsb_release_format_and_csv(tmp_path):
     vectors = {"a b": [1, 0], "a c": [0.9, 0.1], "x y": [0, 1], "x z": [0.2, 0.9]}
     release = "\n".join(f"g\tf\t2012\t{i:04d}\t{s}\t{a}\t{b}" for i, (s, a, b) in enumerate(

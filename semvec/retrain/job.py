@@ -75,6 +75,10 @@ def _check(cfg: RetrainConfig) -> None:
     for suite in cfg.suites:
         for uri in suite.files():
             storage.list_inputs(uri)  # exists and holds data
+        if suite.kind == SuiteKind.RETRIEVAL:  # read it whole now, not after training
+            from semvec.evaluate import read_beir
+
+            read_beir(suite.corpus, suite.queries, suite.qrels)
     if (cfg.ewc or cfg.distill) and not cfg.replay and not _replay_store(cfg):
         raise ConfigError("ewc and distill need past data and the replay store is empty: set replay "
                           "to the champion's training data, or ewc: 0 and distill: 0")

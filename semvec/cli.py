@@ -58,6 +58,8 @@ def _embed_parser(sub) -> None:
     p.add_argument("--threads-per-worker", dest="threads_per_worker", type=int)
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true", default=None)
     p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--max-failed-share", dest="max_failed_share", type=float,
+                   help="stop with exit 1 above this share of encode_failed rows (default 0.05)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 

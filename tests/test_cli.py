@@ -48,6 +48,7 @@ def _cases(tmp_path: Path, corpus: Path, model: Path) -> dict:
         "unreadable model": ([str(corpus), out, "--model", str(broken)], "cannot be loaded"),
         "output not writable": ([str(corpus), str(blocked / "out"), "--model", str(model)], "not writable"),
         "bad number": ([str(corpus), out, "--batch-rows", "0"], "batch_rows must be a positive integer"),
+        "bad share": ([str(corpus), out, "--max-failed-share", "1.5"], "max_failed_share must be a number"),
         "unknown scheme": ([str(corpus), "gs://bucket/x", "--model", str(model)], "unsupported URI scheme"),
     }
 

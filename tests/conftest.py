@@ -62,6 +62,21 @@ def ray_local():
     ray.shutdown()
 
 
+def processes_named(marker: str, root: int | None = None) -> list:
+    """Ray worker processes whose title holds `marker` (an actor class), among the descendants
+    of `root` (default: this process), so another job's are never touched."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(root).children(recursive=True):
+        try:
+            if marker in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from semvec.backfill.job import run
 from semvec.config import load_embed_config
-from tests.conftest import REPO, S3Server
+from tests.conftest import REPO, S3Server, processes_named
 from tests.test_exactly_once import assert_same, bad_and_good_corpus, snapshot, start_cli
 
 pytestmark = pytest.mark.slow
@@ -40,17 +39,6 @@ def wait_for_parts(out: Path, n: int, proc: subprocess.Popen, timeout: float = 3
         time.sleep(0.05)
 
 
-def encoder_actors(root: int) -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process(root).children(recursive=True):
-        try:
-            if "EncodeActor" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 def test_an_encoder_actor_killed_mid_job_is_replaced_and_every_row_lands_once(ray_local, tiny_models,
                                                                                tmp_path):
     src = bad_and_good_corpus(tmp_path / "in.jsonl", 12_000, every=7)
@@ -58,7 +46,7 @@ def test_an_encoder_actor_killed_mid_job_is_replaced_and_every_row_lands_once(ra
     out = tmp_path / "out"
     proc = start_cli(str(src), str(out), *cli_args(tiny_models["bert"]))
     wait_for_parts(out, 3, proc)
-    actors = encoder_actors(proc.pid)
+    actors = processes_named("EncodeActor", proc.pid)
     assert actors, "no encoder actor found under the job's process tree"
     for actor in actors:  # every one of them: the pool must start new ones
         actor.send_signal(signal.SIGKILL)

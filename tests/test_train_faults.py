@@ -11,13 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from semvec.train.config import load_train_config
 from semvec.train.data import Task
 from semvec.train.job import fit
+from tests.conftest import processes_named
 from tests.test_train import make_task_data
 
 pytestmark = pytest.mark.slow
@@ -35,16 +35,9 @@ def _wait_for_checkpoint(root: Path, proc_alive, timeout: float = 240) -> None:
     pytest.fail(f"no checkpoint under {root} after {timeout}s")
 
 
-def _train_workers() -> list[psutil.Process]:
+def _train_workers() -> list:
     """This test's Train workers: descendants of this process (its local Ray), not another job's."""
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
+    return processes_named("RayTrainWorker")
 
 
 def _metric_history(uri: str, run_id: str, key: str) -> list[float]:

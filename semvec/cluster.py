@@ -28,8 +28,8 @@ def init_ray(env_vars: dict[str, str] | None = None) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None)
         return False
-    # One logical CPU more than the cores: the actor pool takes one per core, and the light
-    # read/tokenize/write tasks need a slot of their own or they starve behind it.
+    # One logical CPU more than the cores: a slot for the Ray Train controller and driver tasks
+    # beside the training workers (a backfill's IO tasks claim no CPU; see backfill.job).
     # No dashboard, so the State API has no HTTP server here. Its address in this cluster's
     # store is set to a port of our own rather than the default 8265, where another Ray's
     # dashboard may be serving (see _local_worker_setup).

@@ -1,8 +1,10 @@
-"""Faults beyond the driver, on real pieces: an encoder actor SIGKILLed mid-job, the S3 server
-killed and restarted mid-job, and a second run into an S3 prefix that one is writing. Each job
-ends with exactly the rows, vectors, quarantine and counts of an uninterrupted run."""
+"""Faults beyond the driver, on real pieces: an encoder actor SIGKILLed mid-job, a Ray node lost
+mid-job on a two-node cluster, the S3 server killed and restarted mid-job, and a second run into
+an S3 prefix that one is writing. Each job ends with exactly the rows, vectors, quarantine and
+counts of an uninterrupted run."""
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -89,3 +91,22 @@ def test_s3_server_killed_and_restarted_mid_job_and_a_second_run_refused(ray_loc
         assert server.secret not in err
     finally:
         server.stop()
+
+
+def test_a_ray_node_lost_mid_job_the_job_completes_on_the_remaining_node(ray_local, tiny_models,
+                                                                         tmp_path):
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", 12_000, every=7)
+    want = reference(ray_local, src, tiny_models["bert"], tmp_path / "ref")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.run([sys.executable, "-m", "tests.node_loss_job", str(src), str(out),
+                          str(tiny_models["bert"])], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=420)
+    assert job.returncode == 0, job.stderr[-2500:]
+    report = json.loads(job.stdout.strip().splitlines()[-1])
+    lost = report["lost"]
+    # the node held an encoder actor and went away while most of the work was still to do
+    assert lost.get("actors_on_node", 0) >= 1, job.stderr[-2500:]
+    assert lost["parts_before"] < 12 and lost["node_processes_left"] == 0
+    assert report["summary"]["rows"] == 12_000
+    assert_same(snapshot(out), want)

@@ -28,8 +28,10 @@ from semvec.storage import InputFile
 
 log = logging.getLogger("semvec.backfill")
 
-# Read, tokenize and write are light; they share one spare logical CPU (see _init_ray).
-IO_CPUS = 0.25
+# Read, tokenize and write are light: they claim no CPU, so the encoder actors may take every
+# CPU of a node and no IO task ever waits behind them (an actor restarted after a node is lost
+# cannot take the slot the writers need). Each IO stage runs at most this many tasks per actor.
+IO_TASKS_PER_ACTOR = 1
 # The failure share is judged mid-run once this many rows have reached the model.
 FAIL_CHECK_ROWS = 1000
 
@@ -181,7 +183,7 @@ def _worker_cpus(config: EmbedConfig) -> float:
     if config.num_gpus_per_worker > 0:
         return 1.0
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    return float(max(1, min(2, int(largest) - 1)))
+    return float(max(1, min(2, int(largest))))
 
 
 def _pool_size(config: EmbedConfig, cpus: float) -> tuple[int, int]:
@@ -200,7 +202,7 @@ def _pool_size(config: EmbedConfig, cpus: float) -> tuple[int, int]:
         high = config.max_workers or present
         low = config.min_workers or max(1, min(present, high))
         return min(low, high), high
-    most = max(1, int((resources.get("CPU", 1) - 1) // cpus))
+    most = max(1, int(resources.get("CPU", 1) // cpus))
     high = config.max_workers or most
     low = config.min_workers or high
     return min(low, high), high
@@ -283,7 +285,7 @@ def _execute(p: Plan, todo: list[InputFile], pool: tuple[float, int, int], lease
     import json
 
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from semvec.backfill.stages import CorpusSource, EncodeActor, Tokenize, Writer
 
@@ -296,10 +298,11 @@ def _execute(p: Plan, todo: list[InputFile], pool: tuple[float, int, int], lease
         "max_length": p.max_length, "dtype": c.dtype.value, "batch_tokens": c.batch_tokens,
         "trust_remote_code": c.trust_remote_code,
     }
-    ds = ray.data.read_datasource(CorpusSource(todo, c, p.done), num_cpus=IO_CPUS)
+    io = {"num_cpus": 0, "compute": TaskPoolStrategy(size=max(2, high * IO_TASKS_PER_ACTOR))}
+    ds = ray.data.read_datasource(CorpusSource(todo, c, p.done), **io)
     ds = ds.map_batches(
         Tokenize(p.model_dir, p.max_length, c.granularity.value, c.trust_remote_code),
-        batch_size=c.batch_rows, batch_format="pyarrow", num_cpus=IO_CPUS,
+        batch_size=c.batch_rows, batch_format="pyarrow", **io,
     )
     ds = ds.map_batches(
         EncodeActor,
@@ -309,7 +312,7 @@ def _execute(p: Plan, todo: list[InputFile], pool: tuple[float, int, int], lease
         num_cpus=cpus, num_gpus=c.num_gpus_per_worker or None,
     )
     ds = ds.map_batches(Writer(c.output, token_mode), batch_size=c.rows_per_file,
-                        batch_format="pyarrow", num_cpus=IO_CPUS)
+                        batch_format="pyarrow", **io)
     rows = embedded = failed = 0
     for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows += int(sum(stats["embedded"].to_pylist()) + sum(stats["quarantined"].to_pylist()))

@@ -26,7 +26,7 @@ case "${1:-}" in
   setup) setup ;;
   demo)
     setup
-    "$VENV/bin/python" -m pipelines.backfill --config pipelines/configs/backfill.yaml --set overwrite=true
+    "$VENV/bin/python" -m pipelines.backfill --config pipelines/configs/backfill.yaml --overwrite
     ;;
   test)
     setup

@@ -2,14 +2,14 @@
 
 Local:    python -m pipelines.backfill --config pipelines/configs/backfill.yaml
 Cluster:  ray job submit --working-dir . -- python -m pipelines.backfill --config ...
-Settings can be overridden: --set output=s3://bucket/run1 --set max_workers=8
+Every setting of the config has a flag that overrides it: --output s3://bucket/run1 --max-workers 8
 """
 
 import sys
 
 from pipelines._job import main
 from semvec.backfill.job import print_summary, run
-from semvec.config import load_embed_config
+from semvec.config import EmbedConfig, load_embed_config
 
 
 def backfill(args, overrides: dict) -> dict:
@@ -19,4 +19,4 @@ def backfill(args, overrides: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__, backfill))
+    sys.exit(main(__doc__, EmbedConfig, backfill))

@@ -2,13 +2,13 @@
 
 Local:    python -m pipelines.finetune --config pipelines/configs/finetune.yaml
 Cluster:  ray job submit --working-dir . -- python -m pipelines.finetune --config ...
-Settings can be overridden: --set workers=4 --set use_gpu=true --register NAME
+Every setting of the config has a flag that overrides it: --workers 4 --use-gpu --register NAME
 """
 
 import sys
 
 from pipelines._job import main
-from semvec.train.config import load_train_config
+from semvec.train.config import TrainConfig, load_train_config
 from semvec.train.job import fit
 
 
@@ -17,4 +17,5 @@ def finetune(args, overrides: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__, finetune, extra=lambda p: p.add_argument("--register")))
+    sys.exit(main(__doc__, TrainConfig, finetune, extra=lambda p: p.add_argument(
+        "--register", help="register the model under this name in the MLflow registry")))

@@ -2,14 +2,14 @@
 
 Local:    python -m pipelines.retrain --config pipelines/configs/retrain.yaml
 Cluster:  ray job submit --working-dir . -- python -m pipelines.retrain --config ...
-Settings can be overridden: --set state=s3://bucket/retrain --set 'snapshots=[s3://bucket/new/]'
+Every setting of the config has a flag that overrides it: --state s3://bucket/retrain --snapshots '[s3://bucket/new/]'
 Exit codes: 0 done (promoted, refused or nothing new), 2 bad config, 3 another run holds the lock.
 """
 
 import sys
 
 from pipelines._job import main
-from semvec.retrain.config import load_retrain_config
+from semvec.retrain.config import RetrainConfig, load_retrain_config
 from semvec.retrain.job import retrain
 
 
@@ -18,4 +18,4 @@ def run(args, overrides: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__, run))
+    sys.exit(main(__doc__, RetrainConfig, run))

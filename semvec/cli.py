@@ -1,8 +1,9 @@
-"""`semvec ...`: parse, load the config, call one function, print a summary.
+"""The `semvec` command: one subcommand per job, each a thin layer over the library.
 
 Every error is one redacted line on stderr, no traceback (`-v` adds a redacted one): bad
-arguments exit with code 2 before any Ray work starts (3: another retrain holds the lock), any
-other failure with 1, an interrupt with 130.
+arguments exit with code 2 before any Ray work starts (3: another run holds the output's lease or
+the retraining lock), any other failure with 1, an interrupt with 130. The flags of embed, train
+and retrain are generated from their configs (semvec.options), as the pipelines' are.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from semvec.config import DType, Granularity, InputFormat, Pooling
 from semvec.errors import ConfigError
 from semvec.redact import redact, setup_logging
 
 T = TypeVar("T")
+
+DESCRIPTION = """semvec: semantic vectors from language models, at cluster scale.
+Embed corpora on Ray Data (sentence or token vectors, resumable, every row exactly once), score
+models and vectors, fine-tune on Ray Train with MLflow tracking, and retrain on a schedule with a
+champion/challenger registry. Run `semvec COMMAND --help` for a command's settings."""
+
+
+CONFIG_HELP = "YAML file with the same settings; flags override it (default: flags only)"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -28,123 +36,106 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"semvec: error: {redact(message)} (see {self.prog} --help)\n")
 
 
-def _choices(enum) -> list[str]:
-    return [e.value for e in enum]
-
-
 def _embed_parser(sub) -> None:
-    p = sub.add_parser("embed", help="embed a corpus into parquet files (a Ray Data backfill)")
-    p.add_argument("input", nargs="?", help="file, folder or glob; local or s3://")
-    p.add_argument("output", nargs="?", help="output prefix; local or s3://")
-    p.add_argument("--config", help="YAML file with the same settings (flags override it)")
-    p.add_argument("--model", help="bundled (default), a local dir, s3://..., models:/...")
-    p.add_argument("--text-field", dest="text_field")
-    p.add_argument("--id-field", dest="id_field", help="default: ids are FILE:ROW")
-    p.add_argument("--format", dest="input_format", choices=_choices(InputFormat))
-    p.add_argument("--pooling", help=f"one of {', '.join(_choices(Pooling))}")
-    p.add_argument("--normalize", dest="normalize", action="store_true", default=None)
-    p.add_argument("--no-normalize", dest="normalize", action="store_false")
-    p.add_argument("--max-length", dest="max_length", type=int)
-    p.add_argument("--granularity", help=f"one of {', '.join(_choices(Granularity))}")
-    p.add_argument("--dtype", help=f"one of {', '.join(_choices(DType))}")
-    p.add_argument("--max-chars", dest="max_chars", type=int)
-    p.add_argument("--batch-tokens", dest="batch_tokens", type=int)
-    p.add_argument("--batch-rows", dest="batch_rows", type=int)
-    p.add_argument("--rows-per-file", dest="rows_per_file", type=int)
-    p.add_argument("--min-workers", dest="min_workers", type=int)
-    p.add_argument("--max-workers", dest="max_workers", type=int)
-    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float)
-    p.add_argument("--num-gpus-per-worker", dest="num_gpus_per_worker", type=float)
-    p.add_argument("--threads-per-worker", dest="threads_per_worker", type=int)
-    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true", default=None)
-    p.add_argument("--overwrite", action="store_true", default=None)
-    p.add_argument("--max-failed-share", dest="max_failed_share", type=float,
-                   help="stop with exit 1 above this share of encode_failed rows (default 0.05)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    from semvec.config import EmbedConfig
+    from semvec.options import add_config_flags
+
+    p = sub.add_parser("embed", help="embed a corpus into parquet files (a Ray Data backfill)",
+                       description="Embed a corpus into parquet files under an output prefix, with a "
+                                   "manifest and a quarantine for rows that cannot be embedded.")
+    p.add_argument("input", nargs="?", help=EmbedConfig.HELP["input"])
+    p.add_argument("output", nargs="?", help=EmbedConfig.HELP["output"])
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.set_defaults(config_fields=add_config_flags(p, EmbedConfig, skip=("input", "output")))
+    _json_flag(p)
 
 
 def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="score a model or stored vectors")
-    tasks = p.add_subparsers(dest="task", required=True)
+    p = sub.add_parser("evaluate", help="score a model or stored vectors",
+                       description="Score a model, or vectors a backfill wrote, on labelled data.")
+    tasks = p.add_subparsers(dest="task", required=True, metavar="KIND")
     sts = tasks.add_parser("sts", help="Spearman of cosine similarity vs gold scores")
-    sts.add_argument("--data", required=True, help="pairs: sentence1, sentence2, score")
+    sts.add_argument("--data", required=True,
+                     help="pairs: sentence1, sentence2, score (jsonl/csv/tsv/parquet, the STS-B and "
+                          "CNSD releases), local or s3:// (required)")
     ret = tasks.add_parser("retrieval", help="BEIR-format retrieval: nDCG@10, MRR@10, Recall@100")
-    ret.add_argument("--corpus", required=True)
-    ret.add_argument("--queries", required=True)
-    ret.add_argument("--qrels", required=True)
-    ret.add_argument("--query-vectors", help="backfill output with the queries' vectors (by _id)")
+    ret.add_argument("--corpus", required=True, help="BEIR corpus.jsonl (_id, title, text) (required)")
+    ret.add_argument("--queries", required=True, help="BEIR queries.jsonl (_id, text) (required)")
+    ret.add_argument("--qrels", required=True,
+                     help="BEIR qrels .tsv (query-id, corpus-id, score) (required)")
+    ret.add_argument("--query-vectors", dest="query_vectors",
+                     help="backfill output with the queries' vectors by _id (default: --vectors)")
     for task in ("classification", "ner"):
         t = tasks.add_parser(task, help=f"score a model trained by `semvec train --task {task}`")
-        t.add_argument("--model", required=True)
-        t.add_argument("--data", required=True)
-        t.add_argument("--json", action="store_true")
+        t.add_argument("--model", required=True,
+                       help="a model reference written by semvec train (required)")
+        t.add_argument("--data", required=True,
+                       help=f"labelled {task} data, any layout train reads (required)")
     for t in (sts, ret):
         src = t.add_mutually_exclusive_group()
         src.add_argument("--model", help="model reference (default: bundled)")
-        src.add_argument("--vectors", help="a backfill output prefix; vectors are looked up by id")
-        t.add_argument("--json", action="store_true")
+        src.add_argument("--vectors", help="a backfill output prefix; vectors are looked up by id "
+                                           "(embed with --id-field text for STS, _id for BEIR) "
+                                           "(default: embed with --model)")
+    for t in (sts, ret, *[tasks.choices[k] for k in ("classification", "ner")]):
+        t.add_argument("--report", help="also write the result as JSON to this path, local or s3:// "
+                                        "(default: print only)")
+        _json_flag(t)
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune on Ray Train, tracked in MLflow")
-    p.add_argument("--config", help="YAML file with the same settings (flags override it)")
-    p.add_argument("--task", help="sts | pairs | classification | ner")
-    p.add_argument("--method", help="full | lora | prompt | adapter | bitfit")
-    p.add_argument("--train", help="training data: jsonl/csv/tsv/parquet or CoNLL, local or s3://")
-    p.add_argument("--dev", help="dev data for choosing (default: a seeded 10%% of train)")
-    p.add_argument("--output", help="where the model directory goes")
-    p.add_argument("--model", help="base model reference (default: bundled)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--loss", help="sts: cosent | cosine_mse; pairs: mnrl")
-    p.add_argument("--symmetric", action="store_true", default=None)
-    p.add_argument("--optimizer", help="adamw | sgd")
-    p.add_argument("--schedule", help="linear | cosine | constant")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--eval-steps", dest="eval_steps", type=int,
-                   help="also evaluate and checkpoint every N steps (default: each epoch end)")
-    p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=int)
-    p.add_argument("--replay", help="continual learning: past training data of this task to mix in")
-    p.add_argument("--replay-share", dest="replay_share", type=float,
-                   help="replay examples as a share of the new ones (default 0.5)")
-    p.add_argument("--l2sp", type=float, help="weight of the pull toward the starting weights")
-    p.add_argument("--ewc", type=float, help="weight of EWC (Fisher on the replay data)")
-    p.add_argument("--distill", type=float,
-                   help="weight of distillation to the starting model on replay text")
-    p.add_argument("--max-length", dest="max_length", type=int)
-    p.add_argument("--name", help="run name; rerunning a name resumes it")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, e.g. lora_r=16, freeze_layers=2")
-    p.add_argument("--register", help="register the model under this name in MLflow")
-    p.add_argument("--experiment", default="semvec")
-    p.add_argument("--json", action="store_true")
+    from semvec.options import add_config_flags
+    from semvec.train.config import TrainConfig
+    from semvec.train.methods import MethodConfig
+
+    p = sub.add_parser("train", help="fine-tune on Ray Train, tracked in MLflow",
+                       description="Fine-tune a model on labelled data with Ray Train; the best "
+                                   "checkpoint on dev is exported and logged to MLflow.")
+    p.add_argument("--config", help=CONFIG_HELP)
+    fields = add_config_flags(p, TrainConfig, skip=("method_options",))
+    p.set_defaults(config_fields=fields,
+                   method_fields=add_config_flags(p, MethodConfig, title="method options"))
+    p.add_argument("--register", help="register the model under this name in the MLflow registry "
+                                      "(default: log only)")
+    p.add_argument("--experiment", default="semvec", help="MLflow experiment (default: semvec)")
+    _json_flag(p)
 
 
 def _retrain_parsers(sub) -> None:
-    p = sub.add_parser("retrain", help="train a challenger on new data; promote it only if it wins")
-    p.add_argument("--config", required=True, help="YAML retraining config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    p.add_argument("--json", action="store_true")
+    from semvec.options import add_config_flags
+    from semvec.retrain.config import RetrainConfig
+
+    p = sub.add_parser("retrain", help="train a challenger on new data; promote it only if it wins",
+                       description="One retraining round: challenger from new data, scored against "
+                                   "the champion, promoted only when it wins, then a backfill.")
+    p.add_argument("--config", required=True, help="YAML retraining config; flags override it (required)")
+    p.set_defaults(config_fields=add_config_flags(p, RetrainConfig))
+    _json_flag(p)
     p = sub.add_parser("rollback", help="restore @previous as @champion")
     p.add_argument("name", help="registered model name")
     p.add_argument("--backfill-root", dest="backfill_root",
-                   help="also point CURRENT under this prefix back at that version's backfill")
-    p.add_argument("--json", action="store_true")
+                   help="also point CURRENT under this prefix back at that version's backfill "
+                        "(default: aliases only)")
+    _json_flag(p)
     p = sub.add_parser("register", help="register a model directory (any model reference) in MLflow")
     p.add_argument("model", help="bundled, a local dir, s3://..., models:/...")
-    p.add_argument("--name", required=True)
-    p.add_argument("--alias", help="e.g. champion")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--name", required=True, help="registered model name (required)")
+    p.add_argument("--alias", help="also point this alias at the new version, e.g. champion (default: none)")
+    _json_flag(p)
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="semvec", description=__doc__.splitlines()[0])
+    from semvec import __version__
+
+    parser = ArgumentParser(prog="semvec", description=DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"semvec {__version__}")
     add_verbose(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _embed_parser(sub)
     _evaluate_parser(sub)
     _train_parser(sub)
@@ -155,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _embed(args) -> dict:
     from semvec.backfill.job import print_summary, run
     from semvec.config import load_embed_config
+    from semvec.options import given
 
-    skip = {"command", "config", "json", "verbose"}
-    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    overrides = {"input": args.input, "output": args.output, **given(args, args.config_fields)}
     config = load_embed_config(args.config, **overrides)
     summary = run(config)
     if not args.json:
@@ -168,27 +159,13 @@ def _embed(args) -> dict:
 def _evaluate(args) -> dict:
     from semvec import evaluate
 
-    if args.task in ("classification", "ner"):
-        from semvec.train.data import Task
-        from semvec.train.predict import evaluate_task
-
-        result = evaluate_task(args.model, args.data, Task(args.task))
-        report = result.pop("report", None)
-    elif args.task == "sts":
-        embed = (evaluate.vector_embedder(args.vectors) if args.vectors
-                 else evaluate.model_embedder(args.model or "bundled"))
-        result = evaluate.evaluate_sts(embed, args.data)
-    else:
-        if args.vectors:
-            docs = evaluate.vector_embedder(args.vectors)
-            queries = evaluate.vector_embedder(args.query_vectors or args.vectors)
-            by_id = True
-        else:
-            docs = queries = evaluate.model_embedder(args.model or "bundled")
-            by_id = False
-        result = evaluate.evaluate_retrieval(docs, queries, args.corpus, args.queries,
-                                             args.qrels, by_id=by_id)
-    if args.task in ("classification", "ner") and report and not args.json:
+    given = {k: getattr(args, k, None) for k in ("model", "vectors", "query_vectors", "data", "corpus",
+                                                  "queries", "qrels")}
+    result = evaluate.evaluate(args.task, **given)
+    if args.report:
+        evaluate.write_report({"kind": args.task, **result}, args.report)
+    report = result.pop("report", None)
+    if report and not args.json:
         print(report)
     if not args.json:
         print(f"semvec evaluate {args.task}: " + ", ".join(
@@ -197,21 +174,19 @@ def _evaluate(args) -> dict:
 
 
 def _train(args) -> dict:
-    import yaml
-
+    from semvec.options import given
     from semvec.train.config import load_train_config
     from semvec.train.job import fit
 
-    options = {}
-    for item in args.option:
-        if "=" not in item:
-            raise ConfigError(f"--option {item!r} must look like KEY=VALUE")
-        key, value = item.split("=", 1)
-        options[key.strip()] = yaml.safe_load(value)
-    skip = {"command", "config", "json", "verbose", "option", "register", "experiment"}
-    overrides = {k: v for k, v in vars(args).items() if k not in skip}
-    if options:
-        overrides["method_options"] = options
+    overrides = given(args, args.config_fields)
+    options = given(args, args.method_fields)
+    if options:  # added to the config file's method options, not instead of them
+        from pathlib import Path
+
+        from semvec.config import read_yaml_settings
+
+        in_file = read_yaml_settings(Path(args.config)).get("method_options") if args.config else None
+        overrides["method_options"] = {**(in_file if isinstance(in_file, dict) else {}), **options}
     config = load_train_config(args.config, **overrides)
     summary = fit(config, register=args.register, experiment=args.experiment)
     if not args.json:
@@ -225,10 +200,11 @@ def _train(args) -> dict:
 
 
 def _retrain(args) -> dict:
+    from semvec.options import given
     from semvec.retrain.config import load_retrain_config
     from semvec.retrain.job import retrain
 
-    summary = retrain(load_retrain_config(args.config, **dict(parse_setting(s) for s in args.set)))
+    summary = retrain(load_retrain_config(args.config, **given(args, args.config_fields)))
     if not args.json:
         print(f"semvec retrain: {summary['decision']}"
               + (f" ({summary['message']})" if "message" in summary else "")
@@ -248,22 +224,12 @@ def _rollback(args) -> dict:
 
 
 def _register(args) -> dict:
-    from semvec import tracking
+    from semvec import models
 
-    version = tracking.register_model(args.model, args.name, args.alias)
+    version = models.register_model(args.model, args.name, args.alias)
     if not args.json:
         print(f"semvec register: {args.name} v{version}" + (f" @{args.alias}" if args.alias else ""))
     return {"name": args.name, "version": version, "alias": args.alias}
-
-
-def parse_setting(text: str) -> tuple[str, object]:
-    """KEY=VALUE with YAML typing (8 -> int, true -> bool, [a, b] -> list)."""
-    import yaml
-
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r} must look like KEY=VALUE")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
 
 
 COMMANDS = {"embed": _embed, "evaluate": _evaluate, "train": _train, "retrain": _retrain,

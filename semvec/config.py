@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -97,6 +97,40 @@ class EmbedConfig:
     # (encode_failed): a broken model is a failure, not a success with nothing embedded. 1 = off.
     max_failed_share: float = 0.05
     lease_ttl_s: float = 120.0  # an s3:// output's lease is stale after this long unrenewed
+
+    HELP: ClassVar[dict[str, str]] = {
+        "input": "file, folder (recursive) or glob; local or s3://; jsonl, parquet, csv, tsv, txt, "
+                 "each optionally .gz",
+        "output": "output prefix, local or s3://: parquet parts, _quarantine/, _manifest.json",
+        "model": "bundled, a local Hugging Face directory, s3://bucket/prefix/, models:/NAME/VERSION "
+                 "or models:/NAME@ALIAS",
+        "text_field": "the field (column) that holds the text",
+        "id_field": "the field that holds each row's id (default: FILE:ROW)",
+        "input_format": "input format (auto: from each file's extension)",
+        "pooling": "how token vectors become one vector (auto: the model's own choice, else mean "
+                   "for encoders and last for decoders)",
+        "normalize": "L2-normalise the vectors (default: the model's own choice)",
+        "max_length": "tokens per text; longer texts are truncated and flagged (default: the "
+                      "model's max_seq_length)",
+        "granularity": "sentence: one vector a row; token: also every token's vector, text and offsets",
+        "dtype": "precision of the forward pass; bfloat16-mixed keeps cosine >= 0.9999 to float32",
+        "trust_remote_code": "run model code shipped inside the model directory",
+        "max_chars": "rows with more characters go to quarantine (text_too_long)",
+        "batch_tokens": "padded tokens per forward pass (default: 1024 on CPU for float32, 2048 for "
+                        "reduced precision, 16384 on a GPU)",
+        "batch_rows": "rows per Ray Data batch handed to one encoder actor",
+        "rows_per_file": "rows per output parquet part at most",
+        "min_workers": "encoder actors to start with",
+        "max_workers": "encoder actors at most (default: as many as the cluster's CPUs or GPUs allow)",
+        "cpus_per_worker": "CPUs per encoder actor (default: 1 with GPUs, else 2 capped by the cluster)",
+        "num_gpus_per_worker": "GPUs per encoder actor (1: each actor on its own GPU)",
+        "threads_per_worker": "torch threads per encoder actor (default: its CPUs)",
+        "overwrite": "replace an output written with another model or settings (default: refuse)",
+        "max_failed_share": "stop with exit 1 when more than this share of the rows given to the model "
+                            "fail (encode_failed); 1 turns it off",
+        "lease_ttl_s": "seconds after which an s3:// output's unrenewed lease counts as stale",
+    }
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"input_format": ("--format",)}
 
     HASHED = (
         "model", "text_field", "id_field", "input_format", "pooling", "normalize", "max_length",

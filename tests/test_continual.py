@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from semvec.datasets import Task
 from semvec.encode import pool
 from semvec.errors import ConfigError
+from semvec.heads import Collator
 from semvec.train.config import load_train_config
 from semvec.train.continual import Continual, ContinualConfig, anchor_texts
-from semvec.train.data import Task
 from semvec.train.job import plan
 from semvec.train.loop import build_model
-from semvec.train.tasks import Collator
 from tests.test_train import make_task_data
 
 STEPS = 12

@@ -143,6 +143,49 @@ def test_named_entry_points_and_configs_exist():
     assert not missing, f"named but not in the repository: {missing}"
 
 
+def _entry_points() -> list[tuple[str, list[str]]]:
+    """(file, argv after `python -m`) of every job a manifest or the README's cluster section runs."""
+    import shlex
+
+    found = []
+    for path in [*YAML_FILES]:
+        for doc in _docs(path):
+            for node in _walk(doc):
+                if isinstance(node, dict) and isinstance(node.get("entrypoint"), str):
+                    found.append((path.name, shlex.split(node["entrypoint"])))
+                for key in ("command", "args"):
+                    if isinstance(node, dict) and isinstance(node.get(key), list) and "-m" in node[key]:
+                        found.append((path.name, [str(a) for a in node[key]]))
+    readme = _readme_cluster_section().replace("\\\n", " ")
+    found += [("README.md", shlex.split(m)) for m in re.findall(r"python -m pipelines\.[^\n`]+", readme)]
+    return [(name, argv[argv.index("-m") + 1:]) for name, argv in found if "-m" in argv]
+
+
+def test_every_job_command_in_the_manifests_parses_and_validates():
+    """The flags in manifests and the README exist and make a valid config (no store is touched)."""
+    import importlib
+
+    from pipelines._job import build_parser
+    from semvec.config import EmbedConfig, load_embed_config
+    from semvec.retrain.config import RetrainConfig, load_retrain_config
+    from semvec.train.config import TrainConfig, load_train_config
+
+    jobs = {"pipelines.backfill": (EmbedConfig, load_embed_config),
+            "pipelines.finetune": (TrainConfig, load_train_config),
+            "pipelines.retrain": (RetrainConfig, load_retrain_config)}
+    commands = _entry_points()
+    assert {w for w, _ in commands} >= {"rayjob-backfill.yaml", "raycronjob-retrain.yaml",
+                                        "cronjob-retrain.yaml", "README.md"}
+    for where, argv in commands:
+        cls, load = jobs[argv[0]]
+        module = importlib.import_module(argv[0])
+        parser, fields = build_parser(module.__doc__, cls, lambda p: p.add_argument("--register"))
+        args = parser.parse_args(argv[1:])
+        overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+        assert overrides, f"{where}: {argv} overrides nothing"
+        load(ROOT / args.config, **overrides)
+
+
 def test_ray_version_matches_pyproject_pin():
     pinned = _pinned_ray()
     for path in [*YAML_FILES, DOCKERFILE]:

@@ -9,6 +9,8 @@ from semvec import evaluate
 from semvec.backfill.job import run
 from semvec.cli import main
 from semvec.config import load_embed_config
+from semvec.datasets import read_beir
+from semvec.errors import ConfigError
 from tests.conftest import write_jsonl
 
 # Three docs on three axes; queries point at them, so the ranking is known by construction.
@@ -46,9 +48,9 @@ def test_a_retrieval_suite_on_s3_reads_as_the_local_one(tmp_path, s3_env):
     remote = [f"s3://{s3_env['bucket']}/beir-{tmp_path.name}/{f.rsplit('/', 1)[1]}" for f in files]
     for local, uri in zip(files, remote, strict=True):
         fs.put(local, uri)
-    assert evaluate.read_beir(*remote) == evaluate.read_beir(*files)
-    with pytest.raises(evaluate.ConfigError, match="does not exist"):
-        evaluate.read_beir(remote[0], remote[1], remote[2] + "-gone")
+    assert read_beir(*remote) == read_beir(*files)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_beir(remote[0], remote[1], remote[2] + "-gone")
 
 
 def test_sts_reads_the_stsb_release_format_and_csv(tmp_path):
@@ -87,3 +89,37 @@ def test_missing_ids_in_vectors_are_a_clear_error(ray_local, tiny_models, tmp_pa
     data = write_jsonl(tmp_path / "p.jsonl", [pair])
     assert main(["evaluate", "sts", "--data", str(data), "--vectors", str(tmp_path / "v")]) == 2
     assert "1 ids are not in the vectors" in capsys.readouterr().err
+
+
+def test_graded_ndcg_mrr_and_recall_on_a_hand_checked_ranking():
+    from semvec.metrics import ranking_metrics, top_k
+
+    scores = np.array([[0.9, 0.8, 0.8, 0.1]])  # docs 1 and 2 tie: the lower index ranks first
+    top = top_k(scores, 4)
+    assert top.tolist() == [[0, 1, 2, 3]]
+    # relevant: doc 2 with gain 2, doc 3 with gain 1; ranked at positions 3 and 4
+    got = ranking_metrics(top, [{2: 2.0, 3: 1.0}], k=3, recall_at=2)
+    dcg = 2 / np.log2(4)  # only doc 2 is in the top 3
+    ideal = 2 / np.log2(2) + 1 / np.log2(3)
+    assert got == pytest.approx({"ndcg@3": dcg / ideal, "mrr@3": 1 / 3, "recall@2": 0.0})
+
+
+def test_gzipped_beir_files_and_a_json_report(tmp_path):
+    import gzip
+
+    files = _beir(tmp_path, [("q1", "d1", 1), ("q2", "d2", 1)])
+    zipped = []
+    for f in files:
+        target = f + ".gz"
+        with open(f, "rb") as src, gzip.open(target, "wb") as dst:
+            dst.write(src.read())
+        zipped.append(target)
+    assert read_beir(*zipped) == read_beir(*files)
+    (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"_id": "d1"}\n')[:-8])
+    with pytest.raises(ConfigError, match="not a whole gzip file"):
+        read_beir(str(tmp_path / "broken.jsonl.gz"), zipped[1], zipped[2])
+    report = tmp_path / "reports" / "r.json"
+    result = evaluate.evaluate_retrieval(_embed(AXES), _embed({"q1": [1, 0, 0], "q2": [0, 1, 0]}),
+                                         *zipped, by_id=True)
+    evaluate.write_report(result, str(report))
+    assert json.loads(report.read_text()) == result and result["ndcg@10"] == 1.0

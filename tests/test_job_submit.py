@@ -26,8 +26,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from semvec.datasets import Task
 from semvec.testing import corpus_sentences
-from semvec.train.data import Task
 from tests.conftest import REPO, free_port, write_jsonl
 from tests.test_train import make_task_data
 
@@ -216,8 +216,7 @@ def test_backfill_job(ray_head, tiny_models, tmp_path):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
     out = tmp_path / "out"
     submit(ray_head, ["python", "-m", "pipelines.backfill", "--config", "pipelines/configs/backfill.yaml",
-                      "--set", f"input={corpus}", "--set", f"output={out}",
-                      "--set", f"model={tiny_models['bert']}"])
+                      "--input", str(corpus), "--output", str(out), "--model", str(tiny_models["bert"])])
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["model"]["dim"] == 32
@@ -240,9 +239,9 @@ def test_finetune_job(ray_head, tiny_models, tmp_path):
     # the job's environment is the cluster's plus runtime_env env_vars; the submitting shell's
     # variables do not travel, so the tracking URI goes in env_vars
     submit(ray_head, ["python", "-m", "pipelines.finetune", "--config", "pipelines/configs/finetune.yaml",
-                      "--set", "task=sts", "--set", "method=lora", "--set", f"train={train}",
-                      "--set", f"dev={dev}", "--set", f"output={model}",
-                      "--set", f"model={tiny_models['bert']}", "--set", "epochs=1", "--set", "workers=2"],
+                      "--task", "sts", "--method", "lora", "--train", str(train), "--dev", str(dev),
+                      "--output", str(model), "--model", str(tiny_models["bert"]), "--epochs", "1",
+                      "--workers", "2"],
            env_vars={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
     assert (model / "semvec.json").is_file()
     assert (model / "model.safetensors").is_file()

@@ -20,11 +20,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from semvec import tracking
+from semvec import models, tracking
+from semvec.datasets import Task
 from semvec.errors import ConfigError
 from semvec.retrain.config import load_retrain_config
 from semvec.retrain.job import publish_backfill, rollback
-from semvec.train.data import Task
 from tests.conftest import write_jsonl
 from tests.test_train import make_task_data
 
@@ -48,7 +48,7 @@ def world(tiny_models, tmp_path, monkeypatch, mlflow_server, s3_env):
     monkeypatch.chdir(tmp_path)
     name = f"tiny-{uuid.uuid4().hex[:8]}"
     prefix = f"s3://{s3_env['bucket']}/{name}"
-    assert tracking.register_model(str(tiny_models["bert"]), name, "champion") == "1"
+    assert models.register_model(str(tiny_models["bert"]), name, "champion") == "1"
     train, dev = make_task_data(Task.STS, tmp_path / "data", n_train=320)
     past, _ = make_task_data(Task.STS, tmp_path / "past", n_train=64)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in ("a red cat", "blue dog", "x")])

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from semvec.errors import ConfigError
+from semvec.models import ModelCard, write_card
 from semvec.retrain.config import load_retrain_config
 from semvec.retrain.job import _check_continuable, decide
 from semvec.retrain.lock import Lock, LockHeld
@@ -66,7 +67,7 @@ def test_local_lock_refuses_a_second_holder_and_takes_a_stale_one(tmp_path):
 @pytest.mark.parametrize("method, ok", [("full", True), ("lora", True), ("adapter", False),
                                         ("prompt", False)])
 def test_retraining_continues_only_champions_whose_weights_are_all_in_the_model(tmp_path, method, ok):
-    (tmp_path / "semvec.json").write_text(json.dumps({"method": {"method": method}}))
+    write_card(tmp_path, ModelCard(pooling="mean", normalize=True, max_length=128, method={"method": method}))
     if ok:
         _check_continuable(tmp_path, "models:/m/1")
     else:

@@ -10,8 +10,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+from semvec.datasets import Task
 from semvec.train.config import load_train_config
-from semvec.train.data import Task
 from semvec.train.job import fit
 from tests.conftest import REPO, write_jsonl
 from tests.test_train import make_task_data

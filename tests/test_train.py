@@ -12,14 +12,14 @@ import pytest
 
 from semvec.backfill.job import run
 from semvec.config import load_embed_config
+from semvec.datasets import Task
 from semvec.encode import Encoder
 from semvec.errors import ConfigError
+from semvec.heads import PRIMARY, Collator, task_metrics
 from semvec.train.config import DEFAULT_LR, load_train_config
-from semvec.train.data import Task
 from semvec.train.job import fit, plan
 from semvec.train.loop import build_model
 from semvec.train.methods import Method
-from semvec.train.tasks import PRIMARY, Collator, evaluate
 from tests.conftest import REPO, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def mlflow_store(tmp_path, monkeypatch):
 def _untrained_score(cfg, primary: str) -> float:
     p, _, dev = plan(cfg)
     model, tok = build_model(cfg, p)
-    return evaluate(model, Collator(tok, cfg.task, p["max_length"], p["labels"]), dev, p["labels"])[
+    return task_metrics(model, Collator(tok, cfg.task, p["max_length"], p["labels"]), dev, p["labels"])[
         primary.removeprefix("dev_")]
 
 
@@ -125,7 +125,7 @@ def test_every_method_and_task_learns_in_process(tiny_models, tmp_path, task, me
     model, tok = build_model(cfg, p)
     collate = Collator(tok, cfg.task, p["max_length"], p["labels"])
     primary = PRIMARY[task]
-    before = evaluate(model, collate, dev, p["labels"])[primary]
+    before = task_metrics(model, collate, dev, p["labels"])[primary]
     batch = 2 * cfg.batch_size  # what two workers average their gradients over, as on Ray Train
     steps = cfg.epochs * -(-len(train) // batch)
     opt = _optimizer(cfg, model)
@@ -141,7 +141,7 @@ def test_every_method_and_task_learns_in_process(tiny_models, tmp_path, task, me
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        best = max(best, evaluate(model, collate, dev, p["labels"])[primary])  # as early stopping keeps
+        best = max(best, task_metrics(model, collate, dev, p["labels"])[primary])  # as early stopping keeps
     assert best > before, (before, best)
 
 

@@ -10,13 +10,13 @@ from transformers import AutoModel
 from semvec.config import Pooling
 from semvec.encode import load_tokenizer, pool
 from semvec.errors import ConfigError
+from semvec.extras import load_extras
 from semvec.train.methods import (
     Method,
     MethodConfig,
     apply_method,
     count_parameters,
     export_model,
-    load_extras,
 )
 
 KINDS = ["bert", "gpt"]

@@ -5,25 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from semvec.config import load_settings, parse_enum, require_non_negative
+from semvec.datasets import Task
 from semvec.errors import ConfigError
+from semvec.evaluate import METRIC, Kind
 from semvec.train.config import TrainConfig
-from semvec.train.data import Task
 from semvec.train.methods import Method
 
-
-class SuiteKind(str, Enum):
-    STS = "sts"
-    RETRIEVAL = "retrieval"
-    CLASSIFICATION = "classification"
-    NER = "ner"
-
-
-# the metric a suite is judged by, as `semvec evaluate` reports it
-SUITE_METRIC = {SuiteKind.STS: "spearman", SuiteKind.RETRIEVAL: "ndcg@10",
-                SuiteKind.CLASSIFICATION: "accuracy", SuiteKind.NER: "f1"}
+SuiteKind = Kind  # a suite is one of the kinds semvec.evaluate scores
 SUITE_FILES = {SuiteKind.RETRIEVAL: ("corpus", "queries", "qrels")}
 
 
@@ -44,7 +35,7 @@ class Suite:
 
     @property
     def metric(self) -> str:
-        return SUITE_METRIC[self.kind]
+        return METRIC[self.kind]
 
     def files(self) -> list[str]:
         return [getattr(self, n) for n in SUITE_FILES.get(self.kind, ("data",))]
@@ -71,6 +62,31 @@ class RetrainConfig:
     backfill: dict | None = None  # on promotion: backfill settings + output_root for versioned outputs
     lock_timeout_s: int = 6 * 3600  # a lock older than this is stale (its holder died) and is taken
     experiment: str = "semvec-retrain"
+
+    HELP: ClassVar[dict[str, str]] = {
+        "name": "registered model; the challenger starts from models:/NAME@champion",
+        "task": "the task of the labelled data; one of sts, pairs, classification, ner",
+        "snapshots": "new labelled data: files, folders or globs, local or s3:// (a YAML list)",
+        "state": "prefix for the lock, the record of trained snapshots, the replay store and challengers",
+        "suites": "evaluation suites as a YAML list of {name, kind, data | corpus, queries, qrels}; "
+                  "the first is primary unless primary names another, the rest are guards",
+        "method": "fine-tuning method of the challenger",
+        "primary": "the suite that must improve (default: the first)",
+        "margin": "the primary metric must improve by at least this much",
+        "tolerance": "no guard metric may drop by more than this",
+        "dev": "dev data for choosing the challenger's checkpoint (default: 10%% of the new data)",
+        "replay": "past training data besides the replay store, a YAML list (default: none)",
+        "replay_share": "replay examples added, as a share of the new examples",
+        "l2sp": "weight of the pull toward the champion's weights",
+        "ewc": "weight of EWC on the replay data",
+        "distill": "weight of keeping pooled vectors close to the champion's on replay text",
+        "train": "other fine-tuning settings as a YAML mapping: epochs, workers, lr, ... (default: "
+                 "train's defaults)",
+        "backfill": "on promotion, embed a corpus: backfill settings as a YAML mapping with input "
+                    "and output_root, under which versioned outputs go (default: no backfill)",
+        "lock_timeout_s": "a lock older than this many seconds is stale and taken over",
+        "experiment": "MLflow experiment of the challenger runs",
+    }
 
     def __post_init__(self) -> None:
         self.task = parse_enum(Task, "task", self.task)

@@ -19,11 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from semvec import storage, tracking
+from semvec import models, storage, tracking
+from semvec.datasets import load_examples
 from semvec.errors import ConfigError, OutputMismatch
+from semvec.retrain import promotion
 from semvec.retrain.config import RetrainConfig, Suite, SuiteKind
 from semvec.retrain.lock import Lock
-from semvec.train.data import load_examples
 
 log = logging.getLogger("semvec.retrain")
 
@@ -76,7 +77,7 @@ def _check(cfg: RetrainConfig) -> None:
         for uri in suite.files():
             storage.list_inputs(uri)  # exists and holds data
         if suite.kind == SuiteKind.RETRIEVAL:  # read it whole now, not after training
-            from semvec.evaluate import read_beir
+            from semvec.datasets import read_beir
 
             read_beir(suite.corpus, suite.queries, suite.qrels)
     if (cfg.ewc or cfg.distill) and not cfg.replay and not _replay_store(cfg):
@@ -94,7 +95,7 @@ def _check(cfg: RetrainConfig) -> None:
 def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
     from semvec.train.job import fit
 
-    champion_dir = tracking.download_model(f"models:/{cfg.name}/{champion}")
+    champion_dir = models.resolve_model(f"models:/{cfg.name}/{champion}")
     _check_continuable(champion_dir, f"models:/{cfg.name}/{champion}")
     key = hashlib.sha1("".join(h for _, h in new).encode()).hexdigest()[:12]
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,8 +111,8 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
     scores = {s.name: {"champion": evaluate_suite(s, str(champion_dir)),
                        "challenger": evaluate_suite(s, challenger_dir)} for s in cfg.suites}
     decision, reasons = decide(cfg, scores)
-    version = tracking.record_decision(
-        cfg.name, trained["run_id"], challenger_dir, champion, decision, reasons, scores,
+    version = promotion.record_decision(
+        cfg.name, trained["run_id"], champion, decision, reasons, scores,
         {s.name: s.metric for s in cfg.suites}, cfg.primary)
     print(f"semvec retrain: challenger v{version} {decision} against champion v{champion}: "
           + "; ".join(reasons), flush=True)
@@ -122,11 +123,10 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
 
 def _check_continuable(model_dir: Path, ref: str) -> None:
     """Training starts from the champion's HF weights: extras kept beside them would be lost."""
-    info = model_dir / "semvec.json"
-    method = json.loads(info.read_text()).get("method", {}).get("method") if info.is_file() else None
-    if method in ("adapter", "prompt"):
-        raise ConfigError(f"champion {ref} was tuned with {method}, whose weights live beside the model; "
-                          "retraining continues full, lora or bitfit champions only")
+    card = models.read_card(model_dir)
+    if card is not None and card.method_name in ("adapter", "prompt"):
+        raise ConfigError(f"champion {ref} was tuned with {card.method_name}, whose weights live beside "
+                          "the model; retraining continues full, lora or bitfit champions only")
 
 
 def decide(cfg: RetrainConfig, scores: dict) -> tuple[str, list[str]]:
@@ -151,16 +151,9 @@ def evaluate_suite(suite: Suite, model: str) -> float:
     """The suite's metric for a model directory, as `semvec evaluate` computes it."""
     from semvec import evaluate
 
-    if suite.kind == SuiteKind.STS:
-        return float(evaluate.evaluate_sts(evaluate.model_embedder(model), suite.data)["spearman"])
-    if suite.kind == SuiteKind.RETRIEVAL:
-        embed = evaluate.model_embedder(model)
-        result = evaluate.evaluate_retrieval(embed, embed, suite.corpus, suite.queries, suite.qrels)
-        return float(result["ndcg@10"])
-    from semvec.train.data import Task
-    from semvec.train.predict import evaluate_task
-
-    return float(evaluate_task(model, suite.data, Task(suite.kind.value))[suite.metric])
+    result = evaluate.evaluate(suite.kind, model=model, data=suite.data, corpus=suite.corpus,
+                               queries=suite.queries, qrels=suite.qrels)
+    return float(result[suite.metric])
 
 
 def publish_backfill(cfg: RetrainConfig, version: str) -> dict:
@@ -200,7 +193,7 @@ def point_current(root: str, output: str) -> None:
 
 def rollback(name: str, backfill_root: str | None = None) -> dict:
     """@champion goes back to @previous; CURRENT follows when that version's backfill is complete."""
-    version = tracking.rollback(name)
+    version = promotion.rollback(name)
     result = {"name": name, "champion_version": version, "current": None}
     if backfill_root:
         output = storage.join(backfill_root, f"v{version}")

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from semvec.config import load_settings, parse_enum, require_non_negative
+from semvec.datasets import Task
 from semvec.errors import ConfigError
 from semvec.train.continual import ContinualConfig
-from semvec.train.data import Task
 from semvec.train.methods import Method, MethodConfig
 from semvec.train.tasks import ALLOWED_LOSSES, Loss
 
@@ -26,18 +26,15 @@ class Schedule(str, Enum):
     CONSTANT = "constant"
 
 
-# Learning rates that train well per method: updating few parameters wants a larger step.
+# Learning rates per method: updating few parameters wants a larger step. Tasks with a freshly
+# initialised head (and token-level labels) move further from the pre-trained encoder than
+# similarity tuning does, so full tuning (and BitFit on NER) takes a larger step there. The NER
+# rates and epochs were chosen on CoNLL-2003 dev (benchmarks/RESULTS.md).
 DEFAULT_LR = {Method.FULL: 2e-5, Method.LORA: 5e-4, Method.BITFIT: 1e-3, Method.ADAPTER: 1e-3,
               Method.PROMPT: 1e-2}
-# Tasks with a freshly initialised head (and token-level labels) move further from the
-# pre-trained encoder than similarity tuning does: full tuning (and BitFit on NER) takes a larger
-# step there.
 TASK_LR = {(Method.FULL, Task.CLASSIFICATION): 5e-5, (Method.FULL, Task.NER): 1e-4,
            (Method.BITFIT, Task.NER): 3e-3}
 DEFAULT_EPOCHS = 4
-# NER, chosen on CoNLL-2003 dev (benchmarks/RESULTS.md). Full: at 5e-5 for 4 epochs dev F1 was
-# still rising at the last epoch (best 0.9146); 1e-4 for 6 epochs ends higher. BitFit: at 1e-3 for
-# 4 epochs likewise (0.8284); 3e-3 for 6 epochs is ahead from epoch 2 on.
 TASK_EPOCHS = {(Method.FULL, Task.NER): 6, (Method.BITFIT, Task.NER): 6}
 
 
@@ -79,6 +76,48 @@ class TrainConfig:
     name: str | None = None  # run name: a rerun with the same name and output resumes
     trust_remote_code: bool = False
 
+    HELP: ClassVar[dict[str, str]] = {
+        "task": "what the labelled data teaches; one of sts, pairs, classification, ner",
+        "method": "which weights change; one of full, lora, prompt, adapter, bitfit",
+        "train": "training data (jsonl/csv/tsv/parquet, the STS-B/CNSD/TREC/SST releases, or CoNLL "
+                 "columns), local or s3://, optionally .gz",
+        "output": "where the model directory goes, local or s3://",
+        "dev": "dev data for choosing the checkpoint (default: a seeded 10%% of train)",
+        "model": "the model to start from (any model reference)",
+        "epochs": "passes over the training data (default: 6 for full and bitfit NER, else 4)",
+        "workers": "Ray Train workers (DDP); each sees a different share of every epoch",
+        "use_gpu": "one GPU per worker",
+        "cpus_per_worker": "CPUs (and torch threads) per worker (default: the cluster's CPUs shared "
+                           "out; 1 beside a GPU)",
+        "batch_size": "examples per step on each worker",
+        "lr": "peak learning rate (default: by method: full 2e-5 (5e-5 classification, 1e-4 NER), "
+              "lora 5e-4, bitfit 1e-3 (3e-3 NER), adapter 1e-3, prompt 1e-2)",
+        "weight_decay": "AdamW weight decay",
+        "optimizer": "the optimizer",
+        "schedule": "learning-rate schedule after warm-up",
+        "warmup_ratio": "share of the steps spent warming the learning rate up from 0",
+        "max_grad_norm": "gradients are clipped to this norm",
+        "dropout": "dropout before a classification or NER head",
+        "loss": "auto: cosent for sts, mnrl for pairs, cross_entropy otherwise; sts also takes "
+                "cosine_mse",
+        "symmetric": "pairs: also rank the anchors for each positive",
+        "max_length": "tokens per text (default: the model's limit)",
+        "seed": "seed for initialisation, shuffling and the dev split",
+        "eval_steps": "also evaluate and checkpoint every N optimizer steps (default: each epoch end)",
+        "patience": "evaluations without a better dev metric before stopping early",
+        "keep_checkpoints": "best checkpoints kept beside the output (OUTPUT-checkpoints/)",
+        "max_failures": "restarts from the last checkpoint after a worker dies",
+        "method_options": "method settings as a mapping (the method flags below set them one by one)",
+        "replay": "continual learning: past training data of this task, mixed in (default: none)",
+        "replay_share": "replay examples added, as a share of the new training examples",
+        "l2sp": "weight of the pull toward the starting weights (0: off)",
+        "ewc": "weight of EWC, the pull weighted by Fisher information on the replay data (0: off)",
+        "distill": "weight of keeping pooled vectors close to the starting model's on replay text (0: off)",
+        "name": "run name; a rerun with the same name and output resumes from its last checkpoint "
+                "(default: from task, method and output)",
+        "trust_remote_code": "run model code shipped inside the model directory",
+    }
+
     def __post_init__(self) -> None:
         self.task = parse_enum(Task, "task", self.task)
         self.method = parse_enum(Method, "method", self.method)
@@ -113,6 +152,11 @@ class TrainConfig:
             allowed = ", ".join(f.name for f in fields(MethodConfig))
             raise ConfigError(f"unknown method option(s) {', '.join(sorted(unknown))}; allowed: {allowed}")
         self.method_config()  # validates the options
+        foreign = sorted(k for k in self.method_options
+                         if self.method not in MethodConfig.APPLIES.get(k, tuple(Method)))
+        if foreign:
+            raise ConfigError(f"method option(s) {', '.join(foreign)} do not apply to method "
+                              f"{self.method.value}")
 
     def continual_config(self) -> ContinualConfig:
         return ContinualConfig(l2sp=float(self.l2sp), ewc=float(self.ewc), distill=float(self.distill))

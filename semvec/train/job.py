@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 
 from semvec import models, storage
+from semvec.datasets import Task, label_set, load_examples
 from semvec.errors import ConfigError
+from semvec.heads import HEAD_FILE, PRIMARY
 from semvec.train.config import TrainConfig
-from semvec.train.data import Task, label_set, load_examples
-from semvec.train.tasks import PRIMARY
 
 DEV_SHARE = 0.1
 
@@ -52,11 +52,10 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
 
 
 def _trained_labels(model_dir: Path, task: Task) -> list[str]:
-    info = model_dir / models.SEMVEC_JSON
-    if task not in (Task.CLASSIFICATION, Task.NER) or not info.is_file():
+    card = models.read_card(model_dir)
+    if task not in (Task.CLASSIFICATION, Task.NER) or card is None or card.task != task.value:
         return []
-    meta = json.loads(info.read_text())
-    return list(meta.get("labels") or []) if meta.get("task") == task.value else []
+    return list(card.labels)
 
 
 def _replay(cfg: TrainConfig, n_new: int) -> list[dict]:
@@ -125,16 +124,16 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         raise RuntimeError("training stopped before the first checkpoint"
                            + (" because the loss became NaN" if nan else ""))
     out = export(cfg, p, best)
+    card = models.read_card(out)
     with tempfile.TemporaryDirectory() as d:
         report = Path(d) / "dev_report.json"
-        report.write_text(json.dumps(json.loads((out / "semvec.json").read_text())["metrics"], indent=2))
+        report.write_text(json.dumps(card.metrics, indent=2))
         config = Path(d) / "train_config.json"
         config.write_text(json.dumps(cfg.to_dict(), indent=2))
         version = tracking.finish_run(tracker, out, {"report": report, "config": config}, register)
-    semvec_json = json.loads((out / "semvec.json").read_text())
     return {"output": str(out), "run_id": tracker.run_id, "registered_version": version,
-            "nan_loss": nan, "best": semvec_json["metrics"], "trainable_parameters":
-            semvec_json["trainable_parameters"], "total_parameters": semvec_json["total_parameters"]}
+            "nan_loss": nan, "best": card.metrics, "trainable_parameters": card.trainable_parameters,
+            "total_parameters": card.total_parameters}
 
 
 def _worker_cpus(cfg: TrainConfig) -> int:
@@ -190,33 +189,17 @@ def export(cfg: TrainConfig, p: dict, checkpoint) -> Path:
         tok.save_pretrained(out)
         if model.head is not None:
             save_file({k: v.contiguous() for k, v in model.head.state_dict().items()},
-                      out / "head.safetensors")
+                      out / HEAD_FILE)
         normalize = p["normalize"] or cfg.task in (Task.STS, Task.PAIRS)
-        info = {"pooling": p["pooling"], "normalize": normalize, "max_length": p["max_length"],
-                "task": cfg.task.value, "labels": p["labels"], "base_model": cfg.model,
-                "base_fingerprint": p["fingerprint"], "method": method_info,
-                "metrics": state["metrics"], "trainable_parameters": trainable,
-                "total_parameters": total}
-        (out / models.SEMVEC_JSON).write_text(json.dumps(info, indent=2))
-        _sentence_transformers_files(out, p["pooling"], normalize, p["max_length"], model)
+        models.write_card(out, models.ModelCard(
+            pooling=p["pooling"], normalize=normalize, max_length=p["max_length"], task=cfg.task.value,
+            labels=p["labels"], base_model=cfg.model, base_fingerprint=p["fingerprint"],
+            method=method_info, metrics=state["metrics"], trainable_parameters=trainable,
+            total_parameters=total))
+        models.write_sentence_transformers_files(out, p["pooling"], normalize, p["max_length"], model.hidden)
         _publish(out, cfg.output)
     return Path(storage.strip(cfg.output)) if not storage.is_remote(cfg.output) else Path(
         models.resolve_model(cfg.output))
-
-
-def _sentence_transformers_files(out: Path, pooling: str, normalize: bool, max_length: int, model) -> None:
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-        (out / "2_Normalize").mkdir()
-    (out / "modules.json").write_text(json.dumps(modules, indent=2))
-    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length}))
-    (out / "1_Pooling").mkdir()
-    mode = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "last": "lasttoken"}[pooling]
-    (out / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": model.hidden, f"pooling_mode_{mode}": True}))
 
 
 def _publish(src: Path, output: str) -> None:

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from semvec.config import Pooling
+from semvec.datasets import Task
+from semvec.heads import HEAD_FILE, PRIMARY, Collator, task_metrics
 from semvec.train.config import Optimizer, TrainConfig
 from semvec.train.continual import Continual, anchor_texts
-from semvec.train.data import Task
-from semvec.train.tasks import PRIMARY, Collator, TaskModel, evaluate, resolve_loss
+from semvec.train.tasks import TrainModel, resolve_loss
 
 STATE = "state.pt"
 
@@ -38,8 +39,8 @@ def load_state(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def build_model(cfg: TrainConfig, plan: dict) -> tuple[TaskModel, object]:
-    """A fresh TaskModel from the base model with the method applied; the same on every worker."""
+def build_model(cfg: TrainConfig, plan: dict) -> tuple[TrainModel, object]:
+    """A fresh TrainModel from the base model with the method applied; the same on every worker."""
     from transformers import AutoModel
 
     from semvec.encode import load_tokenizer
@@ -49,25 +50,24 @@ def build_model(cfg: TrainConfig, plan: dict) -> tuple[TaskModel, object]:
     base = AutoModel.from_pretrained(plan["model_dir"], use_safetensors=True,
                                      trust_remote_code=cfg.trust_remote_code)
     encoder = apply_method(base, cfg.method, cfg.method_config())
-    model = TaskModel(encoder, cfg.task, Pooling(plan["pooling"]), int(base.config.hidden_size),
+    model = TrainModel(encoder, cfg.task, Pooling(plan["pooling"]), int(base.config.hidden_size),
                       len(plan["labels"]), resolve_loss(cfg.task, cfg.loss), cfg.symmetric,
                       plan["score_scale"], cfg.dropout)
     _continue_head(model, Path(plan["model_dir"]), plan["labels"])
     return model, load_tokenizer(Path(plan["model_dir"]), cfg.trust_remote_code)
 
 
-def _continue_head(model: TaskModel, model_dir: Path, labels: list[str]) -> None:
+def _continue_head(model: TrainModel, model_dir: Path, labels: list[str]) -> None:
     """Tuning a semvec-trained model further keeps its head; labels new to it get fresh rows."""
-    import json
-
     from safetensors.torch import load_file
 
-    head, info = model_dir / "head.safetensors", model_dir / "semvec.json"
-    if model.head is None or not head.is_file() or not info.is_file():
+    from semvec.models import read_card
+
+    head, card = model_dir / HEAD_FILE, read_card(model_dir)
+    if model.head is None or not head.is_file() or card is None:
         return
-    meta = json.loads(info.read_text())
-    known = meta.get("labels") or []
-    if meta.get("task") != model.task.value or labels[:len(known)] != known:
+    known = card.labels
+    if card.task != model.task.value or labels[:len(known)] != known:
         return
     trained, linear = load_file(str(head)), model.head[1]  # head: Sequential(Dropout, Linear)
     with torch.no_grad():
@@ -143,7 +143,7 @@ def train_loop(loop_config: dict) -> None:
         """Evaluate on rank 0, report with a checkpoint, return whether to stop early (all ranks)."""
         score = torch.tensor([0.0], dtype=torch.float64, device=device)  # float32 would round the metric
         if rank == 0:
-            dev_metrics = evaluate(model, collate, dev, plan["labels"])
+            dev_metrics = task_metrics(model, collate, dev, plan["labels"])
             metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if not isinstance(v, str)})
             score[0] = metrics[primary]
         if world > 1:

@@ -3,7 +3,7 @@
 apply_method wraps a Hugging Face AutoModel (BertModel, GPT2Model, ...) in a MethodEncoder whose
 forward returns hidden states lined up with the input tokens, whatever the method adds. The
 export is always a plain model directory that AutoModel loads; what cannot be folded into the
-weights (adapters, prompt embeddings) is saved next to it and re-attached by load_extras.
+weights (adapters, prompt embeddings) is saved next to it; semvec.extras re-attaches it at inference.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import copy
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from semvec.config import parse_enum
 from semvec.errors import ConfigError
+from semvec.extras import ADAPTERS_FILE, PROMPT_FILE, ExtendedEncoder, model_type, transformer_layers
 
 
 class Method(str, Enum):
@@ -38,6 +40,24 @@ class MethodConfig:
     adapter_size: int = 16  # bottleneck width
     freeze_embeddings: bool = False
     freeze_layers: int = 0  # freeze the lowest N transformer layers
+
+    HELP: ClassVar[dict[str, str]] = {
+        "lora_r": "lora: rank of the update",
+        "lora_alpha": "lora: scale of the update (alpha / r)",
+        "lora_dropout": "lora: dropout on the update's input",
+        "lora_targets": "lora: leaf names of the linear layers to adapt, as a YAML list (default: "
+                        "the attention and feed-forward linears of the model type)",
+        "prompt_tokens": "prompt: virtual tokens prepended to every input",
+        "adapter_size": "adapter: bottleneck width",
+        "freeze_embeddings": "freeze the embedding layers",
+        "freeze_layers": "freeze the lowest N transformer layers",
+    }
+    # which methods an option means something for (absent: every method)
+    APPLIES: ClassVar[dict[str, tuple[Method, ...]]] = {
+        "lora_r": (Method.LORA,), "lora_alpha": (Method.LORA,), "lora_dropout": (Method.LORA,),
+        "lora_targets": (Method.LORA,), "prompt_tokens": (Method.PROMPT,),
+        "adapter_size": (Method.ADAPTER,),
+    }
 
     def __post_init__(self):
         for name in ("lora_r", "lora_alpha", "prompt_tokens", "adapter_size"):
@@ -65,59 +85,13 @@ _LORA_TARGETS = {
 }
 
 
-class MethodEncoder(nn.Module):
-    """A base HF encoder with a fine-tuning method applied; build it with apply_method.
-
-    forward(input_ids [b, t], attention_mask [b, t]) -> (hidden [b, t, d], mask [b, t]), lined up
-    with the input tokens: prompt tuning's virtual positions are stripped before returning.
-    """
+class MethodEncoder(ExtendedEncoder):
+    """A base HF encoder with a fine-tuning method applied; build it with apply_method."""
 
     def __init__(self, model: nn.Module, method: Method, cfg: MethodConfig):
-        super().__init__()
-        self.model = model  # the HF model, or its peft wrapper for lora
+        super().__init__(model)
         self.method = method
         self.cfg = cfg
-        self.prompt: nn.Parameter | None = None  # [prompt_tokens, d]
-        self.adapters = nn.ModuleList()
-
-    @property
-    def base(self) -> nn.Module:
-        """The HF model itself (inside the peft wrapper for lora)."""
-        get_base = getattr(self.model, "get_base_model", None)
-        return get_base() if get_base else self.model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        if self.prompt is None:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return hidden, attention_mask
-        b, p = input_ids.shape[0], self.prompt.shape[0]
-        embeds = self.base.get_input_embeddings()(input_ids)  # [b, t, d]
-        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)  # [b, p, d]
-        mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)  # [b, p + t]
-        # No position ids: every model numbers positions 0..p+t-1, so the text's simply continue.
-        out = self.model(inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask)
-        return out.last_hidden_state[:, p:], attention_mask
-
-
-class _Bottleneck(nn.Module):
-    """Houlsby adapter d -> size -> d with a residual; the zero up-projection starts it as identity."""
-
-    def __init__(self, dim: int, size: int):
-        super().__init__()
-        self.down = nn.Linear(dim, size)
-        self.act = nn.GELU()
-        self.up = nn.Linear(size, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(self.act(self.down(x)))
-
-    def hook(self, module: nn.Module, args, out):
-        # A bound method, not a closure, so a deepcopy of the encoder hooks its own adapter copies.
-        if isinstance(out, tuple):  # GPT2 attention returns (output, weights)
-            return (self(out[0]), *out[1:])
-        return self(out)
 
 
 def apply_method(base_model: nn.Module, method: Method | str, cfg: MethodConfig) -> MethodEncoder:
@@ -139,7 +113,7 @@ def apply_method(base_model: nn.Module, method: Method | str, cfg: MethodConfig)
     elif method == Method.PROMPT:
         encoder.prompt = nn.Parameter(_init_prompt(base_model, cfg.prompt_tokens))
     elif method == Method.ADAPTER:
-        _add_adapters(encoder, cfg.adapter_size)
+        encoder.add_adapters(cfg.adapter_size)
     _freeze(encoder.base, cfg)
     return encoder
 
@@ -147,7 +121,7 @@ def apply_method(base_model: nn.Module, method: Method | str, cfg: MethodConfig)
 def _check(model: nn.Module, method: Method, cfg: MethodConfig) -> None:
     """Everything that can fail, before the model is changed."""
     if method == Method.ADAPTER or cfg.freeze_layers:
-        n_layers = len(_layers(model))
+        n_layers = len(transformer_layers(model))
         if cfg.freeze_layers > n_layers:
             raise ConfigError(f"freeze_layers={cfg.freeze_layers} but the model has {n_layers} layers")
     if method == Method.LORA:
@@ -156,22 +130,7 @@ def _check(model: nn.Module, method: Method, cfg: MethodConfig) -> None:
         missing = sorted(set(_lora_targets(model, cfg)) - available)
         if missing:
             raise ConfigError(f"lora_targets {missing} are not linear layers of this "
-                              f"{_model_type(model)} model; available: {', '.join(sorted(available))}")
-
-
-def _model_type(model: nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-
-
-def _layers(model: nn.Module) -> nn.ModuleList:
-    for path in ("encoder.layer", "h", "layers"):  # BERT family, GPT2 family, Llama family
-        found = model
-        for part in path.split("."):
-            found = getattr(found, part, None)
-        if isinstance(found, nn.ModuleList):
-            return found
-    raise ConfigError(f"cannot find the transformer layers of model type {_model_type(model)!r}; "
-                      "supported: BERT-style encoder.layer, GPT2-style h")
+                              f"{model_type(model)} model; available: {', '.join(sorted(available))}")
 
 
 def _freeze(model: nn.Module, cfg: MethodConfig) -> None:
@@ -180,7 +139,7 @@ def _freeze(model: nn.Module, cfg: MethodConfig) -> None:
             if name == "embeddings" or isinstance(child, nn.Embedding):  # BERT; GPT2 wte + wpe
                 child.requires_grad_(False)
     if cfg.freeze_layers:
-        for layer in _layers(model)[: cfg.freeze_layers]:
+        for layer in transformer_layers(model)[: cfg.freeze_layers]:
             layer.requires_grad_(False)
 
 
@@ -201,7 +160,7 @@ def _linears(model: nn.Module):
 def _lora_targets(model: nn.Module, cfg: MethodConfig) -> list[str]:
     if cfg.lora_targets is not None:
         return list(cfg.lora_targets)
-    known = _LORA_TARGETS.get(_model_type(model))
+    known = _LORA_TARGETS.get(model_type(model))
     return known or sorted({name.rsplit(".", 1)[-1] for name, _ in _linears(model)})
 
 
@@ -226,26 +185,6 @@ def _init_prompt(model: nn.Module, n_tokens: int) -> torch.Tensor:
     return weight.detach()[picks.to(weight.device)].clone()  # [n_tokens, d]
 
 
-def _adapter_sites(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
-    if hasattr(layer, "attention") and hasattr(layer, "output"):  # BERT: self-output, FFN output
-        return [layer.attention.output, layer.output]
-    if hasattr(layer, "attn") and hasattr(layer, "mlp"):  # GPT2: before each residual add
-        return [layer.attn, layer.mlp]
-    raise ConfigError(f"adapters do not know where to go in model type {_model_type(model)!r}; "
-                      "supported: BERT-style and GPT2-style layers")
-
-
-def _add_adapters(encoder: MethodEncoder, size: int) -> None:
-    model = encoder.base
-    param = next(model.parameters())
-    dim = model.get_input_embeddings().weight.shape[1]
-    sites = [site for layer in _layers(model) for site in _adapter_sites(model, layer)]
-    for site in sites:
-        adapter = _Bottleneck(dim, size).to(device=param.device, dtype=param.dtype)
-        encoder.adapters.append(adapter)
-        site.register_forward_hook(adapter.hook)
-
-
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors count once."""
     params = list(module.parameters())
@@ -257,7 +196,8 @@ def export_model(encoder: MethodEncoder, out_dir: Path) -> dict:
 
     full/bitfit: the model. lora: the merged model, plus the unmerged adapter in lora_adapter/.
     adapter and prompt cannot be merged: the base model plus adapters.safetensors or
-    prompt.safetensors. Returns the method's entry for semvec.json, which load_extras reads back.
+    prompt.safetensors. Returns the method's entry for the model card, which semvec.extras.load_extras
+    reads back.
     The tokenizer is not written here.
     """
     from safetensors.torch import save_file
@@ -276,30 +216,9 @@ def export_model(encoder: MethodEncoder, out_dir: Path) -> dict:
     encoder.base.save_pretrained(out_dir)
     if encoder.method == Method.ADAPTER:
         state = {k: v.detach().contiguous() for k, v in encoder.adapters.state_dict().items()}
-        save_file(state, str(out_dir / "adapters.safetensors"))
-        info.update(adapter_size=encoder.cfg.adapter_size, adapters="adapters.safetensors")
+        save_file(state, str(out_dir / ADAPTERS_FILE))
+        info.update(adapter_size=encoder.cfg.adapter_size, adapters=ADAPTERS_FILE)
     elif encoder.method == Method.PROMPT:
-        save_file({"prompt": encoder.prompt.detach().contiguous()}, str(out_dir / "prompt.safetensors"))
-        info.update(prompt_tokens=encoder.prompt.shape[0], prompt="prompt.safetensors")
+        save_file({"prompt": encoder.prompt.detach().contiguous()}, str(out_dir / PROMPT_FILE))
+        info.update(prompt_tokens=encoder.prompt.shape[0], prompt=PROMPT_FILE)
     return info
-
-
-def load_extras(model_dir: Path, base_model: nn.Module, info: dict) -> MethodEncoder:
-    """Rebuild an inference MethodEncoder (eval, frozen) from export_model's directory and dict.
-
-    base_model is the model loaded from model_dir; adapters or prompt embeddings are re-attached,
-    full/bitfit/lora (already merged) are wrapped as they are.
-    """
-    from safetensors.torch import load_file
-
-    method = parse_enum(Method, "method", info.get("method"))
-    if method == Method.ADAPTER:
-        encoder = apply_method(base_model, method, MethodConfig(adapter_size=int(info["adapter_size"])))
-        encoder.adapters.load_state_dict(load_file(str(Path(model_dir) / info["adapters"])))
-    elif method == Method.PROMPT:
-        encoder = apply_method(base_model, method, MethodConfig(prompt_tokens=int(info["prompt_tokens"])))
-        prompt = load_file(str(Path(model_dir) / info["prompt"]))["prompt"]
-        encoder.prompt.data.copy_(prompt)
-    else:
-        encoder = MethodEncoder(base_model, method, MethodConfig())
-    return encoder.requires_grad_(False).eval()

@@ -1,4 +1,6 @@
-"""Training data: examples for one task from jsonl, csv, tsv, parquet or CoNLL files (local or s3://).
+"""Labelled datasets, read in one place for training, evaluation, retraining and benchmarks:
+examples for one task from jsonl, csv, tsv, parquet or CoNLL files, and BEIR retrieval files; local
+or s3://, each optionally gzip-compressed (``.gz``).
 
 Each task has one example shape (see load_examples). Besides the generic formats with named columns,
 the benchmark releases are read as published: the STS-B release (tab-separated, no header), CNSD
@@ -10,6 +12,7 @@ with one line naming the file, the row and the problem.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
@@ -93,6 +96,46 @@ def load_examples(task: Task | str, uri: str) -> list[dict]:
     return examples
 
 
+def read_beir(corpus: str, queries: str, qrels: str) -> tuple[dict, dict, dict]:
+    """A BEIR layout: corpus.jsonl ({"_id", "title", "text"}), queries.jsonl ({"_id", "text"}) and a
+    qrels .tsv (query-id, corpus-id, score, with a header). Returns (doc id -> "title text", query
+    id -> text for the judged queries, query id -> {doc id: score > 0}). Raises ConfigError naming
+    the file and line of the first bad record."""
+    def jsonl(uri: str, fields: tuple[str, ...]) -> list[dict]:
+        name = storage.display(uri)
+        rows = []
+        try:
+            for n, record in _jsonl_rows(_decode(_read_bytes(uri, name), name, latin1=False)):
+                missing = [f for f in fields if f not in record]
+                if missing:
+                    raise _RowError(f"has no {missing[0]!r}", n)
+                rows.append(record)
+        except _RowError as exc:
+            raise ConfigError(f"{name} line {exc.row}: {exc}") from None
+        return rows
+
+    docs = {str(d["_id"]): (str(d.get("title") or "") + " " + str(d.get("text") or "")).strip()
+            for d in jsonl(corpus, ("_id",))}
+    judged: dict[str, dict[str, int]] = {}
+    name = storage.display(qrels)
+    cells = _tab_cells(_decode(_read_bytes(qrels, name), name, latin1=False))
+    try:
+        for n, row in _headed_rows(cells):
+            try:
+                score = int(row["score"])
+                qid, doc = str(row["query-id"]), str(row["corpus-id"])
+            except (KeyError, ValueError) as exc:
+                raise _RowError(f"needs query-id, corpus-id and an integer score ({exc})", n) from None
+            if score > 0:
+                judged.setdefault(qid, {})[doc] = score
+    except _RowError as exc:
+        raise ConfigError(f"{name} line {exc.row}: {exc}") from None
+    qs = {str(q["_id"]): str(q["text"]) for q in jsonl(queries, ("_id", "text")) if str(q["_id"]) in judged}
+    if not qs:
+        raise ConfigError(f"no query in {storage.display(queries)} has a judgement in {name}")
+    return docs, qs, judged
+
+
 def label_set(train: list[dict], dev: list[dict], task: Task | str) -> list[str]:
     """Sorted labels of train (classification labels, or NER tags including "O"); [] for sts/pairs.
 
@@ -133,11 +176,21 @@ def _read_bytes(uri: str, name: str) -> bytes:
     fs = storage.filesystem(uri)
     try:
         with fs.open(storage.strip(uri), "rb") as f:
-            return f.read()
+            data = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{name} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"{name} cannot be read ({type(exc).__name__})") from None
+    if not uri.endswith(".gz"):
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError) as exc:
+        raise ConfigError(f"{name} is not a whole gzip file ({str(exc)[:120]})") from None
+
+
+def _name_without_gz(uri: str) -> str:
+    return uri[:-3] if uri.endswith(".gz") else uri
 
 
 def _decode(data: bytes, name: str, latin1: bool) -> str:
@@ -151,7 +204,7 @@ def _decode(data: bytes, name: str, latin1: bool) -> str:
 
 
 def _layout(task: Task, uri: str, data: bytes, name: str) -> str:
-    ext = posixpath.splitext(uri.replace("\\", "/").rsplit("/", 1)[-1])[1].lower()
+    ext = posixpath.splitext(_name_without_gz(uri).replace("\\", "/").rsplit("/", 1)[-1])[1].lower()
     if ext in (".jsonl", ".json"):
         return "jsonl"
     if ext == ".parquet":

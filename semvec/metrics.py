@@ -1,5 +1,7 @@
-"""Dev and test metrics for fine-tuning: Spearman (sts), accuracy and macro-F1 (classification),
-entity-level P/R/F1 (ner, seqeval strict IOB2) and MRR / nDCG at k (pairs, binary relevance).
+"""Every metric semvec reports, one implementation each, for training's dev checks and for
+`semvec evaluate`: Spearman and Pearson (sts), accuracy and macro-F1 (classification), entity-level
+P/R/F1 (ner, seqeval strict IOB2), and nDCG@k / MRR@k / Recall@k (retrieval: graded relevance, equal
+scores ranked by document index).
 
 Inputs that cannot be scored (lengths that differ, nothing to score) raise ValueError: they are
 bugs in the caller, not bad user data.
@@ -66,33 +68,63 @@ def ner_metrics(pred: list[list[str]], gold: list[list[str]]) -> dict:
     return {**scores, "report": report}
 
 
-def retrieval_mrr_ndcg(scores: np.ndarray, relevant: list[set[int]], k: int = 10) -> dict:
-    """{"mrr@k", "ndcg@k"} with binary relevance, averaged over queries.
+def pearson(pred: Sequence[float] | np.ndarray, gold: Sequence[float] | np.ndarray) -> float:
+    """Pearson correlation of predicted vs gold scores; nan when either side is constant."""
+    p, g = np.asarray(pred, dtype=float), np.asarray(gold, dtype=float)
+    if p.ndim != 1 or p.shape != g.shape or p.size < 2:
+        raise ValueError(f"pearson needs two 1-d arrays of one length >= 2, got {p.shape} and {g.shape}")
+    if np.ptp(p) == 0 or np.ptp(g) == 0:
+        return float("nan")
+    return float(np.corrcoef(p, g)[0, 1])
 
-    scores: [n_queries, n_docs], higher is better; relevant[q]: indices of q's relevant docs (at
-    least one). Equal scores rank by document index, so results do not depend on the sort.
-    """
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """[n_queries, n_docs] scores (higher is better) -> [n_queries, min(k, n_docs)] doc indices, best
+    first; equal scores rank by document index, so results do not depend on the sort."""
+    s = np.asarray(scores)
+    k = min(k, s.shape[1])
+    # A full stable argsort keeps ties in document order; chunks of ~16M scores bound its memory.
+    rows = max(1, (1 << 24) // max(1, s.shape[1]))
+    return np.concatenate([np.argsort(-s[i:i + rows], axis=1, kind="stable")[:, :k]  # [rows, k]
+                           for i in range(0, s.shape[0], rows)])
+
+
+def ranking_metrics(top: np.ndarray, relevant: Sequence[dict[int, float]], k: int = 10,
+                    recall_at: int | None = None) -> dict:
+    """nDCG@k (graded gains, log2 discount), MRR@k and, when asked, Recall@recall_at, averaged over
+    queries. top: [n_queries, >= k] ranked doc indices (see top_k); relevant[q]: {doc index: gain > 0}
+    for query q, at least one."""
+    top = np.asarray(top)
+    if top.ndim != 2 or top.shape[0] != len(relevant) or k < 1:
+        raise ValueError(f"top {top.shape} needs one row per query ({len(relevant)}) and k >= 1")
+    discount = 1.0 / np.log2(np.arange(2, max(k, 1) + 2))  # [k]
+    ndcg, mrr, recall = [], [], []
+    for q, rel in enumerate(relevant):
+        if not rel or min(rel.values()) <= 0:
+            raise ValueError(f"query {q}: relevant {dict(list(rel.items())[:5])} needs a doc with gain > 0")
+        gains = np.array([rel.get(int(d), 0.0) for d in top[q, :k]], dtype=float)  # [k']
+        ideal = np.sort(np.fromiter(rel.values(), dtype=float))[::-1][:k]
+        ndcg.append(float(gains @ discount[:gains.size]) / float(ideal @ discount[:ideal.size]))
+        first = np.flatnonzero(gains > 0)
+        mrr.append(1.0 / (first[0] + 1) if first.size else 0.0)
+        if recall_at:
+            recall.append(len(set(top[q, :recall_at].tolist()) & set(rel)) / len(rel))
+    out = {f"ndcg@{k}": float(np.mean(ndcg)), f"mrr@{k}": float(np.mean(mrr))}
+    if recall_at:
+        out[f"recall@{recall_at}"] = float(np.mean(recall))
+    return out
+
+
+def retrieval_mrr_ndcg(scores: np.ndarray, relevant: list[set[int]], k: int = 10) -> dict:
+    """{"mrr@k", "ndcg@k"} with binary relevance from a [n_queries, n_docs] score matrix."""
     s = np.asarray(scores, dtype=float)
     if s.ndim != 2 or s.shape[0] != len(relevant) or s.shape[1] == 0 or k < 1:
         raise ValueError(f"scores {s.shape} need one row per query ({len(relevant)}), >= 1 doc and k >= 1")
-    top = _top_k(s, min(k, s.shape[1]))  # [n_queries, k']
-    discount = 1.0 / np.log2(np.arange(2, k + 2))  # [k]
-    mrr, ndcg = [], []
     for q, rel in enumerate(relevant):
         if not rel or min(rel) < 0 or max(rel) >= s.shape[1]:
             raise ValueError(f"query {q}: relevant {sorted(rel)[:5]} must be non-empty doc indices")
-        hits = np.isin(top[q], list(rel))  # [k']
-        first = np.flatnonzero(hits)
-        mrr.append(1.0 / (first[0] + 1) if first.size else 0.0)
-        ndcg.append(discount[:hits.size][hits].sum() / discount[:min(len(rel), k)].sum())
-    return {f"mrr@{k}": float(np.mean(mrr)), f"ndcg@{k}": float(np.mean(ndcg))}
-
-
-def _top_k(s: np.ndarray, k: int) -> np.ndarray:
-    # A full stable argsort keeps ties in document order; chunks of ~16M scores bound its memory.
-    rows = max(1, (1 << 24) // s.shape[1])
-    return np.concatenate([np.argsort(-s[i:i + rows], axis=1, kind="stable")[:, :k]  # [rows, k]
-                           for i in range(0, s.shape[0], rows)])
+    result = ranking_metrics(top_k(s, k), [dict.fromkeys(rel, 1.0) for rel in relevant], k)
+    return {f"mrr@{k}": result[f"mrr@{k}"], f"ndcg@{k}": result[f"ndcg@{k}"]}
 
 
 def _same_length(pred: Sequence, gold: Sequence) -> None:

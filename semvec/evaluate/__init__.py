@@ -1,0 +1,79 @@
+"""Evaluation: every evaluator semvec has, behind one entry point that `semvec evaluate`, training's
+callers, retraining's suites and the benchmarks share.
+
+| kind | data | metrics (the one a suite is judged by first) |
+| sts | sentence pairs with a score | spearman, pearson (cosine of the vectors vs score) |
+| retrieval | BEIR corpus, queries, qrels | ndcg@10, mrr@10, recall@100 (exact cosine search) |
+| classification | text, label | accuracy, macro_f1 (a model trained with that task) |
+| ner | CoNLL columns | f1, precision, recall (seqeval, entity level) |
+
+STS and retrieval score a model's vectors, or vectors a backfill already wrote (looked up by id);
+classification and NER score the head of a model that `semvec train` wrote. Readers live in
+semvec.datasets, metrics in semvec.metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+from semvec import storage
+from semvec.errors import ConfigError
+from semvec.evaluate.labelled import evaluate_labelled
+from semvec.evaluate.retrieval import evaluate_retrieval
+from semvec.evaluate.sts import evaluate_sts
+from semvec.evaluate.vectors import load_vectors, model_embedder, vector_embedder
+
+__all__ = ["Kind", "METRIC", "evaluate", "evaluate_labelled", "evaluate_retrieval", "evaluate_sts",
+           "load_vectors", "model_embedder", "vector_embedder", "write_report"]
+
+
+class Kind(str, Enum):
+    STS = "sts"
+    RETRIEVAL = "retrieval"
+    CLASSIFICATION = "classification"
+    NER = "ner"
+
+
+# the metric each kind is judged by (retraining's suites, the benchmarks)
+METRIC = {Kind.STS: "spearman", Kind.RETRIEVAL: "ndcg@10", Kind.CLASSIFICATION: "accuracy", Kind.NER: "f1"}
+
+
+def evaluate(kind: Kind | str, *, model: str | None = None, vectors: str | None = None,
+             query_vectors: str | None = None, data: str | None = None, corpus: str | None = None,
+             queries: str | None = None, qrels: str | None = None) -> dict:
+    """Score a model reference (default ``bundled``) or stored vectors on one kind of data.
+
+    Returns the metrics; classification and NER add "report" (per label, text). Raises ConfigError
+    for a missing file, a model of another task, or vectors that lack an id."""
+    kind = Kind(kind)
+    if kind in (Kind.CLASSIFICATION, Kind.NER):
+        if vectors:
+            raise ConfigError(f"evaluate {kind.value} scores a trained model's head: give --model, "
+                              "not --vectors")
+        return evaluate_labelled(_need(model, "model", kind), _need(data, "data", kind), kind.value)
+    if kind == Kind.STS:
+        embed = vector_embedder(vectors) if vectors else model_embedder(model or "bundled")
+        return evaluate_sts(embed, _need(data, "data", kind))
+    files = [_need(corpus, "corpus", kind), _need(queries, "queries", kind), _need(qrels, "qrels", kind)]
+    if vectors:
+        return evaluate_retrieval(vector_embedder(vectors), vector_embedder(query_vectors or vectors),
+                                  *files, by_id=True)
+    embed = model_embedder(model or "bundled")
+    return evaluate_retrieval(embed, embed, *files)
+
+
+def _need(value: str | None, name: str, kind: Kind) -> str:
+    if not value:
+        raise ConfigError(f"evaluate {kind.value} needs --{name}")
+    return value
+
+
+def write_report(result: dict, uri: str) -> None:
+    """The result as JSON at uri (local or s3://), written whole."""
+    fs = storage.filesystem(uri)
+    path = storage.strip(uri)
+    if not storage.is_remote(uri):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    storage.write_atomic(fs, path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())

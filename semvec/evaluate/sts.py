@@ -1,0 +1,22 @@
+"""STS: Spearman (and Pearson) correlation of the cosine of two sentences' vectors with the gold score."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from semvec import metrics
+from semvec.datasets import Task, load_examples
+from semvec.evaluate.vectors import Embed, unit
+
+
+def evaluate_sts(embed: Embed, path: str) -> dict:
+    """Pairs in any layout semvec.datasets reads for the sts task (jsonl / csv / tsv / parquet, the
+    STS-B and CNSD releases), local or s3://, optionally .gz. Each distinct sentence is embedded once."""
+    rows = load_examples(Task.STS, path)
+    s1, s2 = [r["sentence1"] for r in rows], [r["sentence2"] for r in rows]
+    score = np.array([r["score"] for r in rows], dtype=np.float64)
+    unique = sorted(set(s1) | set(s2))
+    vectors = dict(zip(unique, unit(embed(unique)), strict=True))
+    cos = np.array([float(vectors[a] @ vectors[b]) for a, b in zip(s1, s2, strict=True)])
+    return {"pairs": len(s1), "spearman": metrics.spearman(cos, score),
+            "pearson": metrics.pearson(cos, score)}

@@ -1,0 +1,158 @@
+"""Task models for inference: an encoder, its pooling, and the linear head that classification and
+NER models carry (``head.safetensors`` in the model directory); the collator that turns examples
+into tensors; and the task metrics computed with them. Training (semvec.train.tasks) adds the losses
+on top; evaluation and training's dev checks share what is here.
+
+| task | examples | head | metric (primary first) |
+| sts | sentence1, sentence2, score | none: cosine of pooled vectors | spearman |
+| pairs | anchor, positive[, negative] | none: cosine of pooled vectors | mrr@10, ndcg@10 |
+| classification | text, label | linear over the pooled vector | accuracy, macro_f1 |
+| ner | tokens, tags (IOB2) | linear over each first sub-token | f1, precision, recall |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semvec import metrics, models
+from semvec.config import Pooling
+from semvec.datasets import Task
+from semvec.encode import load_tokenizer, pool
+from semvec.errors import ConfigError
+
+PRIMARY = {Task.STS: "spearman", Task.PAIRS: "mrr@10", Task.CLASSIFICATION: "accuracy", Task.NER: "f1"}
+IGNORE = -100  # label id that cross-entropy skips (special and non-first sub-tokens)
+HEAD_FILE = "head.safetensors"
+
+
+class TaskModel(nn.Module):
+    """An encoder (with its extras or fine-tuning method), pooling, and a head where the task has one."""
+
+    def __init__(self, encoder: nn.Module, task: Task, pooling: Pooling, hidden: int, n_labels: int,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.hidden = hidden
+        self.task, self.pooling = task, pooling
+        self.head = None
+        if task in (Task.CLASSIFICATION, Task.NER):
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, n_labels))
+
+    def encode_tokens(self, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.parameters()).device
+        return self.encoder(enc["input_ids"].to(device), enc["attention_mask"].to(device))  # [b,t,d], [b,t]
+
+    def embed(self, enc: dict) -> torch.Tensor:
+        return pool(*self.encode_tokens(enc), self.pooling)
+
+
+def load_task_model(model_dir: Path, ref: str) -> tuple[TaskModel, Collator, models.ModelCard]:
+    """(model, collator, model card) of a model directory that `semvec train` wrote; ref names it
+    in errors."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from semvec.extras import load_extras
+
+    card = models.read_card(model_dir)
+    if card is None or card.task is None:
+        raise ConfigError(f"model {ref!r} has no {models.SEMVEC_JSON} with a task: "
+                          "it was not trained by semvec")
+    task = Task(card.task)
+    base = AutoModel.from_pretrained(str(model_dir), use_safetensors=True)
+    encoder = load_extras(model_dir, base, card.method)
+    model = TaskModel(encoder, task, Pooling(card.pooling), int(base.config.hidden_size), len(card.labels))
+    head = Path(model_dir) / HEAD_FILE
+    if model.head is not None:
+        if not head.is_file():
+            raise ConfigError(f"model {ref!r} is a {task.value} model without {HEAD_FILE}")
+        model.head.load_state_dict(load_file(str(head)))
+    collate = Collator(load_tokenizer(Path(model_dir)), task, int(card.max_length), card.labels)
+    return model.eval(), collate, card
+
+
+class Collator:
+    """Examples -> tensors. Tokenization happens here, in the training worker."""
+
+    def __init__(self, tokenizer, task: Task, max_length: int, labels: list[str]):
+        self.tok, self.task, self.max_length = tokenizer, task, max_length
+        self.label_id = {label: i for i, label in enumerate(labels)}
+
+    def _texts(self, texts: list[str]) -> dict:
+        return dict(self.tok(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt", return_token_type_ids=False))
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if self.task == Task.STS:
+            return {"a": self._texts([e["sentence1"] for e in examples]),
+                    "b": self._texts([e["sentence2"] for e in examples]),
+                    "score": torch.tensor([float(e["score"]) for e in examples])}
+        if self.task == Task.PAIRS:
+            candidates = [e["positive"] for e in examples]
+            candidates += [e["negative"] for e in examples if e.get("negative")]
+            return {"a": self._texts([e["anchor"] for e in examples]), "b": self._texts(candidates)}
+        if self.task == Task.CLASSIFICATION:
+            return {"a": self._texts([e["text"] for e in examples]),
+                    "labels": torch.tensor([self.label_id[e["label"]] for e in examples])}
+        return self._ner([e["tokens"] for e in examples], [e["tags"] for e in examples])
+
+    def _ner(self, words: list[list[str]], tags: list[list[str]] | None) -> dict:
+        enc = self.tok(words, is_split_into_words=True, padding=True, truncation=True,
+                       max_length=self.max_length, return_tensors="pt", return_token_type_ids=False)
+        labels = torch.full(enc["input_ids"].shape, IGNORE)
+        for i in range(len(words)):
+            previous = None
+            for j, w in enumerate(enc.word_ids(i)):
+                if w is not None and w != previous and tags is not None:
+                    labels[i, j] = self.label_id[tags[i][w]]
+                previous = w
+        return {"a": dict(enc), "labels": labels, "word_ids": [enc.word_ids(i) for i in range(len(words))]}
+
+
+@torch.inference_mode()
+def task_metrics(model: TaskModel, collate: Collator, examples: list[dict], labels: list[str],
+             batch_size: int = 64) -> dict:
+    """Dev metrics for the task; the primary one is PRIMARY[task]. The model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+        if model.task == Task.STS:
+            cos = np.concatenate([F.cosine_similarity(model.embed(b["a"]), model.embed(b["b"])).cpu().numpy()
+                                  for b in map(collate, chunks)])
+            return {"spearman": metrics.spearman(cos, [e["score"] for e in examples])}
+        if model.task == Task.PAIRS:
+            q = torch.cat([model.embed(collate._texts([e["anchor"] for e in c])) for c in chunks])
+            d = torch.cat([model.embed(collate._texts([e["positive"] for e in c])) for c in chunks])
+            scores = (F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T).cpu().numpy()
+            return metrics.retrieval_mrr_ndcg(scores, [{i} for i in range(len(examples))])
+        if model.task == Task.CLASSIFICATION:
+            pred = [labels[int(i)] for b in map(collate, chunks)
+                    for i in model.head(model.embed(b["a"])).argmax(-1)]
+            return metrics.classification_metrics(pred, [e["label"] for e in examples])
+        return _evaluate_ner(model, collate, chunks, labels)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_ner(model: TaskModel, collate: Collator, chunks: list[list[dict]], labels: list[str]) -> dict:
+    pred, gold = [], []
+    for chunk in chunks:
+        batch = collate._ner([e["tokens"] for e in chunk], None)
+        hidden, _ = model.encode_tokens(batch["a"])
+        best = model.head(hidden).argmax(-1).cpu()  # [b, t]
+        for i, e in enumerate(chunk):
+            tags = ["O"] * len(e["tokens"])  # words cut by truncation count as O
+            previous = None
+            for j, w in enumerate(batch["word_ids"][i]):
+                if w is not None and w != previous:
+                    tags[w] = labels[int(best[i, j])]
+                previous = w
+            pred.append(tags)
+            gold.append(e["tags"])
+    return metrics.ner_metrics(pred, gold)

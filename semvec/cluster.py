@@ -6,6 +6,8 @@ import logging
 import os
 import socket
 
+from semvec.errors import ConfigError
+
 # Ray Train V2 starts a detached PlacementGroupCleaner beside every run. It asks the State API,
 # once a second, whether the run's controller is alive, and removes the run's placement group
 # when the answer is "no such actor".
@@ -39,16 +41,33 @@ def init_ray(env_vars: dict[str, str] | None = None) -> bool:
     return True
 
 
-def _local_worker_setup() -> None:
-    """Run in every worker process of the local Ray that init_ray starts.
+def check_local_resources(what: str, cpus: float, gpus: float) -> None:
+    """Before a local Ray starts: refuse a request this machine cannot hold (a job would wait for
+    it forever). On a cluster (RAY_ADDRESS) the autoscaler may still bring it: nothing is checked."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have_cpus = os.cpu_count() or 1
+    if cpus > have_cpus:
+        raise ConfigError(f"{what} asks for {cpus:g} CPU(s) but this machine has {have_cpus}; "
+                          "ask for fewer, or set RAY_ADDRESS to run on a cluster")
+    if gpus:
+        import torch
 
-    Without an address, a worker's State API call picks a Ray of its own choosing on this machine
-    (the last `ray start`, or fails on several). Ray Train's PlacementGroupCleaner then asks
-    another cluster about this run's controller, hears "no such actor" and takes it for dead: it
-    removes the run's placement group if that is registered by then, and stops either way (seen
-    with a `ray start --head` beside a local run). Pin it to this cluster; here the query fails (no
-    dashboard), harmlessly: the whole local Ray stops with the driver, which leaves the cleaner
-    nothing to clean. Its warning about each failed query, once a second, is kept out of the log.
+        have_gpus = torch.cuda.device_count()
+        if gpus > have_gpus:
+            raise ConfigError(f"{what} asks for {gpus:g} GPU(s) but this machine has {have_gpus}; "
+                              "ask for none, or set RAY_ADDRESS to run on a cluster")
+
+
+def _local_worker_setup() -> None:
+    """Run in every worker process of the local Ray that init_ray starts: pin the State API to
+    this cluster.
+
+    Without an address a worker's State API call picks a Ray of its own choosing on the machine.
+    Ray Train's PlacementGroupCleaner asks it whether the run's controller is alive; asked of
+    another cluster, the answer is "no such actor", and the cleaner would remove the run's
+    placement group. Here the query fails instead (no dashboard), which is harmless: a local Ray
+    stops with its driver. The cleaner's warning about each failed query is kept out of the log.
     """
     import ray
 

@@ -58,8 +58,11 @@ def tokenize(tok, texts: list[str], max_length: int, with_offsets: bool = False)
         return_attention_mask=False,
     )
     mapping = enc.get("overflow_to_sample_mapping")
-    if mapping is None:  # some tokenizers ignore overflow: compare against an untruncated pass
-        mapping = list(range(len(texts)))
+    if mapping is None:  # a slow tokenizer returns no overflow: count the untruncated tokens instead
+        full = tok(texts, truncation=False, return_attention_mask=False)["input_ids"]
+        ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+        return _with_offsets(Tokenized(ids=ids, truncated=np.array([len(f) > max_length for f in full])),
+                             enc, list(range(len(texts))), with_offsets)
     first: dict[int, int] = {}
     counts = np.zeros(len(texts), dtype=np.int64)
     for pos, row in enumerate(mapping):
@@ -67,7 +70,10 @@ def tokenize(tok, texts: list[str], max_length: int, with_offsets: bool = False)
         first.setdefault(row, pos)
     order = [first[i] for i in range(len(texts))]
     ids = [np.asarray(enc["input_ids"][p], dtype=np.int32) for p in order]
-    out = Tokenized(ids=ids, truncated=counts > 1)
+    return _with_offsets(Tokenized(ids=ids, truncated=counts > 1), enc, order, with_offsets)
+
+
+def _with_offsets(out: Tokenized, enc, order: list[int], with_offsets: bool) -> Tokenized:
     if with_offsets:
         out.offsets = [np.asarray(enc["offset_mapping"][p], dtype=np.int32).reshape(-1, 2) for p in order]
         out.special = [np.asarray(enc["special_tokens_mask"][p], dtype=bool) for p in order]

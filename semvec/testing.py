@@ -7,6 +7,7 @@ path without a hub or a real model.
 
 from __future__ import annotations
 
+import copy
 import string
 from pathlib import Path
 
@@ -90,3 +91,34 @@ def build_tiny_model(path: Path, kind: str = "bert", seed: int = 0, init_std: fl
     model.eval()
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+class LocalSession:
+    """One worker in this process, no Ray: the same loop, for tests and quick checks. Reports are
+    kept in ``reports`` as (metrics, state or None)."""
+
+    rank, world = 0, 1
+
+    def __init__(self, resume: dict | None = None):
+        self.reports: list[tuple[dict, dict | None]] = []
+        self._resume = resume
+
+    def resume_state(self) -> dict | None:
+        return self._resume
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    def prepare(self, model):
+        return model
+
+    def report(self, metrics: dict, state: dict | None = None) -> None:
+        self.reports.append((dict(metrics), copy.deepcopy(state)))
+
+    def all_min(self, x):
+        return x
+
+    from_rank0 = all_min

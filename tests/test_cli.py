@@ -151,3 +151,20 @@ def test_pipeline_entry_point_reports_bad_config(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipelines.backfill", "--config", str(cfg)],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_training_that_asks_for_more_than_this_machine_has_is_refused_before_ray(tmp_path, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    import torch
+
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    base = ["train", "--task", "sts", "--method", "full", "--train", str(tmp_path / "t.jsonl"),
+            "--output", str(tmp_path / "out")]
+    for extra, message in (([f"--workers={cpus + 1}"], f"{cpus + 1} CPU(s) but this machine has {cpus}"),
+                           ([f"--workers={gpus + 1}", "--use-gpu", "--cpus-per-worker=1"],
+                            f"{gpus + 1} GPU(s) but this machine has {gpus}")):
+        code = main([*base, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()

@@ -1,4 +1,5 @@
-"""Continual learning: replay, L2-SP, EWC and distillation each change training as they should.
+"""Continual learning: replay, L2-SP, EWC and distillation each change training as they should,
+through the training loop itself.
 
 Each term is switched on alone against the same run without it; a term that stops reaching the
 loss makes the two runs equal and its test fail.
@@ -14,13 +15,14 @@ from semvec.datasets import Task
 from semvec.encode import pool
 from semvec.errors import ConfigError
 from semvec.heads import Collator
+from semvec.testing import LocalSession
 from semvec.train.config import load_train_config
 from semvec.train.continual import Continual, ContinualConfig, anchor_texts
 from semvec.train.job import plan
-from semvec.train.loop import build_model
+from semvec.train.loop import Worker, build_model
 from tests.test_train import make_task_data
 
-STEPS = 12
+EPOCHS = 2  # 12 optimizer steps over the new data and its replay share
 
 
 def _setup(tmp_path, tiny_models, **options):
@@ -39,26 +41,21 @@ def _setup(tmp_path, tiny_models, **options):
 
 
 def _train(cfg) -> tuple[object, Continual, Collator, list[dict], dict]:
-    """STEPS optimizer steps as the training loop takes them; returns the model and its start."""
-    p, train, _ = plan(cfg)
-    model, tok = build_model(cfg, p)
+    """Train with the training loop itself (one worker in this process, semvec.testing.LocalSession)
+    for EPOCHS epochs; returns the trained model, a Continual at its starting weights (to measure
+    against), the collator, the replay texts and the plan."""
+    p, train, dev = plan(cfg)
+    reference, tok = build_model(cfg, p)  # build_model is seeded: the worker starts from these weights
     collate = Collator(tok, cfg.task, p["max_length"], p["labels"])
     anchors = p["anchors"]
     batches = [collate(anchors[i:i + 16]) for i in range(0, len(anchors), 16)]
-    start = Continual(model, ContinualConfig(l2sp=1, ewc=1, distill=1), batches)  # the start, for measuring
-    if cfg.continual_config().active:
-        model.continual = Continual(model, cfg.continual_config(), batches)
-    texts = anchor_texts(anchors)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.learning_rate)
+    start = Continual(reference, ContinualConfig(l2sp=1, ewc=1, distill=1), batches)
+    cfg.epochs, cfg.batch_size, cfg.patience = EPOCHS, 16, EPOCHS
     torch.manual_seed(0)
-    model.train()
-    for step in range(STEPS):
-        batch = collate(train[(step * 16) % len(train):][:16])
-        batch["anchor"] = collate._texts(texts[(step * 16) % len(texts):][:16])
-        model(batch).backward()
-        opt.step()
-        opt.zero_grad()
-    return model, start, collate, texts, p
+    worker = Worker({"config": cfg.to_dict(), "plan": p, "train": train, "dev": dev, "threads": 1},
+                    LocalSession())
+    worker.run()
+    return worker.model, start, collate, anchor_texts(anchors), p
 
 
 def _drift(model, start: Continual, weights=None) -> float:

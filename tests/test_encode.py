@@ -98,3 +98,25 @@ def test_tiny_models_are_the_same_in_every_process(tmp_path, kind):
         subprocess.run([sys.executable, "-c", build, str(tmp_path / name), kind], check=True)
     for name in ("tokenizer.json", "model.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_truncation_is_flagged_by_a_tokenizer_that_reports_no_overflow(tiny_models):
+    """Some tokenizers ignore return_overflowing_tokens; truncation is then found by counting."""
+    from semvec.encode import load_tokenizer, tokenize
+
+    real = load_tokenizer(tiny_models["bert"])
+
+    def without_overflow(texts, **kw):  # the first window of each text, and no mapping
+        enc = real(texts, **kw)
+        mapping = enc.get("overflow_to_sample_mapping")
+        if mapping is None:
+            return enc
+        first = [list(mapping).index(i) for i in range(len(texts))]
+        return {k: [v[p] for p in first] for k, v in enc.items() if k != "overflow_to_sample_mapping"}
+
+    texts = [" ".join(corpus_sentences(20, seed=1)), "short"]
+    got = tokenize(without_overflow, texts, 16, with_offsets=True)
+    want = tokenize(real, texts, 16, with_offsets=True)
+    assert got.truncated.tolist() == want.truncated.tolist() == [True, False]
+    assert [i.tolist() for i in got.ids] == [i.tolist() for i in want.ids]
+    assert [o.tolist() for o in got.offsets] == [o.tolist() for o in want.offsets]

@@ -233,7 +233,7 @@ def test_backfill_job(ray_head, tiny_models, tmp_path):
 
 
 def test_finetune_job(ray_head, tiny_models, tmp_path):
-    train, dev = make_task_data(Task.STS, tmp_path / "sts", n_train=64, n_dev=16)
+    train, dev = make_task_data(Task.STS, tmp_path / "sts", n_train=32, n_dev=16)
     db = tmp_path / "mlflow.db"
     model = tmp_path / "model"
     # the job's environment is the cluster's plus runtime_env env_vars; the submitting shell's
@@ -241,7 +241,7 @@ def test_finetune_job(ray_head, tiny_models, tmp_path):
     submit(ray_head, ["python", "-m", "pipelines.finetune", "--config", "pipelines/configs/finetune.yaml",
                       "--task", "sts", "--method", "lora", "--train", str(train), "--dev", str(dev),
                       "--output", str(model), "--model", str(tiny_models["bert"]), "--epochs", "1",
-                      "--workers", "2"],
+                      "--workers", "1"],
            env_vars={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
     assert (model / "semvec.json").is_file()
     assert (model / "model.safetensors").is_file()

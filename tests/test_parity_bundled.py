@@ -36,8 +36,10 @@ def reference(sentences) -> dict[str, np.ndarray]:
     return dict(zip(sentences, st.encode(sentences, batch_size=32), strict=True))
 
 
+# Small batches over two actors, large ones in one, and the reduced-precision mode the default may
+# pick: vectors must not depend on batching, actor count or that mode beyond the bar.
 @pytest.mark.parametrize("workers,batch_tokens,batch_rows,dtype", [
-    (1, 1024, 64, "float32"), (2, 1024, 64, "float32"), (1, 8192, 512, "float32"), (2, 8192, 512, "float32"),
+    (2, 1024, 64, "float32"), (1, 8192, 512, "float32"),
     (1, None, 512, "bfloat16-mixed"),  # matrix products in bfloat16: held to the same bar
 ])
 def test_backfill_vectors_match_sentence_transformers(

@@ -58,7 +58,7 @@ def world(tiny_models, tmp_path, monkeypatch, mlflow_server, s3_env):
            "suites": [{"name": "dev", "kind": "sts", "data": str(dev)},
                       {"name": "past", "kind": "sts", "data": str(past)}],
            "replay": [str(past)], "distill": 0.2, "tolerance": 0.5,
-           "train": {"epochs": 2, "workers": 2, "lr": 1e-3, "patience": 2},
+           "train": {"epochs": 2, "workers": 1, "lr": 1e-3, "patience": 2},
            "backfill": {"input": str(corpus), "output_root": f"{prefix}/vectors"}}
     return {"name": name, "prefix": prefix, "cfg": cfg, "fs": fs, "train": train,
             "client": MlflowClient(mlflow_server["uri"])}

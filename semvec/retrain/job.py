@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -107,9 +108,7 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
                               model=str(champion_dir), name=f"retrain-{cfg.name}-{key}",
                               output=storage.join(cfg.state, "challengers", key))
         trained = fit(tc, experiment=cfg.experiment)
-    challenger_dir = trained["output"]
-    scores = {s.name: {"champion": evaluate_suite(s, str(champion_dir)),
-                       "challenger": evaluate_suite(s, challenger_dir)} for s in cfg.suites}
+    scores = _score(cfg, f"models:/{cfg.name}/{champion}", tc.output)
     decision, reasons = decide(cfg, scores)
     version = promotion.record_decision(
         cfg.name, trained["run_id"], champion, decision, reasons, scores,
@@ -145,6 +144,26 @@ def decide(cfg: RetrainConfig, scores: dict) -> tuple[str, list[str]]:
         reasons.append(f"{suite.name} {suite.metric} {old:.4f} -> {new:.4f} ({delta:+.4f}, {rule}: "
                        f"{'ok' if passed else 'fails'})")
     return ("promoted" if ok else "refused"), reasons
+
+
+def _score(cfg: RetrainConfig, champion: str, challenger: str) -> dict:
+    """{suite: {"champion": x, "challenger": y}}, every score a Ray task on the workers: a
+    cluster's head has no CPU to spare (cluster.yaml gives it none) and the GPUs are there. The
+    models are passed as references that any node resolves (registry, s3:// or a local path)."""
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.get("use_gpu") else 0,
+                      max_retries=2)(_evaluate_on_worker)
+    uri = tracking.tracking_uri()
+    refs = {s.name: {"champion": task.remote(s, champion, uri), "challenger": task.remote(s, challenger, uri)}
+            for s in cfg.suites}
+    return {name: {who: float(ray.get(ref)) for who, ref in pair.items()} for name, pair in refs.items()}
+
+
+def _evaluate_on_worker(suite: Suite, model: str, tracking_uri: str) -> float:
+    # the driver's registry, whatever this worker's working directory or environment says
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    return evaluate_suite(suite, model)
 
 
 def evaluate_suite(suite: Suite, model: str) -> float:

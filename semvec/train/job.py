@@ -88,9 +88,11 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     from ray.train.torch import TorchTrainer
 
     from semvec import tracking
-    from semvec.cluster import init_ray
+    from semvec.cluster import check_local_resources, init_ray
     from semvec.train.loop import train_loop
 
+    check_local_resources(f"training with {cfg.workers} workers", cfg.workers * (cfg.cpus_per_worker or 1),
+                          cfg.workers if cfg.use_gpu else 0)
     p, train, dev = plan(cfg)
     name = _run_name(cfg)
     tracker = tracking.start_run(experiment, name, {**cfg.to_dict(), "base_fingerprint": p["fingerprint"],

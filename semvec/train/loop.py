@@ -1,4 +1,6 @@
-"""The training loop that runs on every Ray Train worker (DDP over CPU/gloo or GPU/nccl).
+"""The training loop that runs on every Ray Train worker (DDP over CPU/gloo or GPU/nccl); what it
+needs from Ray Train comes through a session (RaySession here; semvec.testing.LocalSession runs the
+same loop in one process).
 
 Each epoch a seeded permutation is cut into one shard per worker, so every example is seen once
 per epoch across workers (plus at most workers-1 repeats that even out the shards). At each epoch
@@ -93,127 +95,215 @@ def _shard(n: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
-    import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
-    from transformers import get_scheduler
+    Worker(loop_config, RaySession()).run()
 
-    cfg = TrainConfig(**loop_config["config"])
-    torch.set_num_threads(loop_config["threads"])
-    plan, train, dev = loop_config["plan"], loop_config["train"], loop_config["dev"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
 
-    model, tok = build_model(cfg, plan)
-    collate = Collator(tok, cfg.task, plan["max_length"], plan["labels"])
-    anchors = plan.get("anchors") or []
-    continual = cfg.continual_config()
-    if continual.active:  # fixed at the starting weights, before any checkpoint is loaded
-        model.continual = Continual(model, continual, [collate(anchors[i:i + cfg.batch_size])
-                                                       for i in range(0, len(anchors), cfg.batch_size)])
-    texts = anchor_texts(anchors) if continual.distill else []
-    opt = _optimizer(cfg, model)
-    steps_per_epoch = math.ceil(math.ceil(len(train) / world) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    sched = get_scheduler(cfg.schedule.value, opt, num_warmup_steps=int(cfg.warmup_ratio * total),
-                          num_training_steps=total)
-    # epoch/batch: where training continues; step: optimizer steps so far; best/bad: early stopping
-    progress = {"epoch": 0, "batch": 0, "step": 0, "best": -math.inf, "bad": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker or a resumed run: continue after the last checkpoint
+class RaySession:
+    """What a worker needs from Ray Train: its rank, the checkpoint to resume from, DDP, reports
+    (with a checkpoint from rank 0), and the collectives that keep ranks in step."""
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = None  # known once the model is prepared
+
+    def resume_state(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return None
         with checkpoint.as_directory() as d:
-            state = load_state(Path(d) / STATE)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        progress = state["progress"]
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    device = ray.train.torch.get_device()
-    tracker = loop_config.get("tracker")
-    primary = f"dev_{PRIMARY[Task(cfg.task)]}"
-    if checkpoint and rank == 0:
-        print(f"semvec train: resumed from the checkpoint at step {progress['step']} "
-              f"(epoch {progress['epoch']}, batch {progress['batch']})", flush=True)
-        if tracker:
-            tracker.log_metrics({"resumed_from_step": progress["step"]}, step=progress["step"])
+            return load_state(Path(d) / STATE)
 
-    def checkpoint_and_decide(metrics: dict) -> bool:
-        """Evaluate on rank 0, report with a checkpoint, return whether to stop early (all ranks)."""
-        score = torch.tensor([0.0], dtype=torch.float64, device=device)  # float32 would round the metric
-        if rank == 0:
-            dev_metrics = task_metrics(model, collate, dev, plan["labels"])
-            metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if not isinstance(v, str)})
-            score[0] = metrics[primary]
-        if world > 1:
-            dist.broadcast(score, src=0)
-        if score.item() > progress["best"]:
-            progress.update(best=score.item(), bad=0)
-        else:
-            progress["bad"] += 1
-        metrics[primary] = score.item()
-        if rank == 0:
-            if tracker:
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=progress["step"])
-            with tempfile.TemporaryDirectory() as d:
-                save_state(Path(d) / STATE, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                             "scheduler": sched.state_dict(), "progress": progress,
-                                             "metrics": metrics})
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        self.device = ray.train.torch.get_device()
+        return ddp
+
+    def report(self, metrics: dict, state: dict | None = None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        if state is None:
             ray.train.report(metrics)
-        return progress["bad"] >= cfg.patience
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_state(Path(d) / STATE, state)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
-    while progress["epoch"] < cfg.epochs:
+    def all_min(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, op=dist.ReduceOp.MIN)
+        return x
+
+    def from_rank0(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(x, src=0)
+        return x
+
+
+class Worker:
+    """One training worker: the model, optimiser and schedule, and where training stands
+    (``progress``: epoch and batch to continue from, optimizer steps so far, and the early-stopping
+    state: the best dev score and the evaluations since it improved)."""
+
+    def __init__(self, loop_config: dict, session: RaySession):
+        from transformers import get_scheduler
+
+        cfg = self.cfg = TrainConfig(**loop_config["config"])
+        torch.set_num_threads(loop_config["threads"])
+        self.plan, self.train, self.dev = loop_config["plan"], loop_config["train"], loop_config["dev"]
+        self.tracker = loop_config.get("tracker")
+        self.session = session
+        self.rank, self.world = session.rank, session.world
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model, tok = build_model(cfg, self.plan)
+        self.collate = Collator(tok, cfg.task, self.plan["max_length"], self.plan["labels"])
+        self.distill_texts = self._continual()
+        self.opt = _optimizer(cfg, self.model)
+        steps = math.ceil(math.ceil(len(self.train) / self.world) / cfg.batch_size) * cfg.epochs
+        self.sched = get_scheduler(cfg.schedule.value, self.opt, num_training_steps=steps,
+                                   num_warmup_steps=int(cfg.warmup_ratio * steps))
+        self.progress = {"epoch": 0, "batch": 0, "step": 0, "best": -math.inf, "bad": 0}
+        self.primary = f"dev_{PRIMARY[Task(cfg.task)]}"
+        self._resume()
+        self.ddp = session.prepare(self.model)
+        self.device = session.device
+
+    def _continual(self) -> list[str]:
+        """Continual-learning terms, fixed at the starting weights (before any checkpoint loads);
+        returns the replay texts that distillation runs on."""
+        anchors, continual = self.plan.get("anchors") or [], self.cfg.continual_config()
+        if continual.active:
+            size = self.cfg.batch_size
+            self.model.continual = Continual(self.model, continual, [
+                self.collate(anchors[i:i + size]) for i in range(0, len(anchors), size)])
+        return anchor_texts(anchors) if continual.distill else []
+
+    def _resume(self) -> None:
+        """A restarted worker or a resumed run continues after the last checkpoint."""
+        state = self.session.resume_state()
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.progress = state["progress"]
+        if self.rank == 0:
+            p = self.progress
+            print(f"semvec train: resumed from the checkpoint at step {p['step']} "
+                  f"(epoch {p['epoch']}, batch {p['batch']})", flush=True)
+            if self.tracker:
+                self.tracker.log_metrics({"resumed_from_step": p["step"]}, step=p["step"])
+
+    def run(self) -> None:
+        while self.progress["epoch"] < self.cfg.epochs:
+            if self._epoch():
+                return
+
+    def _epoch(self) -> bool:
+        """Train the rest of the current epoch; True when training should stop (early stopping or
+        a non-finite loss)."""
+        cfg, progress = self.cfg, self.progress
         epoch = progress["epoch"]
-        ddp.train()
-        shard = _shard(len(train), epoch, cfg.seed, rank, world)
+        self.ddp.train()
+        shard = _shard(len(self.train), epoch, cfg.seed, self.rank, self.world)
         starts = range(progress["batch"] * cfg.batch_size, len(shard), cfg.batch_size)
         losses, seen, busy = [], 0, 0.0
         for start in starts:
             tick = time.perf_counter()
-            batch = _to(collate([train[i] for i in shard[start:start + cfg.batch_size]]), device)
-            if texts:  # the next slice of replay texts, for distillation
-                at = (progress["step"] * cfg.batch_size) % len(texts)
-                batch["anchor"] = _to(collate._texts((texts[at:] + texts)[:cfg.batch_size]), device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = ddp(batch)
-            finite = torch.tensor([float(torch.isfinite(loss))], device=device)
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 0:
-                ray.train.report({"epoch": epoch, "step": progress["step"], "nan_loss": 1.0})
-                return  # the last good checkpoint stays the best; the driver says what happened
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in ddp.parameters() if p.requires_grad],
-                                           cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            rows = shard[start:start + cfg.batch_size]
+            loss = self._step([self.train[i] for i in rows])
+            if loss is None:
+                return True
             busy += time.perf_counter() - tick
-            seen += len(shard[start:start + cfg.batch_size])
-            progress["step"] += 1
-            progress["batch"] += 1
-            losses.append(loss.item())
-            if rank == 0 and tracker and progress["step"] % 10 == 0:
-                tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
-                                     "lr": sched.get_last_lr()[0]}, step=progress["step"])
+            seen += len(rows)
+            losses.append(loss)
+            if self.rank == 0 and self.tracker and progress["step"] % 10 == 0:
+                self.tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
+                                          "lr": self.sched.get_last_lr()[0]}, step=progress["step"])
             epoch_done = progress["batch"] * cfg.batch_size >= len(shard)
             if epoch_done:
                 progress.update(epoch=epoch + 1, batch=0)
             if epoch_done or (cfg.eval_steps and progress["step"] % cfg.eval_steps == 0):
-                metrics = {"epoch": epoch + progress["batch"] * cfg.batch_size / len(shard) if not
-                           epoch_done else epoch + 1.0, "step": progress["step"],
+                done = progress["batch"] * cfg.batch_size / len(shard)
+                metrics = {"epoch": epoch + 1.0 if epoch_done else epoch + done,
+                           "step": progress["step"],
                            "train_loss": float(np.mean(losses)) if losses else float("nan"),
                            # every worker trains at this pace in step with the others
-                           "train_samples_per_s": world * seen / busy if busy else 0.0}
+                           "train_samples_per_s": self.world * seen / busy if busy else 0.0}
                 losses, seen, busy = [], 0, 0.0
-                if checkpoint_and_decide(metrics):
-                    return
-                ddp.train()
+                if self._evaluate_and_report(metrics):
+                    return True
+                self.ddp.train()
         if not starts:  # resumed exactly at an epoch's end
             progress.update(epoch=epoch + 1, batch=0)
+        return False
+
+    def _step(self, examples: list[dict]) -> float | None:
+        """One optimizer step on a batch; the loss, or None when it is not finite on some worker."""
+        batch = _to(self.collate(examples), self.device)
+        if self.distill_texts:  # the next slice of replay texts, for distillation
+            texts, size = self.distill_texts, self.cfg.batch_size
+            at = (self.progress["step"] * size) % len(texts)
+            batch["anchor"] = _to(self.collate._texts((texts[at:] + texts)[:size]), self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self.ddp(batch)
+        finite = self.session.all_min(torch.tensor([float(torch.isfinite(loss))], device=self.device))
+        if finite.item() == 0:
+            self.session.report({"epoch": self.progress["epoch"], "step": self.progress["step"],
+                                 "nan_loss": 1.0})
+            return None  # the last good checkpoint stays the best; the driver says what happened
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.ddp.parameters() if p.requires_grad],
+                                       self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.progress["step"] += 1
+        self.progress["batch"] += 1
+        return loss.item()
+
+    def _evaluate_and_report(self, metrics: dict) -> bool:
+        """Evaluate on rank 0, report with a checkpoint, return whether to stop early (all ranks
+        follow rank 0's score, broadcast)."""
+        progress = self.progress
+        score = torch.tensor([0.0], dtype=torch.float64, device=self.device)  # float32 would round it
+        if self.rank == 0:
+            dev_metrics = task_metrics(self.model, self.collate, self.dev, self.plan["labels"])
+            metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if not isinstance(v, str)})
+            score[0] = metrics[self.primary]
+        self.session.from_rank0(score)
+        improved = score.item() > progress["best"]
+        if improved:
+            progress.update(best=score.item(), bad=0)
+        else:
+            progress["bad"] += 1
+        metrics[self.primary] = score.item()
+        if self.rank != 0:
+            self.session.report(metrics)
+            return progress["bad"] >= self.cfg.patience
+        print(f"semvec train: epoch {metrics['epoch']:.2f} step {metrics['step']} train_loss "
+              f"{metrics['train_loss']:.4f} {self.primary} {score.item():.4f}"
+              + (" (best so far)" if improved else f" (no gain {progress['bad']}/{self.cfg.patience})"),
+              flush=True)
+        if self.tracker:
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
+                                     step=progress["step"])
+        self.session.report(metrics, {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                                      "scheduler": self.sched.state_dict(), "progress": dict(progress),
+                                      "metrics": metrics})
+        return progress["bad"] >= self.cfg.patience
 
 
 def _to(batch: dict, device: torch.device) -> dict:

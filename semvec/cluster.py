@@ -37,8 +37,36 @@ def init_ray(env_vars: dict[str, str] | None = None) -> bool:
     # dashboard may be serving (see _local_worker_setup).
     ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
              dashboard_port=free_port(), logging_level=logging.WARNING,
-             runtime_env={"worker_process_setup_hook": _local_worker_setup})
+             runtime_env={"worker_process_setup_hook": _local_worker_setup,
+                          **({"env_vars": env_vars} if env_vars else {})})
     return True
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars, its plan and context dump at the start of each execution, its INFO
+    lines and its advice (UserWarnings) stay out of the terminal unless semvec runs with -v: the job
+    reports its own progress. Verbose is what setup_logging set on the semvec logger."""
+    import warnings
+
+    import ray.data
+
+    verbose = logging.getLogger("semvec").isEnabledFor(logging.DEBUG)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # its notice that the bars are off, which is what we asked for
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data")
+
+
+def quiet_worker_env() -> dict[str, str]:
+    """Environment for a job's Ray workers: no model-loading progress bars unless -v."""
+    if logging.getLogger("semvec").isEnabledFor(logging.DEBUG):
+        return {}
+    return {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' loading bars follow it too
 
 
 def check_local_resources(what: str, cpus: float, gpus: float) -> None:

@@ -94,7 +94,8 @@ class EmbedConfig:
     threads_per_worker: int | None = None  # torch threads; None: cpus_per_worker
     overwrite: bool = False
     # Stop with exit 1 when more than this share of the rows given to the model fail to embed
-    # (encode_failed): a broken model is a failure, not a success with nothing embedded. 1 = off.
+    # (encode_failed, tokenize_failed): a broken model is a failure, not a success with nothing
+    # embedded. 1 = off.
     max_failed_share: float = 0.05
     lease_ttl_s: float = 120.0  # an s3:// output's lease is stale after this long unrenewed
 
@@ -127,7 +128,7 @@ class EmbedConfig:
         "threads_per_worker": "torch threads per encoder actor (default: its CPUs)",
         "overwrite": "replace an output written with another model or settings (default: refuse)",
         "max_failed_share": "stop with exit 1 when more than this share of the rows given to the model "
-                            "fail (encode_failed); 1 turns it off",
+                            "fail (encode_failed, tokenize_failed); 1 turns it off",
         "lease_ttl_s": "seconds after which an s3:// output's unrenewed lease counts as stale",
     }
     FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"input_format": ("--format",)}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import threading
@@ -31,6 +32,8 @@ from semvec import crashpoints, storage
 from semvec.errors import ConfigError
 
 READ_BACK_S = 1.0
+
+log = logging.getLogger("semvec.lease")
 
 
 class LeaseHeld(ConfigError):
@@ -66,6 +69,15 @@ class Lease:
         else:
             self._acquire_local()
 
+    def holds(self) -> bool:
+        """Whether this run still holds the lease. On S3 the lease is read back now: the renewal
+        thread looks only every ttl/4, and a job asks this before it calls its output complete."""
+        if storage.is_remote(self.uri) and not self.lost.is_set():
+            held = self._read()
+            if held is None or held.get("token") != self.token:
+                self.lost.set()
+        return not self.lost.is_set()
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -74,10 +86,14 @@ class Lease:
             os.close(self._fd)  # drops the flock; the file stays, naming its last holder
             self._fd = None
         elif storage.is_remote(self.uri) and not self.lost.is_set():
-            held = self._read()
-            if held is not None and held.get("token") == self.token:
-                self.fs.rm(self.path)
-                crashpoints.wrote("lease release")
+            try:
+                held = self._read()
+                if held is not None and held.get("token") == self.token:
+                    self.fs.rm(self.path)
+                    crashpoints.wrote("lease release")
+            except Exception as exc:  # noqa: BLE001 - the store is down: the lease goes stale
+                log.warning("the lease %s could not be released (%s); it is stale after %.0f s",
+                            storage.display(self.uri), type(exc).__name__, self.ttl_s)
 
     def __enter__(self) -> Lease:
         self.acquire()

@@ -223,7 +223,7 @@ def test_truncation_is_recorded_per_row(ray_local, tiny_models, tmp_path):
 
 
 def test_gpu_pool_waits_for_an_autoscaler_only_when_max_workers_is_given(ray_local, tiny_models, tmp_path):
-    from semvec.backfill.job import _pool_size
+    from semvec.backfill.pipeline import _pool_size
 
     base = {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "out"),
             "model": str(tiny_models["bert"]), "num_gpus_per_worker": 1}

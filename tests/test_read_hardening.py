@@ -21,6 +21,7 @@ import pytest
 from semvec import models, storage
 from semvec.backfill import read
 from semvec.backfill.read import RAW_LIMIT, ROW_SCHEMA, RowParser, read_file_chunks
+from semvec.backfill.store_errors import StoreError
 from semvec.config import InputFormat, load_embed_config
 from semvec.errors import ConfigError
 from semvec.storage import InputFile, list_inputs
@@ -111,6 +112,19 @@ def test_with_id_field_text_the_quarantine_id_is_cut_like_raw(tmp_path):
     assert row[1] == text[:RAW_LIMIT] and len(row[4]) == RAW_LIMIT
 
 
+def test_with_id_field_text_the_duplicate_examples_are_cut_like_raw(ray_local, tiny_models, tmp_path):
+    # the manifest's duplicate examples were cut to 200 characters; the README says 1,000
+    from semvec.backfill.job import run
+
+    text = "word " * 600  # 3,000 characters, twice: one duplicate id
+    (tmp_path / "dup.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": text}) + "\n")
+    run(load_embed_config(None, input=str(tmp_path / "dup.jsonl"), output=str(tmp_path / "out"),
+                          model=str(tiny_models["bert"]), id_field="text"))
+    duplicates = json.loads((tmp_path / "out" / "_manifest.json").read_text())["duplicates"]
+    assert duplicates["count"] == 1 and duplicates["examples"] == [text[:RAW_LIMIT]]
+    assert RAW_LIMIT == 1000
+
+
 def test_a_row_no_table_can_hold_goes_to_quarantine_not_the_file():
     rows = [(0, "ok", "good text", None, None),
             (1, "id\ud800", "text", None, None),  # a lone surrogate the parser did not catch
@@ -157,6 +171,36 @@ def test_any_error_while_reading_ends_the_file_with_a_short_clean_reason(tmp_pat
     raw = rows[2]["raw"]
     assert raw.startswith("UnicodeDecodeError: ") and "\n" not in raw and "second line" not in raw
     assert "hunter2secret" not in raw and "abcdef123456" not in raw
+
+
+def test_bad_bytes_are_the_files_problem_but_a_failing_store_stops_the_job(tmp_path):
+    # Not gzip although named so: gzip raises BadGzipFile, an OSError, and it is still the file's
+    (tmp_path / "fake.jsonl.gz").write_bytes(b'{"text": "not gzip", "id": "1"}\n')
+    rows = rows_of(tmp_path / "fake.jsonl.gz", InputFormat.JSONL)
+    assert reasons(rows) == ["unreadable_file"] and rows[0]["raw"].startswith("BadGzipFile: ")
+    # A file gone since it was listed is the store's: no row for it, the job stops, a rerun reads it
+    (tmp_path / "gone.jsonl").write_text('{"text": "one", "id": "1"}\n')
+    gone = tmp_path / "gone.jsonl"
+    file = InputFile(str(gone), gone.name, gone.stat().st_size, "v1")
+    gone.unlink()
+    with pytest.raises(StoreError, match="reading 'gone.jsonl' failed in the store \\(FileNotFoundError"):
+        list(read_file_chunks(file, InputFormat.JSONL, RowParser("text", "id", 200_000), NONE_DONE, 10))
+
+
+def test_the_files_last_row_carries_how_many_rows_were_read(tmp_path):
+    lines = [json.dumps({"text": f"row {i}", "id": str(i)}) for i in range(5)]
+    (tmp_path / "f.jsonl").write_text("\n".join(lines) + "\n")
+    assert [r["file_rows"] for r in rows_of(tmp_path / "f.jsonl", InputFormat.JSONL, chunk_rows=2)] \
+        == [None, None, None, None, 5]
+    file = InputFile(str(tmp_path / "f.jsonl"), "f.jsonl", 1, "v1")
+    parser = RowParser("text", "id", 200_000)
+    left = [r for t in read_file_chunks(file, InputFormat.JSONL, parser, np.array([1, 4]), 10)
+            for r in t.to_pylist()]
+    assert [(r["row"], r["file_rows"]) for r in left] == [(0, None), (2, None), (3, None)]
+    # a file that ends in damage: the unreadable_file row is its last
+    (tmp_path / "big.csv").write_text(f"text,id\nfirst,1\n{'x' * (csv.field_size_limit() + 10)},2\n")
+    rows = rows_of(tmp_path / "big.csv", InputFormat.CSV, max_chars=1000)
+    assert [(r["reason"], r["file_rows"]) for r in rows] == [(None, None), ("unreadable_file", 2)]
 
 
 def test_json_nested_too_deep_is_one_malformed_row(tmp_path):

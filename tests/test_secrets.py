@@ -13,6 +13,7 @@ import pytest
 
 import pipelines._job
 from semvec import cli, storage
+from semvec.config import EmbedConfig
 from semvec.errors import ConfigError
 from semvec.redact import MASK, RedactingFilter, has_userinfo, redact, setup_logging
 from semvec.retrain.lock import LockHeld
@@ -172,7 +173,8 @@ def test_every_error_is_one_redacted_line(monkeypatch, capsys, semvec_logger, ex
     assert PASSWORD not in err
 
     # the Ray job entry points end the same way
-    assert pipelines._job.main("doc", lambda args, overrides: _raise(exc), ["--config", "x.yaml"]) == code
+    assert pipelines._job.main("doc", EmbedConfig, lambda args, overrides: _raise(exc),
+                               ["--config", "x.yaml"]) == code
     assert capsys.readouterr().err.splitlines() == [line]
 
 

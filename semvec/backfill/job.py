@@ -10,7 +10,6 @@ The commit protocol that makes every row land exactly once is described on `stag
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,21 +18,15 @@ import numpy as np
 
 from semvec import __version__, crashpoints, models, storage
 from semvec.backfill.manifest import LEASE, OutputDir, now
-from semvec.backfill.read import detect_format
-from semvec.cluster import init_ray
-from semvec.config import EmbedConfig, Granularity, InputFormat, Pooling
+from semvec.backfill.pipeline import FAILURE_REASONS, Stopped, execute, lease_lost, pool_for, too_many_failed
+from semvec.backfill.read import RowParser, detect_format, has_rows
+from semvec.cluster import check_local_resources, init_ray, quiet_worker_env
+from semvec.config import EmbedConfig, InputFormat, Pooling
 from semvec.errors import ConfigError, JobFailed, OutputMismatch
 from semvec.lease import Lease
 from semvec.storage import InputFile
 
 log = logging.getLogger("semvec.backfill")
-
-# Read, tokenize and write are light: they claim no CPU, so the encoder actors may take every
-# CPU of a node and no IO task ever waits behind them (an actor restarted after a node is lost
-# cannot take the slot the writers need). Each IO stage runs at most this many tasks per actor.
-IO_TASKS_PER_ACTOR = 1
-# The failure share is judged mid-run once this many rows have reached the model.
-FAIL_CHECK_ROWS = 1000
 
 
 @dataclass
@@ -53,6 +46,10 @@ class Plan:
 
 def plan(config: EmbedConfig) -> Plan:
     """Check everything that can be checked before Ray starts; raise ConfigError otherwise."""
+    # the actors the pool starts with must fit a local Ray (a cluster may still bring them)
+    check_local_resources(f"an encoder pool of {config.min_workers}",
+                          (config.cpus_per_worker or 0) * config.min_workers,
+                          config.num_gpus_per_worker * config.min_workers)
     files = storage.list_inputs(config.input)
     for f in files:
         if detect_format(f.relative, config.input_format) is None:
@@ -128,14 +125,18 @@ def _prepare_output(p: Plan) -> None:
     finished = {i["source"]: i for i in manifest.get("inputs", []) if i.get("complete")}
     known = {i["source"]: i.get("version") for i in manifest.get("inputs", [])}
     for f in p.files:
-        prior = finished.get(f.relative)
-        if prior and prior.get("version") == f.version:
-            p.skip.add(f.relative)  # its parts are all there: counted again at the end
-            continue
         if f.relative in known and known[f.relative] != f.version:
             out.drop_parts_of(f.relative)  # the file changed since: its old vectors are stale
             continue
         done = out.done_rows(f.relative)
+        prior = finished.get(f.relative)
+        if prior and len(done) == prior.get("rows"):
+            p.skip.add(f.relative)  # its parts are all there: counted again at the end
+            continue
+        if prior:  # finished once, but parts of it are gone since: its missing rows are read again
+            log.warning("input %r was complete but %d of its %s rows are in no part now; "
+                        "reading it again for them", f.relative, prior.get("rows", 0) - len(done),
+                        prior.get("rows"))
         if len(done):
             p.done[f.relative] = done
 
@@ -175,39 +176,6 @@ def _manifest(p: Plan, status: str, started: str, accounting: dict | None = None
     }
 
 
-def _worker_cpus(config: EmbedConfig) -> float:
-    import ray
-
-    if config.cpus_per_worker is not None:
-        return config.cpus_per_worker
-    if config.num_gpus_per_worker > 0:
-        return 1.0
-    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    return float(max(1, min(2, int(largest))))
-
-
-def _pool_size(config: EmbedConfig, cpus: float) -> tuple[int, int]:
-    """(min, max) encoder actors. With GPUs and max_workers given, GPU nodes need not be up yet:
-    the pool starts when the autoscaler brings the first one, and grows as more arrive."""
-    import ray
-
-    resources = ray.cluster_resources()
-    if config.num_gpus_per_worker > 0:
-        present = int(resources.get("GPU", 0) // config.num_gpus_per_worker)
-        if present < 1 and not config.max_workers:
-            raise ConfigError(
-                f"num_gpus_per_worker {config.num_gpus_per_worker} but the cluster has "
-                f"{resources.get('GPU', 0)} GPUs now; on an autoscaling cluster give max_workers"
-            )
-        high = config.max_workers or present
-        low = config.min_workers or max(1, min(present, high))
-        return min(low, high), high
-    most = max(1, int(resources.get("CPU", 1) // cpus))
-    high = config.max_workers or most
-    low = config.min_workers or high
-    return min(low, high), high
-
-
 def run(config: EmbedConfig) -> dict:
     """Plan, then run the backfill; returns the summary (also printed)."""
     t0 = time.time()
@@ -225,17 +193,18 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
     todo = [f for f in p.files if f.relative not in p.skip]
     pool = None
     if todo:
-        init_ray(crashpoints.worker_env())
-        pool = _pool(config)  # may refuse (too few GPUs) before anything is written
+        init_ray({**quiet_worker_env(), **crashpoints.worker_env()})
+        pool = pool_for(config)  # may refuse (too few GPUs) before anything is written
     out.write_manifest(_manifest(p, "running", started))
     t_plan = time.time() - t0
     try:
-        rows_this_run = _execute(p, todo, pool, lease) if todo else 0
-    except _Stopped as stop:
-        out.write_manifest({**_manifest(p, "failed", started), "error": str(stop)})
+        rows_this_run = execute(p, todo, pool, lease) if todo else 0
+    except Stopped as stop:
+        _record_failure(out, {**_manifest(p, "failed", started), "error": str(stop)})
         raise JobFailed(str(stop)) from None
     t_run = time.time() - t0 - t_plan
-    accounting = out.account(p.files)
+    accounting = _account(p, out)
+    _check_lease(lease, config.output)  # the last moment before the manifest says "complete"
     timings = {"plan_s": round(t_plan, 2), "run_s": round(t_run, 2),
                "total_s": round(time.time() - t0, 2)}
     failed = _failure(accounting, config.max_failed_share)
@@ -257,75 +226,31 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
     }
 
 
-class _Stopped(Exception):
-    """Raised mid-run when too many rows fail: the job stops with what is committed."""
+def _record_failure(out: OutputDir, manifest: dict) -> None:
+    """The "failed" manifest, if the store takes it (it may be the store that failed)."""
+    try:
+        out.write_manifest(manifest)
+    except Exception as exc:  # noqa: BLE001 - the job's own error is the one to report
+        log.warning("the manifest could not be marked failed (%s)", type(exc).__name__)
+
+
+def _account(p: Plan, out: OutputDir) -> dict:
+    """The accounting from the committed parts, checked (see OutputDir.account)."""
+    c = p.config
+    parser = RowParser(c.text_field, c.id_field, c.max_chars)
+    return out.account(p.files, lambda f: has_rows(f, detect_format(f.relative, c.input_format), parser))
+
+
+def _check_lease(lease: Lease, output: str) -> None:
+    if not lease.holds():
+        raise lease_lost(output)
 
 
 def _failure(accounting: dict, max_share: float) -> str | None:
     """Why the output is a failure (too many rows the model could not embed), or None."""
-    failed = sum(a["reasons"].get("encode_failed", 0) for a in accounting["inputs"].values())
+    failed = sum(a["reasons"].get(k, 0) for a in accounting["inputs"].values() for k in FAILURE_REASONS)
     tried = failed + sum(a["embedded"] for a in accounting["inputs"].values())
-    return _too_many_failed(failed, tried, max_share)
-
-
-def _too_many_failed(failed: int, tried: int, max_share: float) -> str | None:
-    if tried and failed / tried > max_share:
-        return (f"{failed} of {tried} rows given to the model failed to embed (encode_failed, "
-                f"{failed / tried:.1%} > max_failed_share {max_share:.1%}); see _quarantine/ for "
-                "the errors")
-    return None
-
-
-def _pool(c: EmbedConfig) -> tuple[float, int, int]:
-    cpus = _worker_cpus(c)
-    return (cpus, *_pool_size(c, cpus))
-
-
-def _execute(p: Plan, todo: list[InputFile], pool: tuple[float, int, int], lease: Lease) -> int:
-    import json
-
-    import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
-
-    from semvec.backfill.stages import CorpusSource, EncodeActor, Tokenize, Writer
-
-    c = p.config
-    cpus, low, high = pool
-    threads = c.threads_per_worker or max(1, math.floor(cpus))
-    token_mode = c.granularity == Granularity.TOKEN
-    encoder_cfg = {
-        "granularity": c.granularity.value, "pooling": p.pooling, "normalize": p.normalize,
-        "max_length": p.max_length, "dtype": c.dtype.value, "batch_tokens": c.batch_tokens,
-        "trust_remote_code": c.trust_remote_code,
-    }
-    io = {"num_cpus": 0, "compute": TaskPoolStrategy(size=max(2, high * IO_TASKS_PER_ACTOR))}
-    ds = ray.data.read_datasource(CorpusSource(todo, c, p.done), **io)
-    ds = ds.map_batches(
-        Tokenize(p.model_dir, p.max_length, c.granularity.value, c.trust_remote_code),
-        batch_size=c.batch_rows, batch_format="pyarrow", **io,
-    )
-    ds = ds.map_batches(
-        EncodeActor,
-        fn_constructor_kwargs={"model_dir": p.model_dir, "config": encoder_cfg, "threads": threads},
-        compute=ActorPoolStrategy(min_size=low, max_size=high),
-        batch_size=c.batch_rows, batch_format="pyarrow",
-        num_cpus=cpus, num_gpus=c.num_gpus_per_worker or None,
-    )
-    ds = ds.map_batches(Writer(c.output, token_mode), batch_size=c.rows_per_file,
-                        batch_format="pyarrow", **io)
-    rows = embedded = failed = 0
-    for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        rows += int(sum(stats["embedded"].to_pylist()) + sum(stats["quarantined"].to_pylist()))
-        embedded += int(sum(stats["embedded"].to_pylist()))
-        failed += sum(json.loads(r).get("encode_failed", 0) for r in stats["reasons"].to_pylist())
-        if lease.lost.is_set():
-            raise JobFailed(f"the lease on {storage.display(c.output)} was lost to another run; "
-                            "stopped so that two runs do not write one prefix")
-        if embedded + failed >= FAIL_CHECK_ROWS:
-            reason = _too_many_failed(failed, embedded + failed, c.max_failed_share)
-            if reason:  # what is committed stays (a rerun resumes); the rest is not tried
-                raise _Stopped(reason)
-    return rows
+    return too_many_failed(failed, tried, max_share)
 
 
 def print_summary(summary: dict, stream=sys.stdout) -> None:

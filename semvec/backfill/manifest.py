@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -16,13 +17,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from semvec import storage
-from semvec.backfill.stages import QUARANTINE_DIR, source_key
+from semvec.backfill.read import RAW_LIMIT
+from semvec.backfill.stages import QUARANTINE_DIR, file_rows_of, source_key
 from semvec.storage import InputFile
 
 MANIFEST = "_manifest.json"
 LEASE = "_lease.json"
 DUPLICATE_EXAMPLES = 20
-ID_EXAMPLE_CHARS = 200  # ids may be whole texts (--id-field text): examples are cut
+ID_EXAMPLE_CHARS = RAW_LIMIT  # ids may be whole texts (--id-field text): cut like quarantine's
 
 
 class AccountingError(RuntimeError):
@@ -111,16 +113,20 @@ class OutputDir:
         for p in self.parts_of(relative):
             self.fs.rm(p)
 
-    def account(self, files: list[InputFile]) -> dict:
+    def account(self, files: list[InputFile], has_rows: Callable[[InputFile], bool]) -> dict:
         """Per input: rows embedded and quarantined (by reason) and its parts; duplicate ids.
 
-        Also the protocol's check: within each input, every row number from 0 to the last one
-        committed is in exactly one part. A row twice or a gap raises AccountingError.
+        Also the protocol's check: within each input, every row number from 0 to the input's row
+        count (as the reader counted it; kept with the part that holds its last row) is in
+        exactly one part, and an input with no part has no row (`has_rows`, asked only then,
+        reads up to its first). A row twice, a gap, or rows missing at the end raise
+        AccountingError.
         """
         by_key = {source_key(f.relative): f.relative for f in files}
         inputs: dict[str, dict] = defaultdict(lambda: {"embedded": 0, "quarantined": 0,
                                                        "reasons": Counter(), "outputs": []})
         rows: dict[str, list[np.ndarray]] = defaultdict(list)
+        ends: dict[str, int] = {}
         ids: list[pa.ChunkedArray] = []
         for quarantine in (False, True):
             for p in self.list_parts(quarantine):
@@ -134,6 +140,9 @@ class OutputDir:
                     table = pq.read_table(f, columns=[column, "row"])
                 values = table[column]
                 rows[source].append(table["row"].to_numpy())
+                end = file_rows_of(table.schema.metadata)
+                if end is not None:
+                    ends[source] = end
                 if quarantine:
                     entry["quarantined"] += len(values)
                     entry["reasons"].update(r.split(":", 1)[0] for r in values.to_pylist())
@@ -142,20 +151,28 @@ class OutputDir:
                     entry["outputs"].append(name)
                     ids.append(values)
         for source, chunks in rows.items():
-            _check_rows(source, np.concatenate(chunks))
+            _check_rows(source, np.concatenate(chunks), ends.get(source))
+        for f in files:
+            if f.relative not in rows and has_rows(f):
+                raise AccountingError(f"input {f.relative!r} has rows but none of them is in a "
+                                      "committed part; the output prefix is not complete")
         return {"inputs": inputs, "duplicates": _duplicates(ids)}
 
 
-def _check_rows(source: str, rows: np.ndarray) -> None:
+def _check_rows(source: str, rows: np.ndarray, file_rows: int | None) -> None:
+    """Rows 0 .. file_rows - 1 each once. No count at all: the part with the last row is gone."""
     rows = np.sort(rows)
     twice = rows[1:][rows[1:] == rows[:-1]]
     if len(twice):
         raise AccountingError(f"input {source!r}: row {int(twice[0])} is in two committed parts "
                               f"({len(twice)} such rows); the output prefix is not consistent")
-    if len(rows) and (rows[0] != 0 or rows[-1] != len(rows) - 1):
-        missing = np.setdiff1d(np.arange(rows[-1] + 1), rows)
-        raise AccountingError(f"input {source!r}: rows {missing[:5].tolist()} (of {len(missing)}) "
-                              "are in no committed part")
+    if file_rows is None:
+        raise AccountingError(f"input {source!r}: no committed part holds its last row (rows after "
+                              f"{int(rows[-1])} are in no part); the output prefix is not complete")
+    missing = np.setdiff1d(np.arange(file_rows), rows)
+    if len(missing) or rows[-1] >= file_rows:
+        raise AccountingError(f"input {source!r}: {len(rows)} rows committed, {file_rows} read; "
+                              f"rows {missing[:5].tolist()} (of {len(missing)}) are in no part")
 
 
 def _duplicates(ids: list[pa.ChunkedArray]) -> dict:

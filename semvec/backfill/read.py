@@ -7,11 +7,17 @@ billion-row file never sits in memory.
 
 What no input can do is stop the job. A row whose text or id is not valid Unicode (a bad byte, or
 a lone surrogate such as JSON's "\ud800", which UTF-8 cannot hold) is `invalid_utf8`; a row that
-no column could hold is `unreadable_row`; a file that fails partway (a truncated gzip, a broken
-parquet footer, a csv field over the size limit, anything else) keeps the rows read before and
-ends with one `unreadable_file` row whose `raw` is the error's type and first line. Whatever is
+no column could hold is `unreadable_row`; a file whose content fails partway (a truncated gzip, a
+broken parquet footer, a csv field over the size limit, anything else) keeps the rows read before
+and ends with one `unreadable_file` row whose `raw` is the error's type and first line. Whatever is
 kept in quarantine (`raw`, `id`) is made valid UTF-8 (bad characters as backslash escapes) and cut
 to RAW_LIMIT characters.
+
+The store failing under a read is another matter (see store_errors): it ends the job instead of
+quarantining the rest of the file, and the file stays undone for the rerun.
+
+The file's last row carries `file_rows`, the number of rows read from the file; the writer keeps
+it with the part that holds that row, and the end-of-job check compares the committed rows with it.
 
 Text is taken as written otherwise: a UTF-8 byte-order mark at the start of a file is dropped,
 CRLF line ends are line ends, and a NUL ("\u0000") inside a text is embedded like any other
@@ -21,6 +27,7 @@ character (tokenizers drop or encode control characters; a NUL is no reason to l
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import gzip
 import io
@@ -34,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semvec import storage
+from semvec.backfill.store_errors import StoreError, StoreStream, store_error
 from semvec.config import InputFormat
 from semvec.redact import redact
 from semvec.storage import InputFile
@@ -47,6 +55,7 @@ ROW_SCHEMA = pa.schema([
     ("text", pa.string()),
     ("reason", pa.string()),  # null: embed it; else why it goes to quarantine
     ("raw", pa.string()),
+    ("file_rows", pa.int64()),  # on the file's last row only: how many rows the file has
 ])
 
 
@@ -62,6 +71,7 @@ class Reason(str, Enum):
     BAD_COLUMNS = "wrong_number_of_columns"
     UNREADABLE_FILE = "unreadable_file"
     UNREADABLE_ROW = "unreadable_row"  # a row no column could hold: a guard, not an expected case
+    TOKENIZE_FAILED = "tokenize_failed"
     ENCODE_FAILED = "encode_failed"
 
 
@@ -145,10 +155,14 @@ def _kept(s: str | None) -> str | None:
 
 
 def _open(fs, file: InputFile) -> io.BufferedIOBase:
-    handle = fs.open(storage.strip(file.uri) if storage.is_remote(file.uri) else file.uri, "rb")
+    try:
+        handle = fs.open(storage.strip(file.uri) if storage.is_remote(file.uri) else file.uri, "rb")
+    except Exception as exc:  # noqa: BLE001 - opening is all store (s3fs asks for the size here)
+        raise store_error(file.relative, exc) from None
+    stream = io.BufferedReader(StoreStream(handle, file.relative))
     if file.relative.lower().endswith(".gz"):
-        return gzip.GzipFile(fileobj=handle)
-    return handle
+        return gzip.GzipFile(fileobj=stream)
+    return stream
 
 
 def _lines(handle) -> Iterator[tuple[int, bytes]]:
@@ -278,26 +292,48 @@ def read_file_chunks(
     done_rows: np.ndarray,
     chunk_rows: int,
 ) -> Iterator[pa.Table]:
-    """Yield ROW_SCHEMA tables of at most chunk_rows rows, leaving out rows already done."""
+    """Yield ROW_SCHEMA tables of at most chunk_rows rows, leaving out rows already done.
+
+    The file's last row carries `file_rows` (its row number + 1); when that row is done already,
+    the part that holds it carries it. Raises StoreError when the store fails.
+    """
     done = set(done_rows.tolist())
     buf: list[tuple] = []
-    for item in _guarded(iter_rows(file, fmt, parser)):
+    for item, last in _last_marked(_guarded(iter_rows(file, fmt, parser))):
         if item[0] in done:
             continue
         buf.append(item)
-        if len(buf) >= chunk_rows:
-            yield _table(file.relative, buf)
+        if last or len(buf) >= chunk_rows:
+            yield _table(file.relative, buf, item[0] + 1 if last else None)
             buf = []
     if buf:
         yield _table(file.relative, buf)
 
 
+def has_rows(file: InputFile, fmt: InputFormat, parser: RowParser) -> bool:
+    """Whether the file holds at least one row (reads up to its first one)."""
+    with contextlib.closing(_guarded(iter_rows(file, fmt, parser))) as rows:
+        return next(rows, None) is not None
+
+
+def _last_marked(items: Iterator[tuple]) -> Iterator[tuple[tuple, bool]]:
+    """(item, is it the last one): one item ahead, so the last is known when it is handed on."""
+    previous = None
+    for item in items:
+        if previous is not None:
+            yield previous, False
+        previous = item
+    if previous is not None:
+        yield previous, True
+
+
 def _guarded(rows: Iterator[tuple]) -> Iterator[tuple]:
     """The rows of a file until reading it fails; then one unreadable_file row, and no more.
 
-    Any error counts (a truncated gzip, a broken parquet footer, csv.Error, a bug): what was read
-    stands, and the rest of the file is one quarantine row at the row number where reading stopped.
-    Its raw is the error's type and first line, cleaned of credentials.
+    Any error of the content counts (a truncated gzip, a broken parquet footer, csv.Error, a bug):
+    what was read stands, and the rest of the file is one quarantine row at the row number where
+    reading stopped. Its raw is the error's type and first line, cleaned of credentials. A
+    StoreError is not the content's: it goes on, and ends the job.
     """
     next_row = 0
     while True:
@@ -305,6 +341,8 @@ def _guarded(rows: Iterator[tuple]) -> Iterator[tuple]:
             item = next(rows)
         except StopIteration:
             return
+        except StoreError:
+            raise
         except Exception as exc:  # noqa: BLE001 - no file may stop the job
             message = redact(str(exc).strip().split("\n", 1)[0][:200])
             yield RowParser.bad(next_row, Reason.UNREADABLE_FILE, f"{type(exc).__name__}: {message}")
@@ -313,11 +351,14 @@ def _guarded(rows: Iterator[tuple]) -> Iterator[tuple]:
         yield item
 
 
-def _table(source: str, rows: list[tuple]) -> pa.Table:
+def _table(source: str, rows: list[tuple], file_rows: int | None = None) -> pa.Table:
+    """ROW_SCHEMA rows of one file; file_rows is set when the last of them is the file's last."""
     try:
-        return _columns(source, rows)
+        table = _columns(source, rows)
     except Exception:  # noqa: BLE001 - find the rows at fault, one by one
-        return _columns(source, [_buildable(source, r) for r in rows])
+        table = _columns(source, [_buildable(source, r) for r in rows])
+    marks = [None] * (len(rows) - 1) + [file_rows]
+    return table.append_column(ROW_SCHEMA.field("file_rows"), pa.array(marks, pa.int64()))
 
 
 def _buildable(source: str, item: tuple) -> tuple:
@@ -333,8 +374,9 @@ def _buildable(source: str, item: tuple) -> tuple:
 
 def _columns(source: str, rows: list[tuple]) -> pa.Table:
     cols = list(zip(*rows, strict=True))
+    schema = ROW_SCHEMA.remove(ROW_SCHEMA.get_field_index("file_rows"))
     return pa.table(
         [pa.array([source] * len(rows), pa.string())]
-        + [pa.array(c, t) for c, t in zip(cols, ROW_SCHEMA.types[1:], strict=True)],
-        schema=ROW_SCHEMA,
+        + [pa.array(c, t) for c, t in zip(cols, schema.types[1:], strict=True)],
+        schema=schema,
     )

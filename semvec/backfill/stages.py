@@ -24,6 +24,7 @@ from semvec.config import EmbedConfig, Granularity
 from semvec.storage import InputFile
 
 QUARANTINE_DIR = "_quarantine"
+FILE_ROWS_KEY = "semvec.file_rows"  # parquet metadata of the part holding an input's last row
 QUARANTINE_SCHEMA = pa.schema([
     ("source", pa.string()), ("row", pa.int64()), ("id", pa.string()),
     ("reason", pa.string()), ("raw", pa.string()),
@@ -98,13 +99,18 @@ class Tokenize:
         self.trust_remote_code = trust_remote_code
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from semvec.encode import tokenize
-
         _require(batch, ("text", "reason"), "tokenize")
         tok = _tokenizer(self.model_dir, self.trust_remote_code)
         ok = np.flatnonzero(batch["reason"].is_null().to_numpy(zero_copy_only=False))
         texts = batch["text"].take(pa.array(ok, pa.int64())).to_pylist()
-        tk = tokenize(tok, texts, self.max_length, with_offsets=self.token_mode)
+        tk, failed = _tokenize_rows(tok, texts, self.max_length, self.token_mode)
+        if failed:  # those rows go to quarantine with the tokenizer's error; the rest go on
+            reasons = batch["reason"].to_pylist()
+            for j, reason in failed.items():
+                reasons[ok[j]] = reason
+            batch = batch.set_column(batch.column_names.index("reason"), "reason",
+                                     pa.array(reasons, pa.string()))
+            ok = np.delete(ok, list(failed))
         n = batch.num_rows
         ids: list = [None] * n
         truncated = np.zeros(n, dtype=bool)
@@ -127,6 +133,33 @@ class Tokenize:
             batch = batch.append_column("offsets", _offsets_array(offsets))
             batch = batch.append_column("tokens", pa.array(tokens, pa.list_(pa.string())))
         return batch
+
+
+def _tokenize_rows(tok, texts: list[str], max_length: int, with_offsets: bool):
+    """(Tokenized of the rows that tokenize, {index in texts: quarantine reason} of the others).
+
+    The batch at once; if the tokenizer raises, row by row, so that only the rows it fails on
+    go to quarantine (a custom tokenizer can refuse a text) and the job goes on.
+    """
+    from semvec.encode import Tokenized, tokenize
+
+    try:
+        return tokenize(tok, texts, max_length, with_offsets=with_offsets), {}
+    except Exception:  # noqa: BLE001 - find the rows at fault, one by one
+        pass
+    done: list[Tokenized] = []
+    failed: dict[int, str] = {}
+    for j, text in enumerate(texts):
+        try:
+            done.append(tokenize(tok, [text], max_length, with_offsets=with_offsets))
+        except Exception as exc:  # noqa: BLE001 - one row the tokenizer refuses is that row's only
+            failed[j] = f"{Reason.TOKENIZE_FAILED.value}: {type(exc).__name__}: {exc}"[:500]
+    merged = Tokenized(ids=[t.ids[0] for t in done],
+                       truncated=np.array([t.truncated[0] for t in done], dtype=bool))
+    if with_offsets:
+        merged.special = [t.special[0] for t in done]
+        merged.offsets = [t.offsets[0] for t in done]
+    return merged, failed
 
 
 def _offsets_array(offsets: list) -> pa.Array:
@@ -226,19 +259,24 @@ class Writer:
       written per batch, and a part, once there, is never replaced by other rows.
     - What is done is read from the parts alone: a rerun re-reads every row that no committed
       part holds (`OutputDir.done_rows`) and leaves every other row alone.
+    - The part that holds an input's last row carries the input's row count, as the reader
+      counted it (`file_rows` in its parquet metadata), so what an input should hold is known
+      from the parts too.
     So every row is in at most one part: a new part only holds rows that no committed part holds,
     and for the same reason its name is new (a committed part of that name would hold its first
     row). A crash between a batch's quarantine part and its output part leaves the good rows
     undone, and the rerun embeds them. Ray re-running a task after a lost worker writes the same
-    rows under the same name, with the same bytes. `OutputDir.account` checks at the end that no
-    row is in two parts and that no row is missing, and the job fails if one is.
+    rows under the same name, with the same bytes. `OutputDir.account` checks at the end that every
+    input's rows 0 .. file_rows - 1 are each in exactly one part (none twice, none missing, at the
+    end of a file too) and that an input with no part has no row; the job fails otherwise. A rerun
+    reads again an input that finished once but whose parts no longer hold all its rows.
     """
 
     output: str
     token_mode: bool
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _require(batch, ("source", "row", "id", "reason", "embedding"), "write")
+        _require(batch, ("source", "row", "id", "reason", "embedding", "file_rows"), "write")
         fs = storage.filesystem(self.output)
         root = storage.strip(self.output)
         stats = []
@@ -248,10 +286,10 @@ class Writer:
             good = part.filter(pa.compute.invert(bad_mask))
             bad = part.filter(bad_mask)
             if bad.num_rows:  # first: the output part is what makes the good rows done
-                bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
-                _put(fs, f"{root}/{QUARANTINE_DIR}/{part_name(source, bad)}", bad)
+                rows = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
+                _put(fs, f"{root}/{QUARANTINE_DIR}/{part_name(source, bad)}", _marked(rows, bad))
             if good.num_rows:
-                _put(fs, f"{root}/{part_name(source, good)}", self._embedded(good))
+                _put(fs, f"{root}/{part_name(source, good)}", _marked(self._embedded(good), good))
             stats.append((source, good.num_rows, bad.num_rows, _reason_counts(bad)))
         cols = list(zip(*stats, strict=True))
         return pa.table({"source": list(cols[0]), "embedded": list(cols[1]),
@@ -262,6 +300,20 @@ class Writer:
         if self.token_mode:
             columns += ["tokens", "offsets", "token_embeddings"]
         return good.select(columns)
+
+
+def _marked(rows: pa.Table, batch: pa.Table) -> pa.Table:
+    """The part's rows, with the file's row count in its metadata if it holds the file's last row."""
+    marks = batch["file_rows"].drop_null()
+    if not len(marks):
+        return rows
+    return rows.replace_schema_metadata({FILE_ROWS_KEY: str(marks[0].as_py())})
+
+
+def file_rows_of(metadata: dict | None) -> int | None:
+    """The file's row count a part's parquet metadata holds, if it holds the file's last row."""
+    value = (metadata or {}).get(FILE_ROWS_KEY.encode())
+    return None if value is None else int(value)
 
 
 def _reason_counts(bad: pa.Table) -> str:

@@ -106,6 +106,9 @@ class LocalSession:
     def resume_state(self) -> dict | None:
         return self._resume
 
+    def examples(self, given: tuple[list[dict], list[dict]]) -> tuple[list[dict], list[dict]]:
+        return given  # (train, dev) as the test passes them
+
     @property
     def device(self):
         import torch

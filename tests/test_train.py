@@ -140,7 +140,7 @@ def test_every_method_and_task_learns_in_process(tiny_models, tmp_path, task, me
     before = task_metrics(model, collate, dev, p["labels"])[primary]
     session = LocalSession()
     torch.manual_seed(0)
-    Worker({"config": cfg.to_dict(), "plan": p, "train": train, "dev": dev, "threads": 1}, session).run()
+    Worker({"config": cfg.to_dict(), "plan": p, "examples": (train, dev), "threads": 1}, session).run()
     reports = [metrics for metrics, _ in session.reports]
     assert len(reports) == cfg.epochs and all(state for _, state in session.reports)
     losses = [r["train_loss"] for r in reports]

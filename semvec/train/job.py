@@ -98,6 +98,8 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     tracker = tracking.start_run(experiment, name, {**cfg.to_dict(), "base_fingerprint": p["fingerprint"],
                                                     "train_examples": len(train), "dev_examples": len(dev)})
     init_ray()
+    import ray
+
     primary = f"dev_{PRIMARY[cfg.task]}"
     storage_path = _checkpoint_root(cfg)
     storage_fs = _checkpoint_fs(storage_path)
@@ -106,7 +108,9 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     cpus = _worker_cpus(cfg)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "plan": p, "train": train, "dev": dev,
+        # the examples go to the object store once, shared by the workers of a node, instead of
+        # inside every worker's pickled config
+        train_loop_config={"config": cfg.to_dict(), "plan": p, "examples": ray.put((train, dev)),
                            "tracker": tracker, "threads": cpus},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),

@@ -109,6 +109,12 @@ class RaySession:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = None  # known once the model is prepared
 
+    def examples(self, ref) -> tuple[list[dict], list[dict]]:
+        """(train, dev) from the object store, where the driver put them once."""
+        import ray
+
+        return ray.get(ref)
+
     def resume_state(self) -> dict | None:
         import ray.train
 
@@ -161,7 +167,8 @@ class Worker:
 
         cfg = self.cfg = TrainConfig(**loop_config["config"])
         torch.set_num_threads(loop_config["threads"])
-        self.plan, self.train, self.dev = loop_config["plan"], loop_config["train"], loop_config["dev"]
+        self.plan = loop_config["plan"]
+        self.train, self.dev = session.examples(loop_config["examples"])
         self.tracker = loop_config.get("tracker")
         self.session = session
         self.rank, self.world = session.rank, session.world

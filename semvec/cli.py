@@ -33,7 +33,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line too (the usage itself is behind --help)."""
 
     def error(self, message: str):
-        self.exit(2, f"semvec: error: {redact(message)} (see {self.prog} --help)\n")
+        hint = ""
+        if "--set" in message or "--option" in message:  # the override syntax of semvec 0.1
+            hint = "; settings are flags of their own now: --set max_workers=8 is --max-workers 8, " \
+                   "--option lora_r=16 is --lora-r 16"
+        self.exit(2, f"semvec: error: {redact(message)}{hint} (see {self.prog} --help)\n")
 
 
 def _embed_parser(sub) -> None:
@@ -180,13 +184,8 @@ def _train(args) -> dict:
 
     overrides = given(args, args.config_fields)
     options = given(args, args.method_fields)
-    if options:  # added to the config file's method options, not instead of them
-        from pathlib import Path
-
-        from semvec.config import read_yaml_settings
-
-        in_file = read_yaml_settings(Path(args.config)).get("method_options") if args.config else None
-        overrides["method_options"] = {**(in_file if isinstance(in_file, dict) else {}), **options}
+    if options:  # added to the config file's method options (load_settings merges mappings)
+        overrides["method_options"] = options
     config = load_train_config(args.config, **overrides)
     summary = fit(config, register=args.register, experiment=args.experiment)
     if not args.json:

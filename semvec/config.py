@@ -226,7 +226,12 @@ def load_settings(cls: type, path: str | Path | None, required: tuple[str, ...],
     data: dict[str, Any] = {}
     if path is not None:
         data.update(read_yaml_settings(Path(path)))
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            value = {**data[key], **value}  # a mapping given on top of the file's adds to it
+        data[key] = value
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -73,7 +73,8 @@ def load_task_model(model_dir: Path, ref: str) -> tuple[TaskModel, Collator, mod
             raise ConfigError(f"model {ref!r} is a {task.value} model without {HEAD_FILE}")
         model.head.load_state_dict(load_file(str(head)))
     collate = Collator(load_tokenizer(Path(model_dir)), task, int(card.max_length), card.labels)
-    return model.eval(), collate, card
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), collate, card
 
 
 class Collator:

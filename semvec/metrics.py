@@ -83,10 +83,18 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     first; equal scores rank by document index, so results do not depend on the sort."""
     s = np.asarray(scores)
     k = min(k, s.shape[1])
-    # A full stable argsort keeps ties in document order; chunks of ~16M scores bound its memory.
-    rows = max(1, (1 << 24) // max(1, s.shape[1]))
-    return np.concatenate([np.argsort(-s[i:i + rows], axis=1, kind="stable")[:, :k]  # [rows, k]
-                           for i in range(0, s.shape[0], rows)])
+    if k == s.shape[1]:
+        return np.argsort(-s, axis=1, kind="stable")
+    # The k-th best score of each row (a partial sort, linear in n_docs); every document scoring
+    # at least that is a candidate: the top k plus any tied with the k-th. Candidates sort by
+    # (-score, index).
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]  # [n_queries]
+    out = np.empty((s.shape[0], k), dtype=np.int64)
+    for q in range(s.shape[0]):
+        candidates = np.flatnonzero(s[q] >= kth[q])
+        order = np.lexsort((candidates, -s[q, candidates]))
+        out[q] = candidates[order[:k]]
+    return out
 
 
 def ranking_metrics(top: np.ndarray, relevant: Sequence[dict[int, float]], k: int = 10,

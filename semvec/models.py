@@ -167,6 +167,8 @@ def read_card(model_dir: Path) -> ModelCard | None:
     raw = _read_json(Path(model_dir) / SEMVEC_JSON)
     if not raw:
         return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model card {str(Path(model_dir) / SEMVEC_JSON)!r} must hold a JSON object")
     known = {f.name for f in fields(ModelCard)}
     try:
         card = ModelCard(**{k: v for k, v in raw.items() if k in known})

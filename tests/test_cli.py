@@ -168,3 +168,21 @@ def test_training_that_asks_for_more_than_this_machine_has_is_refused_before_ray
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_old_override_syntax_says_what_replaced_it(capsys):
+    for argv in (["embed", "a", "b", "--set", "max_workers=8"], ["train", "--option", "lora_r=16"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert done.value.code == 2 and len(err) == 1
+        assert "--set max_workers=8 is --max-workers 8, --option lora_r=16 is --lora-r 16" in err[0]
+
+
+def test_a_mapping_flag_adds_to_the_mapping_in_the_file(tmp_path):
+    from semvec.train.config import load_train_config
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("task: sts\nmethod: lora\ntrain: t.jsonl\noutput: o\nmethod_options: {lora_r: 4}\n")
+    loaded = load_train_config(cfg, method_options={"lora_alpha": 8})
+    assert loaded.method_options == {"lora_r": 4, "lora_alpha": 8}

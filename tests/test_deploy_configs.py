@@ -179,7 +179,7 @@ def test_every_job_command_in_the_manifests_parses_and_validates():
     for where, argv in commands:
         cls, load = jobs[argv[0]]
         module = importlib.import_module(argv[0])
-        parser, fields = build_parser(module.__doc__, cls, lambda p: p.add_argument("--register"))
+        parser, fields = build_parser(module.__doc__, cls, getattr(module, "extra_flags", None))
         args = parser.parse_args(argv[1:])
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
         assert overrides, f"{where}: {argv} overrides nothing"

@@ -123,3 +123,14 @@ def test_gzipped_beir_files_and_a_json_report(tmp_path):
                                          *zipped, by_id=True)
     evaluate.write_report(result, str(report))
     assert json.loads(report.read_text()) == result and result["ndcg@10"] == 1.0
+
+
+def test_top_k_ranks_ties_by_document_index_like_a_full_stable_sort():
+    from semvec.metrics import top_k
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, q, k = rng.integers(1, 50), rng.integers(1, 5), rng.integers(1, 60)
+        scores = rng.integers(0, 5, (q, n)).astype(float)  # many ties, at the k-th place too
+        want = np.argsort(-scores, axis=1, kind="stable")[:, :min(k, n)]
+        assert (top_k(scores, k) == want).all()

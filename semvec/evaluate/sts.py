@@ -6,6 +6,7 @@ import numpy as np
 
 from semvec import metrics
 from semvec.datasets import Task, load_examples
+from semvec.errors import ConfigError
 from semvec.evaluate.vectors import Embed, unit
 
 
@@ -13,6 +14,8 @@ def evaluate_sts(embed: Embed, path: str) -> dict:
     """Pairs in any layout semvec.datasets reads for the sts task (jsonl / csv / tsv / parquet, the
     STS-B and CNSD releases), local or s3://, optionally .gz. Each distinct sentence is embedded once."""
     rows = load_examples(Task.STS, path)
+    if len(rows) < 2:
+        raise ConfigError(f"{path!r} holds {len(rows)} sentence pair: a correlation needs at least 2")
     s1, s2 = [r["sentence1"] for r in rows], [r["sentence2"] for r in rows]
     score = np.array([r["score"] for r in rows], dtype=np.float64)
     unique = sorted(set(s1) | set(s2))

@@ -155,9 +155,16 @@ def _score(cfg: RetrainConfig, champion: str, challenger: str) -> dict:
     task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.get("use_gpu") else 0,
                       max_retries=2)(_evaluate_on_worker)
     uri = tracking.tracking_uri()
+    if not storage.is_remote(challenger):  # a path the workers resolve wherever they run from
+        challenger = str(Path(challenger).resolve())
     refs = {s.name: {"champion": task.remote(s, champion, uri), "challenger": task.remote(s, challenger, uri)}
             for s in cfg.suites}
-    return {name: {who: float(ray.get(ref)) for who, ref in pair.items()} for name, pair in refs.items()}
+    try:
+        return {name: {who: float(ray.get(ref)) for who, ref in pair.items()} for name, pair in refs.items()}
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ConfigError):  # the task's own one-line error, not Ray's wrapping
+            raise exc.cause from None
+        raise
 
 
 def _evaluate_on_worker(suite: Suite, model: str, tracking_uri: str) -> float:

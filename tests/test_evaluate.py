@@ -85,10 +85,14 @@ def test_missing_ids_in_vectors_are_a_clear_error(ray_local, tiny_models, tmp_pa
     corpus = write_jsonl(tmp_path / "s.jsonl", [{"text": "only this"}])
     run(load_embed_config(None, input=str(corpus), output=str(tmp_path / "v"),
                           model=str(tiny_models["bert"]), id_field="text"))
-    pair = {"sentence1": "only this", "sentence2": "not there", "score": 1}
-    data = write_jsonl(tmp_path / "p.jsonl", [pair])
+    pairs = [{"sentence1": "only this", "sentence2": "not there", "score": 1},
+             {"sentence1": "only this", "sentence2": "only this", "score": 5}]
+    data = write_jsonl(tmp_path / "p.jsonl", pairs)
     assert main(["evaluate", "sts", "--data", str(data), "--vectors", str(tmp_path / "v")]) == 2
     assert "1 ids are not in the vectors" in capsys.readouterr().err
+    one = write_jsonl(tmp_path / "one.jsonl", pairs[1:])
+    assert main(["evaluate", "sts", "--data", str(one), "--vectors", str(tmp_path / "v")]) == 2
+    assert "holds 1 sentence pair: a correlation needs at least 2" in capsys.readouterr().err
 
 
 def test_graded_ndcg_mrr_and_recall_on_a_hand_checked_ranking():

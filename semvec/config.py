@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
@@ -243,6 +244,70 @@ def load_settings(cls: type, path: str | Path | None, required: tuple[str, ...],
         return cls(**data)
     except TypeError as exc:  # a wrong type that the dataclass itself rejects
         raise ConfigError(str(exc)) from None
+
+
+def settings_of(cls: type, name: str, set_by_job: tuple[str, ...], doc: str,
+                extra: tuple[tuple[str, type, str], ...] = ()) -> type:
+    """A typed config for a job run inside another: cls's fields (same types, defaults and help)
+    less those the outer job sets, plus `extra` (name, type, help; required, first).
+
+    Made from cls, not written out again, so the nested settings cannot drift from the job's own.
+    The outer config validates the whole by building cls from them with the values it sets."""
+    hints = typing.get_type_hints(cls)
+    required, optional = [(n, t, dataclasses.field()) for n, t, _ in extra], []
+    for f in fields(cls):
+        if f.name in set_by_job or not f.init:
+            continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append((f.name, hints[f.name], dataclasses.field()))
+        else:
+            default = ({"default": f.default} if f.default is not dataclasses.MISSING
+                       else {"default_factory": f.default_factory})
+            optional.append((f.name, hints[f.name], dataclasses.field(**default)))
+    namespace = {"__doc__": doc, "SET_BY_JOB": set_by_job, "__post_init__": _parse_enum_fields,
+                 "HELP": {**{n: h for n, _, h in extra}, **cls.HELP}}
+    return dataclasses.make_dataclass(name, required + optional, namespace=namespace)
+
+
+def _parse_enum_fields(self) -> None:
+    """Choices given as text become their Enum (a bad one is a one-line error naming the allowed)."""
+    for name, hint in typing.get_type_hints(type(self)).items():
+        kinds = [k for k in (hint, *typing.get_args(hint)) if isinstance(k, type) and issubclass(k, Enum)]
+        if kinds and getattr(self, name) is not None:
+            setattr(self, name, parse_enum(kinds[0], name.replace("_", " "), getattr(self, name)))
+
+
+def nested_settings(cls: type, what: str, value: Any):
+    """A mapping (from YAML or a flag) -> an instance of a settings_of class, or a one-line
+    ConfigError naming the unknown, job-set or missing settings."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping of settings, got {value!r}")
+    known = {f.name for f in fields(cls)}
+    by_job = sorted(set(value) & set(cls.SET_BY_JOB))
+    if by_job:
+        raise ConfigError(f"{what} settings {by_job} are set by the retraining job itself")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} setting(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(known))}")
+    missing = [f.name for f in fields(cls) if f.name not in value
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{what} needs {missing}")
+    return cls(**value)
+
+
+def plain_settings(value: Any) -> Any:
+    """Enums as their values, through nested configs, lists and mappings (for JSON, YAML, MLflow)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_settings(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {k: plain_settings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_settings(v) for v in value]
+    return _plain(value)
 
 
 def load_embed_config(path: str | Path | None = None, **overrides: Any) -> EmbedConfig:

@@ -74,7 +74,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
         elif kind in (int, float):
             group.add_argument(*names, type=kind, metavar=kind.__name__.upper(), **common)
-        elif kind in (list, dict):
+        elif kind in (list, dict) or dataclasses.is_dataclass(kind):  # a nested config: a mapping
             group.add_argument(*names, type=_yaml, metavar="YAML", **common)
         else:  # str and enums: the config checks an enum's value and names the allowed ones
             group.add_argument(*names, metavar="VALUE" if kind is not str else "TEXT", **common)

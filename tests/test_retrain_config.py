@@ -25,13 +25,32 @@ BASE = {"name": "m", "task": "sts", "snapshots": ["new/"], "state": "state/",
     ({"margin": -0.1}, "margin must be a number >= 0"),
     ({"train": {"model": "x"}}, "set by the retraining job itself"),
     ({"backfill": {"input": "c.jsonl"}}, "backfill needs \\['output_root'\\]"),
-    ({"backfill": {"input": "c", "output_root": "o", "output": "p"}}, "give output_root"),
+    ({"backfill": {"input": "c", "output_root": "o", "output": "p"}}, "set by the retraining job itself"),
+    ({"backfill": {"input": "c", "output_root": "o", "pooling": "xyz"}}, "unknown pooling 'xyz'"),
+    ({"backfill": {"input": "c", "output_root": "o", "batch_size": 8}},
+     "unknown backfill setting.s. batch_size"),
+    ({"train": {"epoch": 2}}, "unknown train setting.s. epoch; allowed: .*epochs"),
+    ({"train": [1]}, "train must be a mapping of settings"),
     ({"train": {"epochs": 0}}, "epochs must be a positive integer"),
     ({"method": "qlora"}, "unknown method 'qlora'"),
 ])
 def test_bad_retrain_configs_are_refused_with_one_line(change, error):
     with pytest.raises(ConfigError, match=error):
         load_retrain_config(None, **{**BASE, **change})
+
+
+def test_nested_settings_are_typed_and_make_the_jobs_a_round_runs():
+    cfg = load_retrain_config(None, **BASE, train={"epochs": 2, "optimizer": "sgd"},
+                              backfill={"input": "corpus/", "output_root": "out/", "pooling": "cls"})
+    assert cfg.train.epochs == 2 and cfg.train.optimizer.value == "sgd" and cfg.train.workers == 1
+    embed = cfg.backfill_config("models:/m/3", "out/v3")
+    assert (embed.model, embed.output, embed.input, embed.pooling.value) == ("models:/m/3", "out/v3",
+                                                                           "corpus/", "cls")
+    tc = cfg.train_config(train="t.jsonl", model="m", output="o", replay="past.jsonl")
+    assert (tc.epochs, tc.task.value, tc.distill) == (2, "sts", 1.0)
+    plain = cfg.to_dict()
+    assert plain["train"]["optimizer"] == "sgd" and plain["backfill"]["pooling"] == "cls"
+    json.dumps(plain)  # what MLflow and the summary get
 
 
 def test_promotion_needs_the_margin_on_primary_and_no_guard_beyond_tolerance():

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from semvec.config import load_settings, parse_enum, require_non_negative
+from semvec import storage
+from semvec.config import (
+    EmbedConfig,
+    load_settings,
+    nested_settings,
+    parse_enum,
+    plain_settings,
+    require_non_negative,
+    settings_of,
+)
 from semvec.datasets import Task
 from semvec.errors import ConfigError
 from semvec.evaluate import METRIC, Kind
@@ -15,6 +23,19 @@ from semvec.train.config import TrainConfig
 from semvec.train.methods import Method
 
 SuiteKind = Kind  # a suite is one of the kinds semvec.evaluate scores
+
+# What a round sets itself: the data, the starting model, the output, and the continual settings
+# (top-level settings of the retraining config, since every round must use them).
+TrainSettings = settings_of(
+    TrainConfig, "TrainSettings",
+    ("task", "method", "train", "dev", "output", "model", "replay", "replay_share", "l2sp", "ewc",
+     "distill", "name"),
+    "The challenger's fine-tuning settings (epochs, workers, lr, ...): TrainConfig less what a round sets.")
+BackfillSettings = settings_of(
+    EmbedConfig, "BackfillSettings", ("model", "output"),
+    "On promotion, embed `input` with models:/NAME/VERSION into OUTPUT_ROOT/vVERSION/: EmbedConfig "
+    "less the model and output, which the round sets.",
+    extra=(("output_root", str, "prefix under which each promoted version's output goes (vVERSION/)"),))
 SUITE_FILES = {SuiteKind.RETRIEVAL: ("corpus", "queries", "qrels")}
 
 
@@ -58,8 +79,8 @@ class RetrainConfig:
     l2sp: float = 0.0
     ewc: float = 0.0
     distill: float = 1.0
-    train: dict = field(default_factory=dict)  # other fine-tuning settings (epochs, workers, lr, ...)
-    backfill: dict | None = None  # on promotion: backfill settings + output_root for versioned outputs
+    train: TrainSettings | None = None  # other fine-tuning settings (None: train's defaults)
+    backfill: BackfillSettings | None = None  # on promotion: re-embed into output_root/vVERSION/
     lock_timeout_s: int = 6 * 3600  # a lock older than this is stale (its holder died) and is taken
     experiment: str = "semvec-retrain"
 
@@ -112,26 +133,30 @@ class RetrainConfig:
             raise ConfigError(f"primary suite {self.primary!r} is not one of {names}")
         for name in ("margin", "tolerance", "replay_share", "l2sp", "ewc", "distill"):
             require_non_negative(name, getattr(self, name))
-        reserved = {"task", "method", "train", "dev", "output", "model", "replay", "replay_share",
-                    "l2sp", "ewc", "distill", "name"}
-        clash = sorted(set(self.train) & reserved)
-        if clash:
-            raise ConfigError(f"train settings {clash} are set by the retraining job itself")
+        self.train = nested_settings(TrainSettings, "train", {} if self.train is None else self.train)
         if self.backfill is not None:
-            missing = [k for k in ("input", "output_root") if k not in self.backfill]
-            if missing:
-                raise ConfigError(f"backfill needs {missing} (input corpus, root for versioned outputs)")
-            if "model" in self.backfill or "output" in self.backfill:
-                raise ConfigError("backfill model and output are set by the job: give output_root")
-        self.train_config(train="-", output="-", model="-", replay="-")  # validates the settings
+            self.backfill = nested_settings(BackfillSettings, "backfill", self.backfill)
+        # The whole of each nested job, checked now with the values a round gives it: the first
+        # snapshot as data, the champion as model, the replay store as past data.
+        self.train_config(train=self.snapshots[0], model=f"models:/{self.name}@champion",
+                          replay=storage.join(self.state, "replay"),
+                          output=storage.join(self.state, "challengers"))
+        if self.backfill is not None:
+            self.backfill_config(f"models:/{self.name}@champion", self.backfill.output_root)
 
     def train_config(self, **given: Any) -> TrainConfig:
+        """The challenger's TrainConfig; `given`: train, model, output, replay, name."""
         return TrainConfig(**{"task": self.task, "method": self.method, "dev": self.dev,
                               "replay_share": self.replay_share, "l2sp": self.l2sp, "ewc": self.ewc,
-                              "distill": self.distill, **self.train, **given})
+                              "distill": self.distill, **asdict(self.train), **given})
+
+    def backfill_config(self, model: str, output: str, **given: Any) -> EmbedConfig:
+        """The EmbedConfig of a promotion's backfill of `model` into `output`."""
+        settings = {k: v for k, v in asdict(self.backfill).items() if k != "output_root"}
+        return EmbedConfig(**{**settings, "model": model, "output": output, **given})
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+        return plain_settings(self)
 
 
 def load_retrain_config(path: str | Path | None = None, **overrides: Any) -> RetrainConfig:

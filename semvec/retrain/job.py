@@ -85,11 +85,8 @@ def _check(cfg: RetrainConfig) -> None:
         raise ConfigError("ewc and distill need past data and the replay store is empty: set replay "
                           "to the champion's training data, or ewc: 0 and distill: 0")
     if cfg.backfill is not None:
-        from semvec.config import load_embed_config
-
-        load_embed_config(None, **_embed_settings(cfg.backfill, "models:/-", "-"))
-        storage.list_inputs(cfg.backfill["input"])
-        storage.check_writable(cfg.backfill["output_root"])
+        storage.list_inputs(cfg.backfill.input)
+        storage.check_writable(cfg.backfill.output_root)
     storage.check_writable(cfg.state)
 
 
@@ -152,7 +149,7 @@ def _score(cfg: RetrainConfig, champion: str, challenger: str) -> dict:
     models are passed as references that any node resolves (registry, s3:// or a local path)."""
     import ray
 
-    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.get("use_gpu") else 0,
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0,
                       max_retries=2)(_evaluate_on_worker)
     uri = tracking.tracking_uri()
     if not storage.is_remote(challenger):  # a path the workers resolve wherever they run from
@@ -185,17 +182,16 @@ def evaluate_suite(suite: Suite, model: str) -> float:
 def publish_backfill(cfg: RetrainConfig, version: str) -> dict:
     """Embed the corpus with the new champion into OUTPUT_ROOT/v<version>/; CURRENT moves after."""
     from semvec.backfill.job import run
-    from semvec.config import load_embed_config
 
-    root = cfg.backfill["output_root"]
+    root = cfg.backfill.output_root
     output = storage.join(root, f"v{version}")
-    settings = _embed_settings(cfg.backfill, f"models:/{cfg.name}/{version}", output)
+    model = f"models:/{cfg.name}/{version}"
     try:  # an earlier round's backfill of this version that did not finish: resume it
-        summary = run(load_embed_config(None, **settings))
+        summary = run(cfg.backfill_config(model, output))
     except OutputMismatch:  # written with backfill settings changed since: this version's, redo it
         log.warning("%s was written with other backfill settings; embedding it again",
                     storage.display(output))
-        summary = run(load_embed_config(None, **{**settings, "overwrite": True}))
+        summary = run(cfg.backfill_config(model, output, overwrite=True))
     if summary["embedded"] + summary["quarantined"] != summary["rows"] or not summary["embedded"]:
         raise RuntimeError(f"backfill into {storage.display(output)} embedded {summary['embedded']} of "
                            f"{summary['rows']} rows; CURRENT stays where it was")
@@ -205,7 +201,7 @@ def publish_backfill(cfg: RetrainConfig, version: str) -> dict:
 
 
 def _current_is(cfg: RetrainConfig, version: str) -> bool:
-    root = cfg.backfill["output_root"]
+    root = cfg.backfill.output_root
     fs, path = storage.filesystem(root), storage.strip(storage.join(root, CURRENT))
     if not fs.exists(path):
         return False
@@ -238,11 +234,6 @@ def _version(name: str, alias: str) -> str:
                           f"{storage.display(tracking.tracking_uri())}; register one first: "
                           f"semvec register MODEL --name {name} --alias {alias}")
     return version
-
-
-def _embed_settings(backfill: dict, model: str, output: str) -> dict:
-    settings = {k: v for k, v in backfill.items() if k != "output_root"}
-    return {**settings, "model": model, "output": output}
 
 
 def _read_state(state: str) -> dict:

@@ -7,6 +7,14 @@ per epoch across workers (plus at most workers-1 repeats that even out the shard
 end (and every eval_steps steps) rank 0 evaluates on dev and reports metrics with a checkpoint
 that records where training stands (epoch and batch), and every worker follows the
 early-stopping decision, broadcast so all stop together. A restart resumes at that batch.
+
+Why the examples come from the object store (one copy per node, put there by the driver) and not
+from Ray Data's dataset shards (`get_dataset_shard`): a streaming split hands blocks to the workers
+in the order the coordinator receives them, so which examples a rank holds is not fixed across
+restarts, and `equal=True` evens shards by dropping rows. Resuming a killed worker at the batch it
+stopped, with every example once per epoch, needs a fixed order: the seeded permutation below.
+Labelled fine-tuning sets (up to millions of short examples) fit the object store; corpus-sized
+data is the backfill's, which does stream through Ray Data.
 """
 
 from __future__ import annotations

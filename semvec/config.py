@@ -258,7 +258,7 @@ def settings_of(cls: type, name: str, set_by_job: tuple[str, ...], doc: str,
     for f in fields(cls):
         if f.name in set_by_job or not f.init:
             continue
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if _required(f):
             required.append((f.name, hints[f.name], dataclasses.field()))
         else:
             default = ({"default": f.default} if f.default is not dataclasses.MISSING
@@ -267,6 +267,10 @@ def settings_of(cls: type, name: str, set_by_job: tuple[str, ...], doc: str,
     namespace = {"__doc__": doc, "SET_BY_JOB": set_by_job, "__post_init__": _parse_enum_fields,
                  "HELP": {**{n: h for n, _, h in extra}, **cls.HELP}}
     return dataclasses.make_dataclass(name, required + optional, namespace=namespace)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _parse_enum_fields(self) -> None:
@@ -292,8 +296,7 @@ def nested_settings(cls: type, what: str, value: Any):
     if unknown:
         raise ConfigError(f"unknown {what} setting(s) {', '.join(unknown)}; "
                           f"allowed: {', '.join(sorted(known))}")
-    missing = [f.name for f in fields(cls) if f.name not in value
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [f.name for f in fields(cls) if f.name not in value and _required(f)]
     if missing:
         raise ConfigError(f"{what} needs {missing}")
     return cls(**value)

@@ -1,10 +1,11 @@
 """Run one backfill on a two-node Ray on this machine and lose the second node mid-job.
 
 Run by tests/test_faults.py in a process of its own (the test session holds a local Ray):
-`python -m tests.node_loss_job INPUT OUTPUT MODEL`. Both nodes are real raylets on this machine
+`python -m tests.node_loss_job INPUT OUTPUT MODEL REPORT`. Both nodes are real raylets on this machine
 (`ray.cluster_utils.Cluster`, Ray's own multi-node test harness); the worker node is lost by
 SIGKILL of its raylet and every process under it, once three parts are committed and an encoder
-actor is running there. Prints one JSON line: what was lost, and the job's summary.
+actor is running there. Writes REPORT, a JSON file: what was lost, and the job's summary (not
+stdout, where Ray forwards its workers' log lines after the driver's own).
 """
 
 import glob
@@ -30,7 +31,7 @@ def raylet_pid(node) -> int:
     return next(p.pid for kind, p in node.live_processes() if kind == "raylet")
 
 
-def main(src: str, out: str, model: str) -> None:
+def main(src: str, out: str, model: str, report: str) -> None:
     cluster = Cluster(initialize_head=True, connect=True,
                       head_node_args={"num_cpus": 2, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=2)
@@ -53,10 +54,11 @@ def main(src: str, out: str, model: str) -> None:
     killer.start()
     summary = run(load_embed_config(None, input=src, output=out, model=model, **OPTS))
     killer.join(timeout=5)
-    print(json.dumps({"lost": lost, "summary": summary}), flush=True)
+    with open(report, "w") as f:
+        json.dump({"lost": lost, "summary": summary}, f)
     ray.shutdown()
     cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -100,10 +100,10 @@ def test_a_ray_node_lost_mid_job_the_job_completes_on_the_remaining_node(ray_loc
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     job = subprocess.run([sys.executable, "-m", "tests.node_loss_job", str(src), str(out),
-                          str(tiny_models["bert"])], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=420)
+                          str(tiny_models["bert"]), str(tmp_path / "report.json")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert job.returncode == 0, job.stderr[-2500:]
-    report = json.loads(job.stdout.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "report.json").read_text())
     lost = report["lost"]
     # the node held an encoder actor and went away while most of the work was still to do
     assert lost.get("actors_on_node", 0) >= 1, job.stderr[-2500:]

@@ -270,12 +270,27 @@ def run_guarded(call: Callable[[], T], verbose: bool) -> tuple[int, T | None]:
         return (code if isinstance(code, int) and code > 0 else 1), None
 
 
+def _ray_is_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    code, result = run_guarded(lambda: COMMANDS[args.command](args), args.verbose)
-    if code == 0 and getattr(args, "json", False):
-        print(redact(json.dumps(result)))
+    if not getattr(args, "json", False):
+        return run_guarded(lambda: COMMANDS[args.command](args), args.verbose)[0]
+    # stdout holds the JSON line alone. Ray forwards its workers' and raylets' lines to whatever
+    # sys.stdout is when they arrive, until it shuts down: they go to stderr meanwhile.
+    out, sys.stdout = sys.stdout, sys.stderr
+    try:
+        had_ray = _ray_is_up()
+        code, result = run_guarded(lambda: COMMANDS[args.command](args), args.verbose)
+        if _ray_is_up() and not had_ray:  # this command's Ray: done with it
+            sys.modules["ray"].shutdown()
+    finally:
+        sys.stdout = out
+    if code == 0:
+        print(redact(json.dumps(result)), flush=True)
     return code
 
 

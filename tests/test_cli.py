@@ -186,3 +186,22 @@ def test_a_mapping_flag_adds_to_the_mapping_in_the_file(tmp_path):
     cfg.write_text("task: sts\nmethod: lora\ntrain: t.jsonl\noutput: o\nmethod_options: {lora_r: 4}\n")
     loaded = load_train_config(cfg, method_options={"lora_alpha": 8})
     assert loaded.method_options == {"lora_r": 4, "lora_alpha": 8}
+
+
+def test_with_json_stdout_holds_the_summary_line_alone(monkeypatch, capsys):
+    # Ray prints its workers' and raylets' lines to whatever sys.stdout is when they arrive, during
+    # the job and after it (a raylet's "Task ... failed" line once came last on CI); a command that
+    # prints as Ray would must leave stdout to the JSON line.
+    from semvec import cli
+
+    def a_command_ray_talks_through(args):
+        print("(raylet) Task MapWorker(MapBatches(EncodeActor)).submit failed ...")
+        return {"rows": 3}
+
+    monkeypatch.setitem(cli.COMMANDS, "register", a_command_ray_talks_through)
+    assert main(["register", "m", "--name", "n", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert out == '{"rows": 3}\n'
+    assert "(raylet) Task" in err
+    print("after")  # and stdout is stdout again for whatever runs next
+    assert capsys.readouterr().out == "after\n"

@@ -37,8 +37,8 @@ def semvec_retrain(settings: dict, tmp_path: Path) -> tuple[int, dict, str]:
     config.write_text(yaml.safe_dump(settings))
     result = subprocess.run([sys.executable, "-m", "semvec.cli", "retrain", "--config", str(config),
                              "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    lines = result.stdout.strip().splitlines()
-    return result.returncode, (json.loads(lines[-1]) if result.returncode == 0 else {}), result.stderr
+    # with --json, stdout holds the summary line alone (Ray's forwarded lines go to stderr)
+    return result.returncode, (json.loads(result.stdout) if result.returncode == 0 else {}), result.stderr
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def test_train_registers_on_a_server_with_s3_artifacts_and_embed_loads_the_alias
          "--model", "models:/tiny-sts-server@champion", "--json"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["embedded"] == 2
+    assert json.loads(result.stdout)["embedded"] == 2  # stdout: the JSON line alone
     manifest = json.loads((tmp_path / "v" / "_manifest.json").read_text())
     assert "models:/tiny-sts-server@champion" in json.dumps(manifest)
 

@@ -220,7 +220,7 @@ def test_mlflow_holds_params_metrics_model_and_registered_version(
                              "--model", "models:/tiny-clf@champion", "--data", str(dev), "--json"],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    scored = json.loads(result.stdout)  # stdout holds the JSON line alone
     # the registered model scores dev as its best checkpoint did during training
     assert scored["examples"] == 48
     assert scored["accuracy"] == pytest.approx(summary["best"]["dev_accuracy"], abs=1e-9)

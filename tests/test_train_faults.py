@@ -97,7 +97,7 @@ def test_rerun_with_the_same_name_resumes_a_killed_job(tiny_models, tmp_path):
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    summary = json.loads(second.stdout)  # stdout holds the JSON line alone, Ray's lines go to stderr
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("semvec").experiment_id])
     assert [r.info.run_id for r in runs] == [summary["run_id"]]  # one run across the restart

@@ -24,7 +24,7 @@ from semvec.backfill.job import run  # noqa: E402
 from semvec.config import load_embed_config  # noqa: E402
 from tests.conftest import processes_named  # noqa: E402
 
-OPTS = {"id_field": "id", "rows_per_file": 500, "batch_rows": 250}
+OPTS = {"id_field": "id", "rows_per_file": 250, "batch_rows": 250}  # tests/test_faults.py runs these too
 
 
 def raylet_pid(node) -> int:

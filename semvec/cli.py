@@ -128,6 +128,47 @@ def _retrain_parsers(sub) -> None:
     _json_flag(p)
 
 
+def _compress_parser(sub) -> None:
+    from semvec.compress.config import CompressConfig
+    from semvec.options import add_config_flags
+
+    p = sub.add_parser("compress", help="compress a backfill's vectors: PCA, int8 or binary",
+                       description="Compress the float vectors of a complete backfill output: PCA "
+                                   "fitted on a seeded sample (the projection is saved and applied "
+                                   "to queries), int8 scalar quantisation, or sign bits; one part "
+                                   "per source part, with a manifest and the source's lineage.")
+    p.add_argument("vectors", nargs="?", help=CompressConfig.HELP["vectors"])
+    p.add_argument("output", nargs="?", help=CompressConfig.HELP["output"])
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.set_defaults(config_fields=add_config_flags(p, CompressConfig, skip=("vectors", "output")))
+    _json_flag(p)
+
+
+def _distill_parser(sub) -> None:
+    from semvec.distill import DistillConfig
+    from semvec.options import add_config_flags
+
+    p = sub.add_parser("distill", help="make a static model from an encoder: no transformer at run time",
+                       description="Distil a static model from an encoder, as model2vec does: every "
+                                   "vocabulary token through the model, PCA, Zipf-rank weights. "
+                                   "`semvec embed --model DIR` runs it with no transformer, and "
+                                   "sentence-transformers loads it (StaticEmbedding).")
+    p.set_defaults(config_fields=add_config_flags(p, DistillConfig))
+    _json_flag(p)
+
+
+def _words_parser(sub) -> None:
+    from semvec.options import add_config_flags
+    from semvec.words import WordsConfig
+
+    p = sub.add_parser("words", help="one vector per word of a word list (word2vec text or parquet)",
+                       description="One vector per whole word of a word list, from a model or a "
+                                   "static model: word2vec text (gensim's load_word2vec_format) "
+                                   "or parquet.")
+    p.set_defaults(config_fields=add_config_flags(p, WordsConfig))
+    _json_flag(p)
+
+
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
 
@@ -141,9 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _embed_parser(sub)
+    _compress_parser(sub)
     _evaluate_parser(sub)
     _train_parser(sub)
     _retrain_parsers(sub)
+    _distill_parser(sub)
+    _words_parser(sub)
     return parser
 
 
@@ -155,6 +199,18 @@ def _embed(args) -> dict:
     overrides = {"input": args.input, "output": args.output, **given(args, args.config_fields)}
     config = load_embed_config(args.config, **overrides)
     summary = run(config)
+    if not args.json:
+        print_summary(summary)
+    return summary
+
+
+def _compress(args) -> dict:
+    from semvec.compress.config import load_compress_config
+    from semvec.compress.job import print_summary, run
+    from semvec.options import given
+
+    overrides = {"vectors": args.vectors, "output": args.output, **given(args, args.config_fields)}
+    summary = run(load_compress_config(args.config, **overrides))
     if not args.json:
         print_summary(summary)
     return summary
@@ -231,8 +287,33 @@ def _register(args) -> dict:
     return {"name": args.name, "version": version, "alias": args.alias}
 
 
+def _distill(args) -> dict:
+    from semvec.distill import distill, load_distill_config
+    from semvec.options import given
+
+    summary = distill(load_distill_config(**given(args, args.config_fields)))
+    if not args.json:
+        print(f"semvec distill: {summary['base_model']} -> a static model of {summary['vocabulary']:,} "
+              f"tokens x {summary['dims']} dims in {summary['seconds']} s; output {summary['output']}")
+    return summary
+
+
+def _words(args) -> dict:
+    from semvec.options import given
+    from semvec.words import export_words, load_words_config
+
+    s = export_words(load_words_config(**given(args, args.config_fields)))
+    if not args.json:
+        print(f"semvec words: {s['words']:,} words x {s['dim']} dims ({s['kind']} model, {s['format']}) "
+              f"in {s['seconds']} s; {s['blank_lines']} blank line(s) skipped, {s['duplicates']} "
+              f"repeated line(s) kept once, {s['unknown']} word(s) only unknown pieces; "
+              f"output {s['output']}")
+    return s
+
+
 COMMANDS = {"embed": _embed, "evaluate": _evaluate, "train": _train, "retrain": _retrain,
-            "rollback": _rollback, "register": _register}
+            "rollback": _rollback, "register": _register, "compress": _compress,
+            "distill": _distill, "words": _words}
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:

@@ -32,6 +32,13 @@ class Granularity(str, Enum):
     TOKEN = "token"
 
 
+class Aggregate(str, Enum):
+    """What a chunked backfill writes per document (see semvec.chunking)."""
+
+    NONE = "none"  # one row per chunk
+    MEAN = "mean"  # one row per document: the token-weighted mean of its chunk vectors
+
+
 class DType(str, Enum):
     """Precision of the forward pass. The `-mixed` mode keeps float32 weights, residual stream,
     norms and softmax, and runs the matrix products in bfloat16 (torch autocast): vectors stay
@@ -79,6 +86,10 @@ class EmbedConfig:
     trust_remote_code: bool = False
     # Rows longer than this many characters go to quarantine instead of the tokenizer.
     max_chars: int = 200_000
+    # Long documents: token windows instead of truncation (semvec.chunking). None: off.
+    chunk_tokens: int | None = None  # tokens per window, the model's special tokens included
+    chunk_overlap: int = 0
+    aggregate: Aggregate = Aggregate.NONE
     # Throughput knobs: they do not change a vector beyond float noise.
     # Padded tokens per forward pass. None: on CPU 1024 for float32, where small batches stay in
     # cache and run fastest, and 2048 for reduced precision (benchmarks/RESULTS.md); 16384 on a
@@ -118,10 +129,18 @@ class EmbedConfig:
         "dtype": "precision of the forward pass; bfloat16-mixed keeps cosine >= 0.9999 to float32",
         "trust_remote_code": "run model code shipped inside the model directory",
         "max_chars": "rows with more characters go to quarantine (text_too_long)",
+        "chunk_tokens": "split texts longer than this many tokens (special tokens included) into "
+                        "overlapping windows and embed each: one output row per chunk with id, "
+                        "chunk, start and end (character offsets); nothing is truncated (default: "
+                        "off, texts are truncated to max_length)",
+        "chunk_overlap": "tokens each window shares with the next (with chunk_tokens)",
+        "aggregate": "with chunk_tokens: none writes one row per chunk, mean one row per document "
+                     "(the token-weighted mean of its chunk vectors, renormalised)",
         "batch_tokens": "padded tokens per forward pass (default: 1024 on CPU for float32, 2048 for "
                         "reduced precision, 16384 on a GPU)",
         "batch_rows": "rows per Ray Data batch handed to one encoder actor",
-        "rows_per_file": "rows per output parquet part at most",
+        "rows_per_file": "rows per output parquet part at most (with chunk_tokens: documents, each "
+                         "with all its chunks)",
         "min_workers": "encoder actors to start with",
         "max_workers": "encoder actors at most (default: as many as the cluster's CPUs or GPUs allow)",
         "cpus_per_worker": "CPUs per encoder actor (default: 1 with GPUs, else 2 capped by the cluster)",
@@ -136,7 +155,7 @@ class EmbedConfig:
 
     HASHED = (
         "model", "text_field", "id_field", "input_format", "pooling", "normalize", "max_length",
-        "granularity", "dtype", "max_chars",
+        "granularity", "dtype", "max_chars", "chunk_tokens", "chunk_overlap", "aggregate",
     )
 
     def __post_init__(self) -> None:
@@ -144,15 +163,17 @@ class EmbedConfig:
         self.pooling = parse_enum(Pooling, "pooling", self.pooling)
         self.granularity = parse_enum(Granularity, "granularity", self.granularity)
         self.dtype = parse_enum(DType, "dtype", self.dtype)
+        self.aggregate = parse_enum(Aggregate, "aggregate", self.aggregate)
         for name in ("input", "output", "model", "text_field"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         positive = ("max_chars", "batch_rows", "rows_per_file", "min_workers")
         for name in positive:
             _require_positive_int(name, getattr(self, name))
-        for name in ("max_length", "max_workers", "threads_per_worker", "batch_tokens"):
+        for name in ("max_length", "max_workers", "threads_per_worker", "batch_tokens", "chunk_tokens"):
             if getattr(self, name) is not None:
                 _require_positive_int(name, getattr(self, name))
+        self._check_chunking()
         if self.max_workers is not None and self.max_workers < self.min_workers:
             raise ConfigError(
                 f"max_workers {self.max_workers} is below min_workers {self.min_workers}"
@@ -169,15 +190,39 @@ class EmbedConfig:
                 f"{self.cpus_per_worker} and {self.num_gpus_per_worker}"
             )
 
+    def _check_chunking(self) -> None:
+        """What can be checked without the model; the window against the model's own length and
+        special tokens is checked when the job plans (semvec.chunking.check_windows)."""
+        if isinstance(self.chunk_overlap, bool) or not isinstance(self.chunk_overlap, int) \
+                or self.chunk_overlap < 0:
+            raise ConfigError(f"chunk_overlap must be an integer >= 0, got {self.chunk_overlap!r}")
+        if self.chunk_tokens is None:
+            for name, off in (("aggregate", Aggregate.NONE), ("chunk_overlap", 0)):
+                if getattr(self, name) != off:
+                    raise ConfigError(f"{name} {_plain(getattr(self, name))!r} needs chunk_tokens")
+            return
+        if self.granularity == Granularity.TOKEN:
+            raise ConfigError("chunk_tokens works with granularity sentence only; token mode "
+                              "already keeps every token's vector")
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ConfigError(f"chunk_overlap {self.chunk_overlap} must be below chunk_tokens "
+                              f"{self.chunk_tokens}")
+
     def output_hash(self, model_fingerprint: str) -> str:
         """Hash of everything that shapes the output: a rerun with another hash is refused."""
-        shaping = {name: _plain(getattr(self, name)) for name in self.HASHED}
+        # A field added to HASHED later enters the hash only when set away from its default, so
+        # the outputs written before it existed keep their hash (and are not refused on rerun).
+        shaping = {name: _plain(getattr(self, name)) for name in self.HASHED
+                   if name not in _HASHED_WHEN_SET or getattr(self, name) != _HASHED_WHEN_SET[name]}
         shaping["model_fingerprint"] = model_fingerprint
         blob = json.dumps(shaping, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+_HASHED_WHEN_SET = {"chunk_tokens": None, "chunk_overlap": 0, "aggregate": Aggregate.NONE}
 
 
 def _plain(value: Any) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from semvec.config import DType, Pooling
-from semvec.models import model_defaults
+from semvec.models import ModelKind, model_defaults, model_kind
 
 # dtype -> (weights, autocast dtype or None)
 _TORCH_DTYPES = {
@@ -104,7 +104,10 @@ def pack(lengths: np.ndarray, batch_tokens: int, max_rows: int = 256) -> list[np
 
 
 class Encoder:
-    """A loaded model plus the pooling rules for it. Build one per worker, reuse it."""
+    """A loaded model plus the pooling rules for it. Build one per worker, reuse it.
+
+    A static model (its card's kind) loads a token table instead (semvec.static): no forward
+    pass, on the CPU unless a device is given, dtype and batch size unused."""
 
     def __init__(
         self,
@@ -132,6 +135,15 @@ class Encoder:
             default_tokens, self.max_rows = CPU_BATCH if dtype == DType.FLOAT32 else CPU_BATCH_REDUCED
         self.batch_tokens = batch_tokens or default_tokens
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.static = None
+        if model_kind(Path(model_dir)) == ModelKind.STATIC:
+            from semvec.static import StaticTable
+
+            self.device = torch.device(device or "cpu")  # a lookup: moving rows to a GPU costs more
+            self.static = StaticTable.load(Path(model_dir)).to(self.device)
+            self.model, self.extras, self.dim, self.autocast = None, None, self.static.dim, None
+            return
         weights, self.autocast = _TORCH_DTYPES[dtype]
         self.model = AutoModel.from_pretrained(
             str(model_dir),
@@ -140,7 +152,6 @@ class Encoder:
             trust_remote_code=trust_remote_code,
         ).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
-        self.pad_id = int(self.tokenizer.pad_token_id)
         self.extras = _method_extras(model_dir, self.model)
 
     def tokenize(self, texts: list[str], with_offsets: bool = False) -> Tokenized:
@@ -155,6 +166,8 @@ class Encoder:
         self, ids: list[np.ndarray], with_tokens: bool = False
     ) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """Sentence vectors float32 [n, dim]; with_tokens adds float32 [n_tokens_i, dim] per row."""
+        if self.static is not None:
+            return self.static.encode(ids, self.pooling, self.normalize, with_tokens)
         n = len(ids)
         out = np.zeros((n, self.dim), dtype=np.float32)
         tokens: list[np.ndarray | None] | None = [None] * n if with_tokens else None

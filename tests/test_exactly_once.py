@@ -24,9 +24,12 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def bad_and_good_corpus(path: Path, n: int, every: int, seed: int = 5) -> Path:
-    """n rows; every `every`-th row is bad in one of three ways, so each batch holds both kinds."""
+def bad_and_good_corpus(path: Path, n: int, every: int, seed: int = 5, long: bool = False) -> Path:
+    """n rows; every `every`-th row is bad in one of three ways, so each batch holds both kinds.
+    long: each text is a few sentences (~150 tokens), so a chunked run splits it."""
     texts = corpus_sentences(n, seed=seed)
+    if long:
+        texts = [". ".join(corpus_sentences(8, seed=seed + i)) for i in range(n)]
     lines = []
     for i, t in enumerate(texts):
         kind = (i // every) % 3 if i % every == 0 else None
@@ -45,14 +48,18 @@ def bad_and_good_corpus(path: Path, n: int, every: int, seed: int = 5) -> Path:
 def snapshot(out: Path) -> dict:
     """What a user gets: output rows by id, quarantine rows, the manifest's counts."""
     parts = sorted(glob.glob(str(out / "part-*.parquet")))
-    table = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("id")
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    chunked = "chunk" in table.column_names  # one row per chunk: a document's rows by chunk
+    table = table.sort_by([("id", "ascending"), ("chunk", "ascending")] if chunked else "id")
+    ids = (list(zip(*(table[c].to_pylist() for c in ("id", "chunk", "start", "end")), strict=True))
+           if chunked else table["id"].to_pylist())
     quarantine = sorted((r["source"], r["row"], r["id"], r["reason"], r["raw"])
                         for p in glob.glob(str(out / "_quarantine" / "part-*.parquet"))
                         for r in pq.read_table(p).to_pylist())
     manifest = json.loads((out / "_manifest.json").read_text())
     counts = [(i["source"], i["rows"], i["embedded"], i["quarantined"], i["quarantine_reasons"])
               for i in manifest["inputs"]]
-    return {"ids": table["id"].to_pylist(),
+    return {"ids": ids,
             "vectors": np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
             "quarantine": quarantine, "totals": manifest["totals"], "inputs": counts,
             "status": manifest["status"], "leftovers": [p for p in os.listdir(out) if ".tmp-" in p]}
@@ -75,14 +82,30 @@ def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(ray_l
                                                                            tmp_path):
     # two batches, each with good and bad rows: each commits a quarantine part, then its output part
     src = bad_and_good_corpus(tmp_path / "in.jsonl", 12, every=3)
-    opts = {"model": str(tiny_models["bert"]), "id_field": "id", "rows_per_file": 6, "batch_rows": 6}
+    want = crash_after_every_write(src, tmp_path, {"model": str(tiny_models["bert"])})
+    assert want["totals"] == {"rows": 12, "embedded": 8, "quarantined": 4}
+
+
+def test_crash_after_every_write_of_a_chunked_job_then_rerun(ray_local, tiny_models, tmp_path):
+    # each document a few windows, so the output part holds several rows per document; one batch
+    # (a quarantine part, then the output part): the writes between batches are the test above's
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", 6, every=3, long=True)
+    want = crash_after_every_write(src, tmp_path, {"model": str(tiny_models["bert"]), "chunk_tokens": 32,
+                                                   "chunk_overlap": 8}, parts=2)
+    assert want["totals"]["embedded"] == 4 and want["totals"]["chunks"] > 3 * 4
+    assert len({doc for doc, *_ in want["ids"]}) == 4
+
+
+def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: int = 4) -> dict:
+    """A crash at each write of the job in turn, each its own process and output, each then rerun
+    here: every output must equal the uninterrupted one (returned)."""
+    opts = {**settings, "id_field": "id", "rows_per_file": 6, "batch_rows": 6}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
     run(load_embed_config(None, input=str(src), output=str(tmp_path / "ref"), **opts))
     want = snapshot(tmp_path / "ref")
-    assert want["totals"] == {"rows": 12, "embedded": 8, "quarantined": 4}
-    parts = len(glob.glob(str(tmp_path / "ref" / "**" / "part-*.parquet"), recursive=True))
+    # every batch wrote a quarantine part and an output part
+    assert len(glob.glob(str(tmp_path / "ref" / "**" / "part-*.parquet"), recursive=True)) == parts
     writes = 1 + 1 + parts + 1  # lease, manifest "running", each part, manifest "complete"
-    assert parts >= 4  # every batch wrote a quarantine part and an output part
     # Every crash is its own process with its own output; they run a few at a time (most of each
     # is starting Python and Ray), then each output is rerun here and compared.
     crashes = {n: tmp_path / f"crash{n}" for n in range(1, writes + 2)}  # writes + 1: never fires
@@ -96,6 +119,7 @@ def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(ray_l
             assert codes[n][0] == -9, f"crash at write {n} did not happen: {codes[n][1][-1500:]}"
             run(load_embed_config(None, input=str(src), output=str(out), **opts))
         assert_same(snapshot(out), want)
+    return want
 
 
 def run_at_most(k: int, starts: dict) -> dict:

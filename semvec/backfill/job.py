@@ -20,6 +20,7 @@ from semvec import __version__, crashpoints, models, storage
 from semvec.backfill.manifest import LEASE, OutputDir, now
 from semvec.backfill.pipeline import FAILURE_REASONS, Stopped, execute, lease_lost, pool_for, too_many_failed
 from semvec.backfill.read import RowParser, detect_format, has_rows
+from semvec.chunking import check_windows
 from semvec.cluster import check_local_resources, init_ray, quiet_worker_env
 from semvec.config import EmbedConfig, InputFormat, Pooling
 from semvec.errors import ConfigError, JobFailed, OutputMismatch
@@ -68,6 +69,11 @@ def plan(config: EmbedConfig) -> Plan:
     max_length = config.max_length or defaults.max_length
     if max_length > defaults.limit:
         raise ConfigError(f"max_length {max_length} exceeds the model's limit of {defaults.limit}")
+    if config.chunk_tokens is not None:  # the window against this model's length and specials
+        from semvec.encode import load_tokenizer
+
+        check_windows(load_tokenizer(model_dir, config.trust_remote_code), config.chunk_tokens,
+                      config.chunk_overlap, max_length)
     fingerprint = models.fingerprint(model_dir)
     p = Plan(config, files, str(model_dir), fingerprint, pooling, normalize, max_length, dim,
              config.output_hash(fingerprint))
@@ -81,15 +87,17 @@ def _check_loadable(model_dir, config: EmbedConfig) -> int:
 
     from semvec.encode import load_tokenizer
 
+    static = models.model_kind(model_dir) == models.ModelKind.STATIC  # a token table, no config.json
     try:
-        hf = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=config.trust_remote_code)
+        hf = None if static else AutoConfig.from_pretrained(
+            str(model_dir), trust_remote_code=config.trust_remote_code)
         load_tokenizer(model_dir, config.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - whatever broke, the model is unusable
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ConfigError(
             f"model {config.model!r} cannot be loaded ({type(exc).__name__}: {first})"
         ) from None
-    return int(hf.hidden_size)
+    return models.static_dim(model_dir) if static else int(hf.hidden_size)
 
 
 def _check_output(p: Plan) -> None:
@@ -151,13 +159,16 @@ def _manifest(p: Plan, status: str, started: str, accounting: dict | None = None
         if accounting is not None:
             a = accounting["inputs"].get(f.relative)
             embedded, quarantined = (a["embedded"], a["quarantined"]) if a else (0, 0)
+            if c.chunk_tokens is not None:
+                entry["chunks"] = (a["chunks"] or 0) if a else 0
             entry.update(rows=embedded + quarantined, embedded=embedded, quarantined=quarantined,
                          quarantine_reasons=dict(a["reasons"]) if a else {},
                          outputs=sorted(a["outputs"]) if a else [], complete=True)
         inputs.append(entry)
     totals = None
     if accounting is not None:
-        totals = {k: sum(i[k] for i in inputs) for k in ("rows", "embedded", "quarantined")}
+        counted = ("rows", "embedded", "quarantined") + (("chunks",) if c.chunk_tokens is not None else ())
+        totals = {k: sum(i[k] for i in inputs) for k in counted}
     return {
         "semvec_version": __version__,
         "status": status,
@@ -167,6 +178,8 @@ def _manifest(p: Plan, status: str, started: str, accounting: dict | None = None
                   "pooling": p.pooling, "normalize": p.normalize, "max_length": p.max_length,
                   "dim": p.dim, "dtype": c.dtype.value},
         "granularity": c.granularity.value,
+        "chunking": ({"chunk_tokens": c.chunk_tokens, "chunk_overlap": c.chunk_overlap,
+                      "aggregate": c.aggregate.value} if c.chunk_tokens is not None else None),
         "inputs": inputs,
         "totals": totals,
         "duplicates": accounting["duplicates"] if accounting else None,
@@ -256,7 +269,8 @@ def _failure(accounting: dict, max_share: float) -> str | None:
 def print_summary(summary: dict, stream=sys.stdout) -> None:
     print(
         f"semvec embed: {summary['rows']} rows in -> {summary['embedded']} embedded, "
-        f"{summary['quarantined']} quarantined ({summary['duplicate_ids']} duplicate ids); "
+        f"{summary['quarantined']} quarantined ({summary['duplicate_ids']} duplicate ids"
+        + (f", {summary['chunks']} chunks" if "chunks" in summary else "") + "); "
         f"{summary['rows_this_run']} rows this run in {summary['seconds']} s "
         f"({summary['rows_per_s']} rows/s); output {summary['output']}",
         file=stream,

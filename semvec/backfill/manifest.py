@@ -1,7 +1,8 @@
 """The output prefix's bookkeeping: _manifest.json, finished rows, and the final accounting.
 
 Counts in the manifest are read back from the committed parts, never summed from memory, so a
-run that was killed and resumed reports exactly what is on storage.
+run that was killed and resumed reports exactly what is on storage. A chunked part holds each
+document's row once per chunk: a document is counted by its chunk 0 row, its chunks apart.
 """
 
 from __future__ import annotations
@@ -100,13 +101,26 @@ class OutputDir:
         return [p for p in self.list_parts() + self.list_parts(quarantine=True)
                 if p.rsplit("/", 1)[-1].startswith(prefix)]
 
-    def _read_column(self, path: str, column: str) -> pa.ChunkedArray:
+    def _read_documents(self, path: str, columns: list[str]) -> tuple[pa.Table, int | None]:
+        """The part's columns, one row per document, and its chunks (None: not a chunked part).
+
+        A part of one row per chunk keeps its chunk 0 rows; one of aggregated documents says
+        how many chunks each had."""
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=[column])[column]
+            part = pq.ParquetFile(f)
+            names = part.schema_arrow.names
+            if "chunk" in names:
+                table = part.read(columns=[*columns, "chunk"])
+                chunks = table.num_rows
+                return table.filter(pc.equal(table["chunk"], 0)).select(columns), chunks
+            table = part.read(columns=columns + (["chunks"] if "chunks" in names else []))
+        if "chunks" in names:
+            return table.select(columns), int(pc.sum(table["chunks"]).as_py() or 0)
+        return table, None
 
     def done_rows(self, relative: str) -> np.ndarray:
         """Row numbers of one input file already committed, embedded or quarantined."""
-        chunks = [self._read_column(p, "row").to_numpy() for p in self.parts_of(relative)]
+        chunks = [self._read_documents(p, ["row"])[0]["row"].to_numpy() for p in self.parts_of(relative)]
         return np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.int64)
 
     def drop_parts_of(self, relative: str) -> None:
@@ -114,7 +128,8 @@ class OutputDir:
             self.fs.rm(p)
 
     def account(self, files: list[InputFile], has_rows: Callable[[InputFile], bool]) -> dict:
-        """Per input: rows embedded and quarantined (by reason) and its parts; duplicate ids.
+        """Per input: rows embedded and quarantined (by reason), chunks (None: not chunked) and
+        its parts; duplicate ids (of documents: chunk rows share their document's id).
 
         Also the protocol's check: within each input, every row number from 0 to the input's row
         count (as the reader counted it; kept with the part that holds its last row) is in
@@ -123,7 +138,7 @@ class OutputDir:
         AccountingError.
         """
         by_key = {source_key(f.relative): f.relative for f in files}
-        inputs: dict[str, dict] = defaultdict(lambda: {"embedded": 0, "quarantined": 0,
+        inputs: dict[str, dict] = defaultdict(lambda: {"embedded": 0, "quarantined": 0, "chunks": None,
                                                        "reasons": Counter(), "outputs": []})
         rows: dict[str, list[np.ndarray]] = defaultdict(list)
         ends: dict[str, int] = {}
@@ -136,8 +151,9 @@ class OutputDir:
                     continue  # a part of an input that is no longer listed
                 entry = inputs[source]
                 column = "reason" if quarantine else "id"
-                with self.fs.open(p, "rb") as f:
-                    table = pq.read_table(f, columns=[column, "row"])
+                table, chunks = self._read_documents(p, [column, "row"])
+                if chunks is not None:
+                    entry["chunks"] = (entry["chunks"] or 0) + chunks
                 values = table[column]
                 rows[source].append(table["row"].to_numpy())
                 end = file_rows_of(table.schema.metadata)

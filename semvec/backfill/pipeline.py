@@ -15,7 +15,7 @@ from semvec.backfill import store_errors
 from semvec.backfill.progress import Progress, estimate_rows
 from semvec.backfill.read import detect_format
 from semvec.cluster import quiet_ray_data
-from semvec.config import EmbedConfig, Granularity
+from semvec.config import Aggregate, EmbedConfig, Granularity
 from semvec.errors import ConfigError, JobFailed
 from semvec.storage import InputFile, display
 
@@ -105,12 +105,14 @@ def execute(p, todo: list[InputFile], pool: tuple[float, int, int], lease) -> in
         "granularity": c.granularity.value, "pooling": p.pooling, "normalize": p.normalize,
         "max_length": p.max_length, "dtype": c.dtype.value, "batch_tokens": c.batch_tokens,
         "trust_remote_code": c.trust_remote_code,
+        "chunked": c.chunk_tokens is not None, "aggregate": c.aggregate.value,
     }
     quiet_ray_data()
     io = {"num_cpus": 0, "compute": TaskPoolStrategy(size=max(2, high * IO_TASKS_PER_ACTOR))}
     ds = ray.data.read_datasource(CorpusSource(todo, c, p.done), **io)
     ds = ds.map_batches(
-        Tokenize(p.model_dir, p.max_length, c.granularity.value, c.trust_remote_code),
+        Tokenize(p.model_dir, p.max_length, c.granularity.value, c.trust_remote_code,
+                 (c.chunk_tokens, c.chunk_overlap) if c.chunk_tokens else None),
         batch_size=c.batch_rows, batch_format="pyarrow", **io,
     )
     ds = ds.map_batches(
@@ -120,8 +122,11 @@ def execute(p, todo: list[InputFile], pool: tuple[float, int, int], lease) -> in
         batch_size=c.batch_rows, batch_format="pyarrow",
         num_cpus=cpus, num_gpus=c.num_gpus_per_worker or None,
     )
-    ds = ds.map_batches(Writer(c.output, c.granularity == Granularity.TOKEN), batch_size=c.rows_per_file,
-                        batch_format="pyarrow", **io)
+    chunked = c.chunk_tokens is not None
+    writer = Writer(c.output, c.granularity == Granularity.TOKEN,
+                    chunks=chunked and c.aggregate == Aggregate.NONE,
+                    aggregated=chunked and c.aggregate == Aggregate.MEAN)
+    ds = ds.map_batches(writer, batch_size=c.rows_per_file, batch_format="pyarrow", **io)
     expected = estimate_rows(todo, detect_format(todo[0].relative, c.input_format) if todo else None)
     if expected is not None:
         expected = max(0, expected - sum(len(done) for done in p.done.values()))

@@ -19,6 +19,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from semvec import storage
+from semvec.backfill import chunked
 from semvec.backfill.read import ROW_SCHEMA, Reason, RowParser, detect_format, read_file_chunks
 from semvec.config import EmbedConfig, Granularity
 from semvec.storage import InputFile
@@ -90,20 +91,26 @@ def _tokenizer(model_dir: str, trust_remote_code: bool):
 
 
 class Tokenize:
-    """Adds input_ids (and tokens/offsets in token mode); runs as light CPU tasks."""
+    """Adds input_ids (and tokens/offsets in token mode; the windows of each text when chunking,
+    see backfill.chunked); runs as light CPU tasks."""
 
-    def __init__(self, model_dir: str, max_length: int, granularity: str, trust_remote_code: bool):
+    def __init__(self, model_dir: str, max_length: int, granularity: str, trust_remote_code: bool,
+                 chunking: tuple[int, int] | None = None):
         self.model_dir = model_dir
         self.max_length = max_length
         self.token_mode = Granularity(granularity) == Granularity.TOKEN
         self.trust_remote_code = trust_remote_code
+        self.chunking = chunking  # (chunk_tokens, chunk_overlap), or None: truncate to max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _require(batch, ("text", "reason"), "tokenize")
         tok = _tokenizer(self.model_dir, self.trust_remote_code)
         ok = np.flatnonzero(batch["reason"].is_null().to_numpy(zero_copy_only=False))
         texts = batch["text"].take(pa.array(ok, pa.int64())).to_pylist()
-        tk, failed = _tokenize_rows(tok, texts, self.max_length, self.token_mode)
+        if self.chunking:
+            tk, failed = chunked.tokenize_rows(tok, texts, *self.chunking)
+        else:
+            tk, failed = _tokenize_rows(tok, texts, self.max_length, self.token_mode)
         if failed:  # those rows go to quarantine with the tokenizer's error; the rest go on
             reasons = batch["reason"].to_pylist()
             for j, reason in failed.items():
@@ -111,6 +118,8 @@ class Tokenize:
             batch = batch.set_column(batch.column_names.index("reason"), "reason",
                                      pa.array(reasons, pa.string()))
             ok = np.delete(ok, list(failed))
+        if self.chunking:
+            return chunked.add_token_columns(batch.drop_columns(["text"]), ok, tk)
         n = batch.num_rows
         ids: list = [None] * n
         truncated = np.zeros(n, dtype=bool)
@@ -180,6 +189,8 @@ class EncodeActor:
 
         torch.set_num_threads(threads)
         self.token_mode = config["granularity"] == Granularity.TOKEN.value
+        self.chunked = bool(config.get("chunked"))
+        self.aggregate = config.get("aggregate") == "mean"
         self.encoder = Encoder(
             Path(model_dir),
             pooling=config["pooling"],
@@ -191,6 +202,9 @@ class EncodeActor:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.chunked:
+            _require(batch, ("chunk_ids", "chunk_content", "doc_tokens", "reason"), "encode")
+            return chunked.encode(self.encoder, batch, self.aggregate)
         _require(batch, ("input_ids", "reason"), "encode")
         n = batch.num_rows
         ok = np.flatnonzero(batch["reason"].is_null().to_numpy(zero_copy_only=False))
@@ -262,6 +276,9 @@ class Writer:
     - The part that holds an input's last row carries the input's row count, as the reader
       counted it (`file_rows` in its parquet metadata), so what an input should hold is known
       from the parts too.
+    A chunked output (`--chunk-tokens` without `--aggregate`) holds a document's row once per
+    chunk, all in the same part; what is done and what is accounted count the rows whose `chunk`
+    is 0, once per document.
     So every row is in at most one part: a new part only holds rows that no committed part holds,
     and for the same reason its name is new (a committed part of that name would hold its first
     row). A crash between a batch's quarantine part and its output part leaves the good rows
@@ -274,9 +291,12 @@ class Writer:
 
     output: str
     token_mode: bool
+    chunks: bool = False  # one output row per chunk (chunk_embeddings, from backfill.chunked)
+    aggregated: bool = False  # one row per document with its chunk count
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _require(batch, ("source", "row", "id", "reason", "embedding", "file_rows"), "write")
+        vectors = "chunk_embeddings" if self.chunks else "embedding"
+        _require(batch, ("source", "row", "id", "reason", vectors, "file_rows"), "write")
         fs = storage.filesystem(self.output)
         root = storage.strip(self.output)
         stats = []
@@ -296,7 +316,11 @@ class Writer:
                          "quarantined": list(cols[2]), "reasons": list(cols[3])})
 
     def _embedded(self, good: pa.Table) -> pa.Table:
+        if self.chunks:
+            return chunked.explode(good)
         columns = ["id", "embedding", "n_tokens", "truncated", "source", "row"]
+        if self.aggregated:
+            columns.insert(3, "chunks")
         if self.token_mode:
             columns += ["tokens", "offsets", "token_embeddings"]
         return good.select(columns)

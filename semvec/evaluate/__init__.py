@@ -7,9 +7,11 @@ callers, retraining's suites and the benchmarks share.
 | classification | text, label | accuracy, macro_f1 (a model trained with that task) |
 | ner | CoNLL columns | f1, precision, recall (seqeval, entity level) |
 
-STS and retrieval score a model's vectors, or vectors a backfill already wrote (looked up by id);
-classification and NER score the head of a model that `semvec train` wrote. Readers live in
-semvec.datasets, metrics in semvec.metrics.
+STS and retrieval score a model's vectors, or vectors a backfill already wrote (looked up by id;
+over a chunked output, one row per chunk, retrieval scores a document by its best chunk and STS
+refuses); retrieval also scores a compressed output (`semvec compress`) as stored, its saved projection
+applied to float query vectors; classification and NER score the head of a model that `semvec
+train` wrote. Readers live in semvec.datasets, metrics in semvec.metrics.
 """
 
 from __future__ import annotations
@@ -19,11 +21,19 @@ from enum import Enum
 from pathlib import Path
 
 from semvec import storage
+from semvec.compress.output import is_compressed
 from semvec.errors import ConfigError
 from semvec.evaluate.labelled import evaluate_labelled
-from semvec.evaluate.retrieval import evaluate_retrieval
+from semvec.evaluate.retrieval import best_chunk_index, evaluate_retrieval
 from semvec.evaluate.sts import evaluate_sts
-from semvec.evaluate.vectors import load_vectors, model_embedder, vector_embedder
+from semvec.evaluate.vectors import (
+    chunk_embedder,
+    compressed_index,
+    is_chunked,
+    load_vectors,
+    model_embedder,
+    vector_embedder,
+)
 
 __all__ = ["Kind", "METRIC", "evaluate", "evaluate_labelled", "evaluate_retrieval", "evaluate_sts",
            "load_vectors", "model_embedder", "vector_embedder", "write_report"]
@@ -57,6 +67,19 @@ def evaluate(kind: Kind | str, *, model: str | None = None, vectors: str | None 
         embed = vector_embedder(vectors) if vectors else model_embedder(model or "bundled")
         return evaluate_sts(embed, _need(data, "data", kind))
     files = [_need(corpus, "corpus", kind), _need(queries, "queries", kind), _need(qrels, "qrels", kind)]
+    if vectors and is_compressed(vectors):
+        if not query_vectors:
+            raise ConfigError(f"vectors {storage.display(vectors)!r} are compressed: give --query-vectors, "
+                              "a backfill output of the queries' float vectors (the saved projection "
+                              "is applied to them)")
+        return evaluate_retrieval(None, vector_embedder(query_vectors), *files, by_id=True,
+                                  index_docs=compressed_index(vectors))
+    if vectors and is_chunked(vectors):  # one row per chunk: a document scores its best chunk
+        if not query_vectors:
+            raise ConfigError(f"vectors {storage.display(vectors)!r} hold one row per chunk: give "
+                              "--query-vectors, a backfill output of the queries (one row each)")
+        return evaluate_retrieval(None, vector_embedder(query_vectors), *files, by_id=True,
+                                  index_docs=best_chunk_index(chunk_embedder(vectors)))
     if vectors:
         return evaluate_retrieval(vector_embedder(vectors), vector_embedder(query_vectors or vectors),
                                   *files, by_id=True)

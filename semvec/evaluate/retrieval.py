@@ -1,28 +1,61 @@
 """Retrieval on BEIR files: exact cosine search of every query over the whole corpus, scored with
-nDCG@10, MRR@10 and Recall@100 against graded judgements."""
+nDCG@10, MRR@10 and Recall@100 against graded judgements. Over a chunked output (one row per
+chunk) a document scores the cosine of its best chunk."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
 from semvec import metrics
 from semvec.datasets import read_beir
-from semvec.evaluate.vectors import Embed, unit
+from semvec.evaluate.vectors import DocIndex, Embed, Search, unit
 
 K, RECALL_AT = 10, 100
 QUERY_CHUNK = 256  # queries scored at once: [chunk, n_docs] float32 scores in memory
 
 
-def evaluate_retrieval(embed_docs: Embed, embed_queries: Embed, corpus: str, queries: str,
-                       qrels: str, by_id: bool = False) -> dict:
-    """by_id: the embedders take ids (stored vectors), else texts (documents are title + text)."""
+def exact_index(embed: Embed) -> DocIndex:
+    """Exact cosine search over the vectors embed gives the docs."""
+    def index(keys: list[str]) -> Search:
+        d = unit(embed(keys))  # [n_docs, dim]
+
+        def search(q: np.ndarray, k: int) -> np.ndarray:
+            q = unit(q)
+            return np.concatenate([metrics.top_k(q[s:s + QUERY_CHUNK] @ d.T, k)
+                                   for s in range(0, q.shape[0], QUERY_CHUNK)])
+        return search
+    return index
+
+
+def best_chunk_index(chunks: Callable[[list[str]], list[np.ndarray]]) -> DocIndex:
+    """Exact cosine search over every chunk; a document scores its best chunk's cosine."""
+    def index(keys: list[str]) -> Search:
+        per_doc = chunks(keys)  # each [n_chunks_i, dim], n_chunks_i >= 1
+        d = unit(np.concatenate(per_doc))  # [all chunks, dim], grouped by document in keys' order
+        starts = np.r_[0, np.cumsum([len(c) for c in per_doc])[:-1]]
+
+        def search(q: np.ndarray, k: int) -> np.ndarray:
+            q = unit(q)
+            return np.concatenate([
+                metrics.top_k(np.maximum.reduceat(q[s:s + QUERY_CHUNK] @ d.T, starts, axis=1), k)
+                for s in range(0, q.shape[0], QUERY_CHUNK)])  # the max over each doc's chunks
+        return search
+    return index
+
+
+def evaluate_retrieval(embed_docs: Embed | None, embed_queries: Embed, corpus: str, queries: str,
+                       qrels: str, by_id: bool = False, index_docs: DocIndex | None = None) -> dict:
+    """by_id: the embedders take ids (stored vectors), else texts (documents are title + text).
+    index_docs: how the docs are searched (compressed vectors, say); default exact cosine search
+    over embed_docs' vectors."""
     docs, qs, judged = read_beir(corpus, queries, qrels)
     doc_ids, q_ids = list(docs), list(qs)
     index = {d: i for i, d in enumerate(doc_ids)}
-    d = unit(embed_docs(doc_ids if by_id else [docs[i] for i in doc_ids]))  # [n_docs, dim]
-    q = unit(embed_queries(q_ids if by_id else [qs[i] for i in q_ids]))  # [n_queries, dim]
-    top = np.concatenate([metrics.top_k(q[s:s + QUERY_CHUNK] @ d.T, RECALL_AT)
-                          for s in range(0, q.shape[0], QUERY_CHUNK)])  # [n_queries, <= 100]
+    search = (index_docs or exact_index(embed_docs))(doc_ids if by_id else [docs[i] for i in doc_ids])
+    q = embed_queries(q_ids if by_id else [qs[i] for i in q_ids])  # [n_queries, dim]
+    top = search(q, RECALL_AT)  # [n_queries, <= 100]
     # judged documents missing from the corpus can never be found; they still count as relevant
     relevant = [{index.get(doc, -1 - n): float(g) for n, (doc, g) in enumerate(judged[qid].items())}
                 for qid in q_ids]

@@ -37,6 +37,9 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
     train = train + anchors
     labels = label_set(train, dev, cfg.task)
     model_dir = models.resolve_model(cfg.model)
+    if models.model_kind(model_dir) == models.ModelKind.STATIC:
+        raise ConfigError(f"model {cfg.model!r} is a static model (a table of token vectors): it has "
+                          "no transformer to fine-tune; tune the encoder it came from, then distil again")
     known = _trained_labels(model_dir, cfg.task)  # a semvec model tuned further keeps its label order
     labels = known + [label for label in labels if label not in known]
     defaults = models.model_defaults(model_dir)

@@ -8,6 +8,7 @@ AWS_REGION); they are never logged and never written anywhere by semvec.
 from __future__ import annotations
 
 import glob as globlib
+import json
 import os
 import posixpath
 import uuid
@@ -174,3 +175,25 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     crashpoints.wrote(path)
+
+
+class Prefix:
+    """An output prefix on local disk or s3:// whose JSON records (manifests) are written whole."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs = filesystem(uri)
+        self.root = strip(uri)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def read_json(self, name: str) -> dict | None:
+        if not self.fs.exists(self.path(name)):
+            return None
+        with self.fs.open(self.path(name), "rb") as f:
+            return json.loads(f.read())
+
+    def write_json(self, name: str, record: dict) -> None:
+        blob = json.dumps(record, indent=2, sort_keys=True).encode()
+        write_atomic(self.fs, self.path(name), blob)  # a durable write (a crash point)

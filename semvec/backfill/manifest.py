@@ -7,7 +7,6 @@ document's row once per chunk: a document is counted by its chunk 0 row, its chu
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -34,27 +33,14 @@ class AccountingError(RuntimeError):
     exit_code = 1
 
 
-class OutputDir:
+class OutputDir(storage.Prefix):
     """One backfill output prefix on local disk or s3://."""
 
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.fs = storage.filesystem(uri)
-        self.root = storage.strip(uri)
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
     def read_manifest(self) -> dict | None:
-        path = self.path(MANIFEST)
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "rb") as f:
-            return json.loads(f.read())
+        return self.read_json(MANIFEST)
 
     def write_manifest(self, manifest: dict) -> None:
-        blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        storage.write_atomic(self.fs, self.path(MANIFEST), blob)
+        self.write_json(MANIFEST, manifest)
 
     def list_parts(self, quarantine: bool = False) -> list[str]:
         folder = self.path(QUARANTINE_DIR) if quarantine else self.root

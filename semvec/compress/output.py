@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -36,44 +35,26 @@ SOURCE_PART_KEY = b"semvec.source_part"
 OURS = (MANIFEST, CODEC, LEASE)
 
 
-class CompressedDir:
+class CompressedDir(storage.Prefix):
     """One compressed output prefix on local disk or s3://."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.fs = storage.filesystem(uri)
-        self.root = storage.strip(uri)
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
 
     # ------------------------------------------------------------ manifest and codec
 
     def read_manifest(self) -> dict | None:
-        return self._read_json(MANIFEST)
+        return self.read_json(MANIFEST)
 
     def write_manifest(self, manifest: dict) -> None:
-        self._write_json(MANIFEST, manifest)
+        self.write_json(MANIFEST, manifest)
 
     def read_codec(self) -> tuple[Codec, dict] | None:
         """(codec, the rest of _compress.json: config hash, lineage, sample), or None."""
-        record = self._read_json(CODEC)
+        record = self.read_json(CODEC)
         if record is None:
             return None
         return codec_from_dict(record["codec"]), {k: v for k, v in record.items() if k != "codec"}
 
     def write_codec(self, codec: Codec, about: dict) -> None:
-        self._write_json(CODEC, {**about, "codec": codec_to_dict(codec)})
-
-    def _read_json(self, name: str) -> dict | None:
-        if not self.fs.exists(self.path(name)):
-            return None
-        with self.fs.open(self.path(name), "rb") as f:
-            return json.loads(f.read())
-
-    def _write_json(self, name: str, record: dict) -> None:
-        blob = json.dumps(record, indent=2, sort_keys=True).encode()
-        storage.write_atomic(self.fs, self.path(name), blob)  # counts as a durable write
+        self.write_json(CODEC, {**about, "codec": codec_to_dict(codec)})
 
     # ------------------------------------------------------------ parts
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from scifact import SCIFACT, write_inputs  # noqa: E402
+from scifact import prepare  # noqa: E402
 
 
 def semvec(*args: str) -> dict:
@@ -64,12 +63,7 @@ def main() -> None:
                     help="work folder, emptied first (default: out/chunking)")
     ap.add_argument("--limit-docs", type=int, help="keep the first N documents: a smoke run (default: all)")
     args = ap.parse_args()
-    if not SCIFACT.is_dir():
-        sys.exit(f"SciFact not found at {SCIFACT}; set SEMVEC_DATASETS")
-    out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)  # a run starts clean: no prefix is resumed
-    out.mkdir(parents=True)
-    files = write_inputs(out, args.limit_docs)
+    out, files = prepare(args.out, args.limit_docs)
     common = ["--model", args.model, "--id-field", "_id"]
     semvec("embed", files["queries"], str(out / "queries"), *common)
     judged = ["--corpus", files["corpus"], "--queries", files["queries"], "--qrels", files["qrels"]]

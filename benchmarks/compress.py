@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from scifact import SCIFACT, write_inputs  # noqa: E402
+from scifact import prepare  # noqa: E402
 
 
 def cases(pca_dims: list[int]) -> dict[str, dict]:
@@ -50,8 +49,6 @@ def main() -> None:
                     help="work folder, emptied first (default: out/compress)")
     ap.add_argument("--limit-docs", type=int, help="keep the first N documents: a smoke run (default: all)")
     args = ap.parse_args()
-    if not SCIFACT.is_dir():
-        sys.exit(f"SciFact not found at {SCIFACT}; set SEMVEC_DATASETS")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from semvec.backfill.job import run as backfill
     from semvec.compress import load_compress_config
@@ -59,10 +56,7 @@ def main() -> None:
     from semvec.config import load_embed_config
     from semvec.evaluate import evaluate
 
-    out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)  # a run starts clean: no prefix is resumed
-    out.mkdir(parents=True)
-    files = write_inputs(out, args.limit_docs)
+    out, files = prepare(args.out, args.limit_docs)
     t = time.perf_counter()
     for name in ("docs", "queries"):
         src = files["corpus"] if name == "docs" else files["queries"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -43,3 +44,13 @@ def write_inputs(out: Path, limit: int | None) -> dict:
         f.write("query-id\tcorpus-id\tscore\n")
         f.writelines(f"{q}\t{d}\t{s}\n" for q, pairs in judged.items() for d, s in pairs)
     return {k: str(v) for k, v in files.items()}
+
+
+def prepare(out: str, limit: int | None) -> tuple[Path, dict]:
+    """The work folder, emptied (a run starts clean: no prefix is resumed), and the inputs in it."""
+    if not SCIFACT.is_dir():
+        sys.exit(f"SciFact not found at {SCIFACT}; set SEMVEC_DATASETS")
+    folder = Path(out).resolve()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder, write_inputs(folder, limit)

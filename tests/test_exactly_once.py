@@ -27,9 +27,8 @@ pytestmark = pytest.mark.slow
 def bad_and_good_corpus(path: Path, n: int, every: int, seed: int = 5, long: bool = False) -> Path:
     """n rows; every `every`-th row is bad in one of three ways, so each batch holds both kinds.
     long: each text is a few sentences (~150 tokens), so a chunked run splits it."""
-    texts = corpus_sentences(n, seed=seed)
-    if long:
-        texts = [". ".join(corpus_sentences(8, seed=seed + i)) for i in range(n)]
+    texts = ([". ".join(corpus_sentences(8, seed=seed + i)) for i in range(n)] if long
+             else corpus_sentences(n, seed=seed))
     lines = []
     for i, t in enumerate(texts):
         kind = (i // every) % 3 if i % every == 0 else None

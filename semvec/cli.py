@@ -69,6 +69,9 @@ def _evaluate_parser(sub) -> None:
                      help="BEIR qrels .tsv (query-id, corpus-id, score) (required)")
     ret.add_argument("--query-vectors", dest="query_vectors",
                      help="backfill output with the queries' vectors by _id (default: --vectors)")
+    ret.add_argument("--index", help="an index built by `semvec index` over the corpus's vectors, "
+                                     "searched as it serves; queries embedded by its model (default: "
+                                     "exact search over --vectors or --model)")
     for task in ("classification", "ner"):
         t = tasks.add_parser(task, help=f"score a model trained by `semvec train --task {task}`")
         t.add_argument("--model", required=True,
@@ -169,6 +172,46 @@ def _words_parser(sub) -> None:
     _json_flag(p)
 
 
+def _index_parser(sub) -> None:
+    from semvec.options import add_config_flags
+    from semvec.search.config import IndexConfig
+
+    p = sub.add_parser("index", help="build a search index (FAISS) from a backfill's vectors",
+                       description="Build a FAISS index (exact, hnsw or ivf) from a complete backfill "
+                                   "output, local or s3://; it records the model, so `semvec "
+                                   "search` embeds queries with the same one.")
+    p.add_argument("vectors", nargs="?", help=IndexConfig.HELP["vectors"])
+    p.add_argument("index", nargs="?", help=IndexConfig.HELP["index"])
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.set_defaults(config_fields=add_config_flags(p, IndexConfig, skip=("vectors", "index")))
+    _json_flag(p)
+
+
+def _search_parser(sub) -> None:
+    p = sub.add_parser("search", help="search an index with a query, or a file of queries",
+                       description="Embed queries with the index's model and return the k nearest "
+                                   "ids with their cosine scores.")
+    p.add_argument("index", help="an index prefix written by `semvec index`, local or s3://")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--query", action="append",
+                      help="a query text (repeat for several); answers print as JSON lines")
+    what.add_argument("--queries", help="a file, folder or glob of queries, read as `semvec embed` "
+                                        "reads a corpus; answers go to --output")
+    p.add_argument("--output", help="with --queries: jsonl output, one line per query row, local or "
+                                    "s3:// (required with --queries)")
+    p.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
+    p.add_argument("--text-field", dest="text_field", default="text",
+                   help="with --queries: the field holding the text (default: text)")
+    p.add_argument("--id-field", dest="id_field",
+                   help="with --queries: the field holding a query's id (default: FILE:ROW)")
+    p.add_argument("--model", help="embed queries with this reference; it must be the index's model "
+                                   "(same fingerprint), found elsewhere (default: the index's record)")
+    p.add_argument("--ef-search", dest="ef_search", type=int,
+                   help="hnsw: candidates per query (default: the index's)")
+    p.add_argument("--nprobe", type=int, help="ivf: lists searched per query (default: the index's)")
+    _json_flag(p)
+
+
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
 
@@ -188,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     _retrain_parsers(sub)
     _distill_parser(sub)
     _words_parser(sub)
+    _index_parser(sub)
+    _search_parser(sub)
     return parser
 
 
@@ -220,7 +265,7 @@ def _evaluate(args) -> dict:
     from semvec import evaluate
 
     given = {k: getattr(args, k, None) for k in ("model", "vectors", "query_vectors", "data", "corpus",
-                                                  "queries", "qrels")}
+                                                  "queries", "qrels", "index")}
     result = evaluate.evaluate(args.task, **given)
     if args.report:
         evaluate.write_report({"kind": args.task, **result}, args.report)
@@ -311,9 +356,49 @@ def _words(args) -> dict:
     return s
 
 
+def _index(args) -> dict:
+    from semvec.options import given
+    from semvec.search.build import build, print_summary
+    from semvec.search.config import load_index_config
+
+    overrides = {"vectors": args.vectors, "index": args.index, **given(args, args.config_fields)}
+    summary = build(load_index_config(args.config, **overrides))
+    if not args.json:
+        print_summary(summary)
+    return summary
+
+
+def _search(args) -> dict:
+    from semvec.search import open_index
+    from semvec.search.batch import search_file
+
+    if args.queries and not args.output:
+        raise ConfigError("--queries needs --output, the jsonl file the answers go to")
+    if args.output and not args.queries:
+        raise ConfigError("--output goes with --queries; --query answers print to stdout")
+    if args.k < 1:
+        raise ConfigError(f"-k must be an integer >= 1, got {args.k}")
+    opened = open_index(args.index)
+    tuning = {"ef_search": args.ef_search, "nprobe": args.nprobe}
+    if args.queries:
+        summary = search_file(opened, args.queries, args.output, args.k, args.text_field,
+                              args.id_field, args.model, **tuning)
+        if not args.json:
+            print(f"semvec search: {summary['answered']} of {summary['queries']} queries answered "
+                  f"({summary['errors']} rows with an error line), top {args.k}, in "
+                  f"{summary['seconds']} s; output {summary['output']}")
+        return summary
+    hits = opened.search(args.query, args.k, model=args.model, **tuning)
+    answers = [{**h.to_dict(), "query": q} for q, h in zip(args.query, hits, strict=True)]
+    if not args.json:
+        for answer in answers:
+            print(json.dumps(answer, ensure_ascii=False))
+    return {"answers": answers}
+
+
 COMMANDS = {"embed": _embed, "evaluate": _evaluate, "train": _train, "retrain": _retrain,
             "rollback": _rollback, "register": _register, "compress": _compress,
-            "distill": _distill, "words": _words}
+            "distill": _distill, "words": _words, "index": _index, "search": _search}
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:
@@ -339,11 +424,16 @@ def error_line(exc: BaseException) -> str:
 def run_guarded(call: Callable[[], T], verbose: bool) -> tuple[int, T | None]:
     """(0, call()), or (exit code, None) after one redacted line on stderr: a ConfigError's code
     (2, or 3 for a held lock), else the exception's exit_code or 1, 130 for an interrupt."""
+    had_ray = _ray_is_up()
     try:
         return 0, call()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure ends in one line
         if verbose:
             print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
+        # A Ray this call started forwards its processes' lines (a GCS complaining about actors it
+        # can no longer kill, ...) until it is shut down: shut it first, so ours is the last line.
+        if _ray_is_up() and not had_ray:
+            _shutdown_ray()
         print(error_line(exc), file=sys.stderr)
         if isinstance(exc, KeyboardInterrupt):
             return 130, None
@@ -353,6 +443,13 @@ def run_guarded(call: Callable[[], T], verbose: bool) -> tuple[int, T | None]:
 
 def _ray_is_up() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _shutdown_ray() -> None:
+    try:
+        sys.modules["ray"].shutdown()
+    except Exception:  # noqa: BLE001 - the command's own outcome is what the user must see
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         had_ray = _ray_is_up()
         code, result = run_guarded(lambda: COMMANDS[args.command](args), args.verbose)
         if _ray_is_up() and not had_ray:  # this command's Ray: done with it
-            sys.modules["ray"].shutdown()
+            _shutdown_ray()
     finally:
         sys.stdout = out
     if code == 0:

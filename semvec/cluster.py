@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 
-from semvec.errors import ConfigError
+from semvec.errors import ConfigError, TaskFailed
 
 # Ray Train V2 starts a detached PlacementGroupCleaner beside every run. It asks the State API,
 # once a second, whether the run's controller is alive, and removes the run's placement group
@@ -40,6 +40,18 @@ def init_ray(env_vars: dict[str, str] | None = None) -> bool:
              runtime_env={"worker_process_setup_hook": _local_worker_setup,
                           **({"env_vars": env_vars} if env_vars else {})})
     return True
+
+
+def gather(refs: list, what: str) -> list:
+    """ray.get(refs), or TaskFailed in one line naming `what` and the task's own error."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayError as exc:  # a task that raised, or a worker lost past its retries
+        cause = getattr(exc, "cause", None) or exc
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        raise TaskFailed(f"{what} failed: {type(cause).__name__}: {first}") from None
 
 
 def quiet_ray_data() -> None:

@@ -20,3 +20,7 @@ class JobFailed(RuntimeError):
     """The job ran and failed (too many rows the model could not embed, a lost lease): exit 1."""
 
     exit_code = 1
+
+
+class TaskFailed(JobFailed):
+    """A Ray task of a job raised (a store that kept failing, a broken file), past its retries."""

@@ -29,7 +29,7 @@ import time
 import uuid
 
 from semvec import crashpoints, storage
-from semvec.errors import ConfigError
+from semvec.errors import ConfigError, JobFailed
 
 READ_BACK_S = 1.0
 
@@ -68,6 +68,12 @@ class Lease:
             self._thread.start()
         else:
             self._acquire_local()
+
+    def lost_error(self) -> JobFailed:
+        """The error a job stops with when its lease went to another run."""
+        prefix = self.uri.rsplit("/", 1)[0]
+        return JobFailed(f"the lease on {storage.display(prefix)} was lost to another run; "
+                         "stopped so that two runs do not write one prefix")
 
     def holds(self) -> bool:
         """Whether this run still holds the lease. On S3 the lease is read back now: the renewal

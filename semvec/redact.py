@@ -132,6 +132,8 @@ def setup_logging(verbose: bool = False) -> None:
         logger.addFilter(RedactingFilter())
         logger.propagate = False  # no second, unredacted copy through the root's handlers
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # model-loading bars (transformers follows huggingface_hub's switch)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not verbose and "MLFLOW_LOGGING_LEVEL" not in os.environ:
         # MLflow sets its logger's level from this variable when it is imported, here and in every
         # Ray worker (they inherit the environment); a level set now covers an earlier import.

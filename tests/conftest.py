@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -198,3 +199,35 @@ def mlflow_server(s3_server, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def beir(ray_local, tiny_models, tmp_path_factory) -> dict:
+    """A small BEIR set (each query: most of one document's words) and its backfills: the
+    documents in 3 parts, the queries in 1."""
+    from semvec.backfill.job import run as backfill
+    from semvec.config import load_embed_config
+
+    root = tmp_path_factory.mktemp("beir")
+    rnd = random.Random(11)
+    texts = [t for t in corpus_sentences(400, seed=12) if len(t.split()) >= 8][:150]
+    docs = [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(texts)]
+    queries = []
+    for i in range(0, 150, 3):
+        words = texts[i].split()
+        keep = sorted(rnd.sample(range(len(words)), k=max(4, len(words) * 2 // 3)))
+        queries.append({"_id": f"q{i}", "text": " ".join(words[j] for j in keep)})
+    write_jsonl(root / "corpus.jsonl", docs)
+    write_jsonl(root / "queries.jsonl", queries)
+    (root / "qrels").mkdir()
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q['_id']}\td{q['_id'][1:]}\t1\n" for q in queries))
+    opts = {"model": str(tiny_models["bert"]), "id_field": "_id", "rows_per_file": 50,
+            "batch_rows": 50}
+    for name, src in (("docs", "corpus.jsonl"), ("queries", "queries.jsonl")):
+        backfill(load_embed_config(None, input=str(root / src), output=str(root / name), **opts))
+    assert len(list((root / "docs").glob("part-*.parquet"))) == 3
+    files = ["--corpus", str(root / "corpus.jsonl"), "--queries", str(root / "queries.jsonl"),
+             "--qrels", str(root / "qrels" / "test.tsv")]
+    return {"root": root, "docs": str(root / "docs"), "queries": str(root / "queries"),
+            "files": files, "n_docs": len(docs), "model": tiny_models["bert"]}

@@ -4,7 +4,6 @@ after every write of the job followed by a rerun."""
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +23,7 @@ from semvec.compress.search import CompressedVectors
 from semvec.compress.source import sample_plan
 from semvec.config import load_embed_config
 from semvec.errors import ConfigError, OutputMismatch
-from semvec.testing import corpus_sentences
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import REPO
 from tests.test_exactly_once import run_at_most
 
 DIM = 32  # the tiny models' hidden size
@@ -143,35 +141,6 @@ def test_search_over_compressed_vectors_finds_what_float_search_finds():
 
 
 # ---------------------------------------------------------------- real backfill outputs
-
-
-@pytest.fixture(scope="module")
-def beir(ray_local, tiny_models, tmp_path_factory) -> dict:
-    """A small BEIR set (each query: most of one document's words) and its backfills: the
-    documents in 3 parts, the queries in 1."""
-    root = tmp_path_factory.mktemp("compress-beir")
-    rnd = random.Random(11)
-    texts = [t for t in corpus_sentences(400, seed=12) if len(t.split()) >= 8][:150]
-    docs = [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(texts)]
-    queries = []
-    for i in range(0, 150, 3):
-        words = texts[i].split()
-        keep = sorted(rnd.sample(range(len(words)), k=max(4, len(words) * 2 // 3)))
-        queries.append({"_id": f"q{i}", "text": " ".join(words[j] for j in keep)})
-    write_jsonl(root / "corpus.jsonl", docs)
-    write_jsonl(root / "queries.jsonl", queries)
-    (root / "qrels").mkdir()
-    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"{q['_id']}\td{q['_id'][1:]}\t1\n" for q in queries))
-    opts = {"model": str(tiny_models["bert"]), "id_field": "_id", "rows_per_file": 50,
-            "batch_rows": 50}
-    for name, src in (("docs", "corpus.jsonl"), ("queries", "queries.jsonl")):
-        backfill(load_embed_config(None, input=str(root / src), output=str(root / name), **opts))
-    assert len(list((root / "docs").glob("part-*.parquet"))) == 3
-    files = ["--corpus", str(root / "corpus.jsonl"), "--queries", str(root / "queries.jsonl"),
-             "--qrels", str(root / "qrels" / "test.tsv")]
-    return {"root": root, "docs": str(root / "docs"), "queries": str(root / "queries"),
-            "files": files, "n_docs": len(docs), "model": tiny_models["bert"]}
 
 
 def compress(source: str, output, **settings) -> dict:

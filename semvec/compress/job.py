@@ -24,22 +24,17 @@ import numpy as np
 
 from semvec import __version__, crashpoints, storage
 from semvec.backfill.manifest import now
-from semvec.cluster import init_ray, quiet_worker_env
+from semvec.cluster import gather, init_ray, quiet_worker_env
 from semvec.compress.codec import Codec, bytes_per_vector, fit
 from semvec.compress.config import CompressConfig
 from semvec.compress.output import CODEC, LEASE, CompressedDir
 from semvec.compress.source import Source, SourcePart, open_source, read_part, read_rows, sample_plan
-from semvec.errors import ConfigError, JobFailed, OutputMismatch
+from semvec.errors import ConfigError, JobFailed, OutputMismatch, TaskFailed
 from semvec.lease import Lease
 
 log = logging.getLogger("semvec.compress")
 
 PROGRESS_EVERY_S = 10.0
-
-
-class TaskFailed(JobFailed):
-    """A Ray task of the job raised (a store that kept failing, a broken part): exit 1, and the
-    manifest says "failed". A lost lease is a JobFailed of its own: the prefix is another run's."""
 
 
 @dataclass
@@ -144,7 +139,7 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
         raise
     parts = _account(p, out)
     if not lease.holds():  # the last moment before the manifest says "complete"
-        raise _lease_lost(p.config.output)
+        raise lease.lost_error()
     timings = {"plan_s": round(t_plan, 2), "fit_s": round(t_fit, 2),
                "run_s": round(time.time() - t0 - t_plan - t_fit, 2), "total_s": round(time.time() - t0, 2)}
     manifest = _manifest(p, "complete", started, codec, parts, timings)
@@ -175,7 +170,7 @@ def _fit(p: Plan) -> Codec:
     refs = [read.remote(s.uri, part.path, rows)
             for part, rows in zip(s.parts, sample_plan([x.rows for x in s.parts], c.sample_size, c.seed),
                                   strict=True) if len(rows)]
-    sample = np.concatenate(_get(refs, "reading the sample"))  # [sample rows, dim_in], in plan order
+    sample = np.concatenate(gather(refs, "reading the sample"))  # [sample rows, dim_in], in plan order
     log.info("fitting on %d sampled vectors of %d", len(sample), s.rows)
     return fit(sample, c.pca, c.quantize)
 
@@ -210,27 +205,16 @@ def _compress(p: Plan, todo: list[SourcePart], codec: Codec, lease: Lease) -> in
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         for ref in ready:
-            rows += _get([ref], f"compressing {pending.pop(ref).name}")[0]
+            rows += gather([ref], f"compressing {pending.pop(ref).name}")[0]
         if lease.lost.is_set() and not lease.holds():
             for ref in pending:
                 ray.cancel(ref)
-            raise _lease_lost(p.config.output)
+            raise lease.lost_error()
         if time.monotonic() - last >= PROGRESS_EVERY_S:
             last = time.monotonic()
             log.info("%d of %d parts, %d vectors (%.0f vectors/s)", len(todo) - len(pending),
                      len(todo), rows, rows / max(last - t0, 1e-9))
     return rows
-
-
-def _get(refs: list, what: str) -> list:
-    import ray
-
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayError as exc:  # a task that raised, or a worker lost past its retries
-        cause = getattr(exc, "cause", None) or exc
-        first = (str(cause).strip().splitlines() or [""])[0][:300]
-        raise TaskFailed(f"{what} failed: {type(cause).__name__}: {first}") from None
 
 
 def _account(p: Plan, out: CompressedDir) -> list[dict]:
@@ -276,11 +260,6 @@ def _record_failure(out: CompressedDir, manifest: dict) -> None:
         out.write_manifest(manifest)
     except Exception as exc:  # noqa: BLE001 - the job's own error is the one to report
         log.warning("the manifest could not be marked failed (%s)", type(exc).__name__)
-
-
-def _lease_lost(output: str) -> JobFailed:
-    return JobFailed(f"the lease on {storage.display(output)} was lost to another run; "
-                     "stopped so that two runs do not write one prefix")
 
 
 def print_summary(summary: dict, stream=sys.stdout) -> None:

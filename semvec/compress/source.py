@@ -56,25 +56,26 @@ class Source:
                 "totals": self.manifest.get("totals"), "parts": len(self.parts)}
 
 
-def open_source(uri: str) -> Source:
-    """The complete backfill output at uri, or a one-line ConfigError saying why it is not one."""
+def open_source(uri: str, verb: str = "compress") -> Source:
+    """The complete backfill output at uri, or a one-line ConfigError saying why it is not one
+    (`verb`: what the caller does with it, for the message)."""
     where = storage.display(uri)
     out = OutputDir(uri)
     manifest = out.read_manifest()
     if manifest is None:
         raise ConfigError(f"vectors {where!r} hold no _manifest.json: not a backfill output")
     if "compression" in manifest:
-        raise ConfigError(f"vectors {where!r} are compressed already; compress the float vectors "
+        raise ConfigError(f"vectors {where!r} are compressed already; {verb} the float vectors "
                           f"they came from ({manifest.get('source', {}).get('uri')!r})")
     chunking = manifest.get("chunking") or {}
     if chunking and chunking.get("aggregate") == "none":
         # a compressed search keeps one vector an id; scoring a document by its best chunk is the
         # float search's (semvec evaluate retrieval over the chunk rows)
-        raise ConfigError(f"vectors {where!r} hold one row per chunk; compress a backfill with one "
+        raise ConfigError(f"vectors {where!r} hold one row per chunk; {verb} a backfill with one "
                           "row per document (--aggregate mean, or no --chunk-tokens)")
     if manifest.get("status") != "complete":
         raise ConfigError(f"the backfill at {where!r} is not complete (status "
-                          f"{manifest.get('status')!r}); compress it once it has finished")
+                          f"{manifest.get('status')!r}); {verb} it once it has finished")
     paths = out.list_parts()
     if not paths:
         raise ConfigError(f"vectors {where!r} hold no embedding parts")

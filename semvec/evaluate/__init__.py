@@ -21,12 +21,14 @@ from enum import Enum
 from pathlib import Path
 
 from semvec import storage
+from semvec.backfill.manifest import OutputDir
 from semvec.compress.output import is_compressed
 from semvec.errors import ConfigError
 from semvec.evaluate.labelled import evaluate_labelled
 from semvec.evaluate.retrieval import best_chunk_index, evaluate_retrieval
 from semvec.evaluate.sts import evaluate_sts
 from semvec.evaluate.vectors import (
+    built_index,
     chunk_embedder,
     compressed_index,
     is_chunked,
@@ -52,7 +54,7 @@ METRIC = {Kind.STS: "spearman", Kind.RETRIEVAL: "ndcg@10", Kind.CLASSIFICATION: 
 
 def evaluate(kind: Kind | str, *, model: str | None = None, vectors: str | None = None,
              query_vectors: str | None = None, data: str | None = None, corpus: str | None = None,
-             queries: str | None = None, qrels: str | None = None) -> dict:
+             queries: str | None = None, qrels: str | None = None, index: str | None = None) -> dict:
     """Score a model reference (default ``bundled``) or stored vectors on one kind of data.
 
     Returns the metrics; classification and NER add "report" (per label, text). Raises ConfigError
@@ -67,6 +69,8 @@ def evaluate(kind: Kind | str, *, model: str | None = None, vectors: str | None 
         embed = vector_embedder(vectors) if vectors else model_embedder(model or "bundled")
         return evaluate_sts(embed, _need(data, "data", kind))
     files = [_need(corpus, "corpus", kind), _need(queries, "queries", kind), _need(qrels, "qrels", kind)]
+    if index:
+        return _retrieval_on_index(index, files, model, vectors, query_vectors)
     if vectors and is_compressed(vectors):
         if not query_vectors:
             raise ConfigError(f"vectors {storage.display(vectors)!r} are compressed: give --query-vectors, "
@@ -85,6 +89,23 @@ def evaluate(kind: Kind | str, *, model: str | None = None, vectors: str | None 
                                   *files, by_id=True)
     embed = model_embedder(model or "bundled")
     return evaluate_retrieval(embed, embed, *files)
+
+
+def _retrieval_on_index(index: str, files: list[str], model: str | None, vectors: str | None,
+                        query_vectors: str | None) -> dict:
+    """A built index searched as it serves: queries embedded by its model (checked), or stored
+    query vectors of the same model's fingerprint."""
+    if vectors:
+        raise ConfigError("give --index or --vectors, not both: the index holds the documents")
+    docs, opened = built_index(index)
+    if query_vectors:
+        manifest = OutputDir(query_vectors).read_manifest() or {}
+        opened.check_fingerprint((manifest.get("model") or {}).get("fingerprint"),
+                                 f"query vectors {storage.display(query_vectors)!r}")
+        return evaluate_retrieval(None, vector_embedder(query_vectors), *files, by_id=True,
+                                  index_docs=docs)
+    opened.encoder(model)  # another model is refused before any query is embedded
+    return evaluate_retrieval(None, lambda texts: opened.embed(texts, model), *files, index_docs=docs)
 
 
 def _need(value: str | None, name: str, kind: Kind) -> str:

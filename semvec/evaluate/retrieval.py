@@ -48,12 +48,13 @@ def best_chunk_index(chunks: Callable[[list[str]], list[np.ndarray]]) -> DocInde
 def evaluate_retrieval(embed_docs: Embed | None, embed_queries: Embed, corpus: str, queries: str,
                        qrels: str, by_id: bool = False, index_docs: DocIndex | None = None) -> dict:
     """by_id: the embedders take ids (stored vectors), else texts (documents are title + text).
-    index_docs: how the docs are searched (compressed vectors, say); default exact cosine search
-    over embed_docs' vectors."""
+    index_docs: how the docs are searched, given their ids (compressed vectors, a built index);
+    default exact cosine search over embed_docs' vectors."""
     docs, qs, judged = read_beir(corpus, queries, qrels)
     doc_ids, q_ids = list(docs), list(qs)
     index = {d: i for i, d in enumerate(doc_ids)}
-    search = (index_docs or exact_index(embed_docs))(doc_ids if by_id else [docs[i] for i in doc_ids])
+    search = (index_docs(doc_ids) if index_docs
+              else exact_index(embed_docs)(doc_ids if by_id else [docs[i] for i in doc_ids]))
     q = embed_queries(q_ids if by_id else [qs[i] for i in q_ids])  # [n_queries, dim]
     top = search(q, RECALL_AT)  # [n_queries, <= 100]
     # judged documents missing from the corpus can never be found; they still count as relevant

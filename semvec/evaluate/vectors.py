@@ -135,6 +135,29 @@ def compressed_index(prefix: str) -> DocIndex:
     return lambda keys: stored.take(keys).search
 
 
+def built_index(uri: str) -> tuple[DocIndex, object]:
+    """A built index (`semvec index`) as a DocIndex, and the opened index (its model embeds the
+    queries). A ranked id that is not among the judged corpus's ids is passed over."""
+    from semvec.search import open_index
+
+    opened = open_index(uri)
+
+    def docs(keys: list[str]) -> Search:
+        position = {key: i for i, key in enumerate(keys)}
+
+        def search(q: np.ndarray, k: int) -> np.ndarray:
+            top = np.full((len(q), k), NOT_A_DOC, dtype=np.int64)
+            for row, hits in enumerate(opened.search_vectors(q, k)):
+                found = [position[i] for i in hits.ids if i in position][:k]
+                top[row, :len(found)] = found
+            return top
+        return search
+    return docs, opened
+
+
+NOT_A_DOC = np.iinfo(np.int64).min  # pads a ranking shorter than k: matches no document
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (cosine = dot product)."""
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)

@@ -1,0 +1,104 @@
+"""The index build's one typed config, validated on the driver before anything is read.
+
+What needs the source (is it a complete backfill, are there enough vectors for --nlist) is
+checked by `semvec.search.build.plan`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from semvec.config import load_settings, parse_enum
+from semvec.errors import ConfigError
+
+INDEX_VERSION = 1  # bumped when the index layout changes: an older index is then rebuilt
+
+
+class IndexKind(str, Enum):
+    EXACT = "exact"  # every vector scored (FAISS IndexFlatIP): the reference, recall 1
+    HNSW = "hnsw"  # a graph (FAISS IndexHNSWFlat): fast queries, slower build, no training
+    IVF = "ivf"  # inverted lists (FAISS IndexIVFFlat): k-means on a sample, shards added in parallel
+
+
+@dataclass
+class IndexConfig:
+    """One index build from a backfill output. Fields marked 'index-shaping' enter the config hash."""
+
+    vectors: str
+    index: str
+    kind: IndexKind = IndexKind.EXACT  # index-shaping
+    hnsw_m: int = 32  # index-shaping
+    ef_construction: int = 200  # index-shaping
+    ef_search: int = 128
+    nlist: int | None = None  # index-shaping
+    nprobe: int = 16
+    train_size: int = 100_000  # index-shaping
+    seed: int = 0  # index-shaping
+    ray_from_rows: int = 200_000
+    overwrite: bool = False
+    lease_ttl_s: float = 120.0
+
+    HELP: ClassVar[dict[str, str]] = {
+        "vectors": "a complete backfill output prefix (local or s3://) with one row per document",
+        "index": "index prefix, local or s3://: index.faiss, ids.parquet, _index.json",
+        "kind": "exact scores every vector (recall 1); hnsw is a graph; ivf clusters the vectors "
+                "(k-means on a seeded sample) and searches the nearest lists",
+        "hnsw_m": "hnsw: neighbours per node (more: better recall, more memory)",
+        "ef_construction": "hnsw: candidates kept while the graph is built",
+        "ef_search": "hnsw: candidates kept per query, the default of every search (more: better "
+                     "recall, slower)",
+        "nlist": "ivf: number of lists (default: 4 x sqrt(vectors), at most vectors / 39)",
+        "nprobe": "ivf: lists searched per query, the default of every search",
+        "train_size": "ivf: vectors sampled (seeded, uniform over all parts) to train the lists on",
+        "seed": "seed of the ivf sample and k-means",
+        "ray_from_rows": "sources with at least this many vectors are read (and ivf shards added) "
+                         "by Ray tasks; smaller ones in this process",
+        "overwrite": "replace an index built with other settings or from other vectors (else refused)",
+        "lease_ttl_s": "seconds after which an s3:// index's unrenewed lease counts as stale",
+    }
+
+    HASHED = ("kind", "hnsw_m", "ef_construction", "nlist", "train_size", "seed")
+
+    def __post_init__(self) -> None:
+        self.kind = parse_enum(IndexKind, "kind", self.kind)
+        for name in ("vectors", "index"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name, least in (("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1), ("nprobe", 1),
+                            ("train_size", 1), ("seed", 0), ("ray_from_rows", 1)):
+            _require_int(self, name, least)
+        if self.nlist is not None:
+            _require_int(self, "nlist", 1)
+        if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, (int, float)) \
+                or not self.lease_ttl_s >= 5:
+            raise ConfigError(f"lease_ttl_s must be a number of seconds >= 5, got {self.lease_ttl_s!r}")
+
+    def index_hash(self, source_identity: str) -> str:
+        """Hash of what shapes the index, the source's identity included: a build with another
+        hash into the same prefix is refused (or, with overwrite, replaces it)."""
+        shaping = {name: _plain(getattr(self, name)) for name in self.HASHED}
+        shaping.update(source=source_identity, index_version=INDEX_VERSION)
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _require_int(config: IndexConfig, name: str, least: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def load_index_config(path: str | Path | None = None, **overrides: Any) -> IndexConfig:
+    """Read an index YAML config (optional) and apply overrides (None means 'not given')."""
+    return load_settings(IndexConfig, path, ("vectors", "index"), overrides)

@@ -1,0 +1,114 @@
+"""A built index, opened for search: `semvec.search.open(uri).search(texts, k)`.
+
+Queries are embedded with the model the indexed vectors came from (the reference, pooling,
+normalisation and max length in the index's record) and the model's fingerprint is checked
+first: a query embedded by another model would be scored against vectors it cannot be compared
+with, so another model, or query vectors of another fingerprint, is refused in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from semvec import storage
+from semvec.errors import ConfigError
+from semvec.search.store import IndexDir, faiss_module
+
+
+@dataclass
+class Hits:
+    """One query's answer: ids best first, their cosine scores."""
+
+    ids: list[str]
+    scores: list[float]
+    query_id: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"query_id": self.query_id, "ids": self.ids, "scores": self.scores}
+
+
+@dataclass
+class SearchIndex:
+    uri: str
+    record: dict
+    index: object  # a FAISS index
+    ids: list[str]
+    _encoders: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model(self) -> dict:
+        return self.record["model"]
+
+    @property
+    def kind(self) -> str:
+        return self.record["kind"]
+
+    def search_vectors(self, queries: np.ndarray, k: int = 10, ef_search: int | None = None,
+                       nprobe: int | None = None) -> list[Hits]:
+        """Query vectors [n, dim] (any length: scaled to unit here) -> the k nearest of each."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.shape[1] != self.record["dim"]:
+            raise ConfigError(f"query vectors have dim {queries.shape[1]}, the index at "
+                              f"{storage.display(self.uri)!r} holds dim {self.record['dim']}: embed "
+                              "the queries with the index's model")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k must be an integer >= 1, got {k!r}")
+        self._tune(ef_search, nprobe)
+        norms = np.linalg.norm(queries, axis=1, keepdims=True)
+        unit = np.ascontiguousarray(queries / np.where(norms > 0, norms, 1))
+        scores, labels = self.index.search(unit, min(k, len(self.ids)))
+        hits = []
+        for row_scores, row_labels in zip(scores, labels, strict=True):
+            kept = row_labels >= 0  # FAISS pads with -1 when fewer than k were reached
+            hits.append(Hits([self.ids[i] for i in row_labels[kept]],
+                             [round(float(s), 6) for s in row_scores[kept]]))
+        return hits
+
+    def search(self, texts: list[str] | str, k: int = 10, model: str | None = None,
+               **tuning) -> list[Hits]:
+        """Embed texts with the index's model (or `model`, if it is the same model) and search."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.search_vectors(self.embed(texts, model), k, **tuning)
+
+    def embed(self, texts: list[str], model: str | None = None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.record["dim"]), dtype=np.float32)
+        return self.encoder(model).encode_texts(texts)
+
+    def encoder(self, model: str | None = None):
+        """The Encoder that embeds queries as the indexed vectors were embedded (cached)."""
+        ref = model or self.model["reference"]
+        if ref not in self._encoders:
+            from semvec.encode import Encoder
+            from semvec.models import fingerprint, resolve_model
+
+            model_dir = resolve_model(ref)
+            self.check_fingerprint(fingerprint(model_dir), f"model {ref!r}")
+            m = self.model
+            self._encoders[ref] = Encoder(model_dir, pooling=m["pooling"], normalize=m["normalize"],
+                                          max_length=m["max_length"])
+        return self._encoders[ref]
+
+    def check_fingerprint(self, found: str | None, what: str) -> None:
+        want = self.model.get("fingerprint")
+        if found != want:
+            raise ConfigError(f"{what} has fingerprint {str(found)[:12]}, but the index at "
+                              f"{storage.display(self.uri)!r} holds vectors of "
+                              f"{self.model['reference']!r} (fingerprint {str(want)[:12]}): queries "
+                              "must be embedded by the same model")
+
+    def _tune(self, ef_search: int | None, nprobe: int | None) -> None:
+        params = self.record["params"]
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = int(ef_search or params["ef_search"])
+        elif self.kind == "ivf":
+            self.index.nprobe = int(nprobe or params["nprobe"])
+
+
+def open_index(uri: str) -> SearchIndex:
+    """The complete index at uri (local or s3://), its files checked against its record."""
+    record, blob, ids = IndexDir(uri).read()
+    index = faiss_module().deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+    return SearchIndex(uri, record, index, ids)

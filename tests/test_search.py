@@ -1,0 +1,239 @@
+"""Search: FAISS indexes built from real backfill outputs (local, on Ray, on the S3 server), queried
+through the API, the CLI and `evaluate retrieval --index`; another model refused; one-line errors;
+a crash after every write of a build and of a batch search, each followed by a rerun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semvec import storage
+from semvec.cli import main
+from semvec.errors import ConfigError, OutputMismatch
+from semvec.evaluate.vectors import load_vectors
+from semvec.search import open as open_index
+from semvec.search.build import build, default_nlist
+from semvec.search.config import IndexConfig, load_index_config
+from tests.conftest import REPO, write_jsonl
+from tests.test_exactly_once import run_at_most
+
+
+def index(vectors: str, out, **settings) -> dict:
+    return build(load_index_config(None, vectors=vectors, index=str(out), **settings))
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def exact_top(beir: dict, k: int) -> list[list[str]]:
+    """The k nearest documents of each query by brute-force cosine, for comparison."""
+    docs, queries = load_vectors(beir["docs"]), load_vectors(beir["queries"])
+    ids = list(docs)
+    d = np.stack([docs[i] for i in ids])
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    q = np.stack(list(queries.values()))
+    order = np.argsort(-(q @ d.T), axis=1, kind="stable")[:, :k]
+    return [[ids[j] for j in row] for row in order]
+
+
+@pytest.mark.parametrize("kind, settings", [("exact", {}), ("hnsw", {}), ("ivf", {"nlist": 4}),
+                                            ("ivf-on-ray", {"nlist": 4, "ray_from_rows": 1})])
+def test_each_kind_finds_what_exact_search_finds(beir, tmp_path, kind, settings):
+    summary = index(beir["docs"], tmp_path / "ix", kind=kind.split("-")[0], **settings)
+    assert summary["rows"] == beir["n_docs"] and summary["built"]
+    opened = open_index(str(tmp_path / "ix"))
+    queries = load_vectors(beir["queries"])
+    hits = opened.search_vectors(np.stack(list(queries.values())), 5,
+                                 nprobe=4 if "ivf" in kind else None)
+    want = exact_top(beir, 5)
+    # exact, hnsw at this size and ivf probing every list rank as brute force does
+    assert [h.ids for h in hits] == want
+    assert all(h.scores == sorted(h.scores, reverse=True) for h in hits)
+    record = json.loads((tmp_path / "ix" / "_index.json").read_text())
+    assert record["built_on"] == ("ray" if "ray" in kind else "driver")
+    source = json.loads((Path(beir["docs"]) / "_manifest.json").read_text())
+    assert record["model"]["fingerprint"] == source["model"]["fingerprint"]
+    assert record["source"]["config_hash"] == source["config_hash"]
+
+
+def test_queries_are_embedded_by_the_index_model_and_another_model_is_refused(beir, tiny_models,
+                                                                              tmp_path, capsys):
+    index(beir["docs"], tmp_path / "ix")
+    opened = open_index(str(tmp_path / "ix"))
+    texts = [json.loads(line)["text"] for line in (beir["root"] / "corpus.jsonl").read_text().splitlines()]
+    # a document's own text finds the document first
+    assert [h.ids[0] for h in opened.search(texts[:20], k=3)] == [f"d{i}" for i in range(20)]
+    # the model found at another path is the same model: accepted
+    assert opened.search(texts[0], k=1, model=str(tiny_models["bert"]))[0].ids == ["d0"]
+    with pytest.raises(ConfigError, match="must be embedded by the same model"):
+        opened.search(texts[0], model=str(tiny_models["gpt"]))
+    code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", texts[3], "--model",
+                         str(tiny_models["gpt"]))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "same model" in err
+    code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", texts[3], "-k", "2")
+    assert code == 0, err
+    answer = json.loads(out.strip().splitlines()[-1])
+    assert answer["ids"][0] == "d3" and len(answer["scores"]) == 2 and answer["query"] == texts[3]
+
+
+def test_evaluate_retrieval_on_an_index_equals_exact_search(beir, tiny_models, tmp_path, capsys):
+    base = ["evaluate", "retrieval", *beir["files"], "--json"]
+    code, out, err = cli(capsys, *base, "--vectors", beir["docs"], "--query-vectors", beir["queries"])
+    assert code == 0, err
+    exact = json.loads(out.strip().splitlines()[-1])
+    index(beir["docs"], tmp_path / "ix", kind="hnsw")
+    code, out, err = cli(capsys, *base, "--index", str(tmp_path / "ix"), "--query-vectors", beir["queries"])
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == exact
+    # queries embedded by the index's model score as the stored query vectors do
+    code, out, err = cli(capsys, *base, "--index", str(tmp_path / "ix"))
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["ndcg@10"] == pytest.approx(exact["ndcg@10"], abs=1e-6)
+
+    # query vectors of another model are refused by fingerprint, in one line
+    other = tmp_path / "other-queries"
+    from semvec.backfill.job import run as backfill
+    from semvec.config import load_embed_config
+
+    backfill(load_embed_config(None, input=str(beir["root"] / "queries.jsonl"), output=str(other),
+                               model=str(tiny_models["gpt"]), id_field="_id"))
+    code, out, err = cli(capsys, *base, "--index", str(tmp_path / "ix"), "--query-vectors", str(other))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "same model" in err, err
+
+
+@pytest.mark.slow
+def test_an_index_built_from_and_to_the_s3_server_is_queried_there(beir, s3_env, tmp_path, capsys):
+    fs = storage.filesystem("s3://bucket")
+    prefix = f"bucket/search-{tmp_path.name}"
+    fs.put(beir["docs"].rstrip("/") + "/", f"{prefix}/docs", recursive=True)
+    src, ix = f"s3://{prefix}/docs", f"s3://{prefix}/ix"
+    done = subprocess.run([sys.executable, "-m", "semvec.cli", "index", src, ix, "--kind", "ivf",
+                           "--nlist", "3", "--ray-from-rows", "1", "--json"], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, **s3_env["env"]}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert (summary["rows"], summary["kind"], summary["built"]) == (beir["n_docs"], "ivf", True)
+    assert s3_env["secret"] not in done.stdout + done.stderr
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{prefix}/ix")) == \
+        ["_index.json", "ids.parquet", "index.faiss"]  # the lease is gone with its holder
+    record = json.loads(fs.cat(f"{prefix}/ix/_index.json"))
+    assert record["source"]["uri"] == src and s3_env["secret"] not in json.dumps(record)
+
+    # queried from the store, by the API and by a batch search writing back to the store
+    queries = load_vectors(beir["queries"])
+    hits = open_index(ix).search_vectors(np.stack(list(queries.values())), 5, nprobe=3)
+    assert [h.ids for h in hits] == exact_top(beir, 5)
+    fs.put(str(beir["root"] / "queries.jsonl"), f"{prefix}/queries.jsonl")
+    code, out, err = cli(capsys, "search", ix, "--queries", f"s3://{prefix}/queries.jsonl", "--id-field",
+                         "_id", "--output", f"s3://{prefix}/answers.jsonl", "--nprobe", "3", "--json")
+    assert code == 0, err
+    lines = [json.loads(line) for line in fs.cat(f"{prefix}/answers.jsonl").decode().splitlines()]
+    assert [line["query_id"] for line in lines] == list(queries)
+    # a rebuild of the same settings finds the index built; other settings are refused
+    assert index(src, ix, kind="ivf", nlist=3)["built"] is False
+    with pytest.raises(OutputMismatch, match="other settings or from other vectors"):
+        index(src, ix, kind="hnsw")
+
+
+def test_a_batch_search_answers_every_row_and_marks_the_bad_ones(beir, tmp_path, capsys):
+    index(beir["docs"], tmp_path / "ix")
+    texts = [json.loads(line)["text"] for line in (beir["root"] / "corpus.jsonl").read_text().splitlines()]
+    src = tmp_path / "queries.jsonl"
+    src.write_text("\n".join([json.dumps({"qid": "a", "text": texts[5]}), '{"qid": "b", "text": "cut',
+                              json.dumps({"qid": "c", "text": "   "}),
+                              json.dumps({"qid": "d", "text": texts[7]})]) + "\n")
+    out = tmp_path / "answers.jsonl"
+    code, stdout, err = cli(capsys, "search", str(tmp_path / "ix"), "--queries", str(src), "--id-field",
+                            "qid", "--output", str(out), "-k", "3")
+    assert code == 0, err
+    assert "2 of 4 queries answered (2 rows with an error line)" in stdout
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line.get("error") for line in lines] == [None, "malformed_json", "empty_text", None]
+    assert lines[0]["query_id"] == "a" and lines[0]["ids"][0] == "d5" and len(lines[0]["ids"]) == 3
+    assert lines[1]["query_id"] == "queries.jsonl:1" and lines[1]["row"] == 1
+    assert lines[3]["ids"][0] == "d7"
+
+
+def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys):
+    write_jsonl(tmp_path / "q.jsonl", [{"text": "x"}])
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["index", beir["docs"], str(tmp_path / "a"), "--kind", "annoy"], "unknown kind 'annoy'"),
+        (["index", beir["docs"], str(tmp_path / "a"), "--kind", "ivf", "--nlist", "1000"],
+         "nlist 1000 needs at least 1000 vectors"),
+        (["index", beir["docs"], beir["docs"] + "/ix"], "or inside it"),
+        (["index", str(tmp_path / "empty"), str(tmp_path / "a")], "not a backfill output"),
+        (["search", str(tmp_path / "nothing"), "--query", "x"], "no index at"),
+        (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "q.jsonl")], "needs --output"),
+        (["search", str(tmp_path / "nothing"), "--query", "x", "-k", "0"], "-k must be an integer >= 1"),
+    ]
+    for argv, says in cases:
+        code, out, err = cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and says in lines[0], (argv, err)
+    assert not (tmp_path / "a").exists()
+    # a file changed under its record is refused when the index is opened
+    index(beir["docs"], tmp_path / "ix")
+    ids = tmp_path / "ix" / "ids.parquet"
+    ids.write_bytes(ids.read_bytes()[:-10])
+    code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x")
+    assert code == 2 and "not the file its _index.json describes" in err
+    with pytest.raises(ConfigError, match="hnsw_m must be an integer >= 2"):
+        IndexConfig("a", "b", hnsw_m=1)
+
+
+def test_the_default_number_of_lists_keeps_39_training_vectors_a_list():
+    assert default_nlist(1_000_000, 100_000) == 2564  # 100,000 / 39 caps 4 sqrt(n) = 4,000
+    assert default_nlist(10_000, 100_000) == 256  # 10,000 / 39
+    assert default_nlist(100, 100_000) == 2
+    assert default_nlist(10, 100_000) == 1
+
+
+@pytest.mark.slow
+def test_crash_after_every_write_of_a_build_and_a_batch_search_then_rerun(beir, tmp_path):
+    def snapshot(ix: Path) -> dict:
+        record = json.loads((ix / "_index.json").read_text())
+        opened = open_index(str(ix))
+        hits = opened.search_vectors(np.stack(list(load_vectors(beir["queries"]).values())), 5)
+        return {"ids": opened.ids, "hits": [h.ids for h in hits], "files": record["files"],
+                "index_hash": record["index_hash"],
+                "leftovers": [p.name for p in ix.iterdir() if ".tmp-" in p.name]}
+
+    settings = {"kind": "ivf", "nlist": 4}
+    index(beir["docs"], tmp_path / "ref", **settings)
+    want = snapshot(tmp_path / "ref")
+    queries = beir["root"] / "queries.jsonl"
+    writes = 1 + 3 + 1  # the build's lease, index.faiss, ids.parquet, _index.json; the answers
+    crashes = {n: tmp_path / f"crash{n}" for n in range(1, writes + 2)}  # writes + 1: never fires
+
+    def start(n: int, ix: Path) -> subprocess.Popen:
+        # the build, then a batch search of the index it built
+        script = ("import sys; from semvec.cli import main; "
+                  f"sys.exit(main(['index', {beir['docs']!r}, {str(ix)!r}, '--kind', 'ivf', '--nlist', '4']) "
+                  f"or main(['search', {str(ix)!r}, '--queries', {str(queries)!r}, '--id-field', '_id', "
+                  f"'--output', {str(ix / 'answers.jsonl')!r}, '--nprobe', '4']))")
+        return subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                                env={**os.environ, "SEMVEC_CRASH_AT": str(n)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    codes = run_at_most(3, {n: (lambda n=n, ix=ix: start(n, ix)) for n, ix in crashes.items()})
+    answers = (crashes[writes + 1] / "answers.jsonl").read_text()
+    assert codes[writes + 1][0] == 0, codes[writes + 1][1][-1500:]
+    assert [json.loads(line)["query_id"] for line in answers.splitlines()] == \
+        list(load_vectors(beir["queries"]))
+    for n, ix in list(crashes.items())[:-1]:
+        assert codes[n][0] == -9, f"crash at write {n} did not happen: {codes[n][1][-1500:]}"
+        assert (ix / "_index.json").exists() == (n >= 4)  # the record comes last
+        assert (ix / "answers.jsonl").exists() == (n == writes)  # written whole, or not at all
+        if n < 4:
+            index(beir["docs"], ix, **settings)
+        assert snapshot(ix) == want, n
+    assert (crashes[writes] / "answers.jsonl").read_text() == answers

@@ -19,7 +19,7 @@ LAYERS = [
     ("model directories", ["semvec.models", "semvec.extras"]),
     ("inference", ["semvec.encode", "semvec.heads", "semvec.static", "semvec.chunking"]),
     ("backfill and evaluation", ["semvec.backfill", "semvec.evaluate", "semvec.compress",
-                                 "semvec.distill", "semvec.words"]),
+                                 "semvec.distill", "semvec.words", "semvec.search"]),
     ("training", ["semvec.train"]),
     ("retraining", ["semvec.retrain"]),
     ("entry points", ["semvec.cli", "semvec.testing"]),

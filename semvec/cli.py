@@ -194,9 +194,11 @@ def _search_parser(sub) -> None:
     p.add_argument("index", help="an index prefix written by `semvec index`, local or s3://")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--query", action="append",
-                      help="a query text (repeat for several); answers print as JSON lines")
+                      help="a query text (repeat for several); answers print as JSON lines "
+                           "(required: this or --queries)")
     what.add_argument("--queries", help="a file, folder or glob of queries, read as `semvec embed` "
-                                        "reads a corpus; answers go to --output")
+                                        "reads a corpus; answers go to --output (required: this or "
+                                        "--query)")
     p.add_argument("--output", help="with --queries: jsonl output, one line per query row, local or "
                                     "s3:// (required with --queries)")
     p.add_argument("-k", type=int, default=10, help="results per query (default: 10)")

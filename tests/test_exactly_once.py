@@ -88,16 +88,20 @@ def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(ray_l
 def test_crash_after_every_write_of_a_chunked_job_then_rerun(ray_local, tiny_models, tmp_path):
     # each document a few windows, so the output part holds several rows per document; one batch
     # (a quarantine part, then the output part): the writes between batches are the test above's
+    # The lease and manifest writes are the same code in every backfill and crashed in the test
+    # above; here the crashes come after the chunked job's own writes, its two parts (3 and 4),
+    # and one past the last write (6) counts them.
     src = bad_and_good_corpus(tmp_path / "in.jsonl", 6, every=3, long=True)
     want = crash_after_every_write(src, tmp_path, {"model": str(tiny_models["bert"]), "chunk_tokens": 32,
-                                                   "chunk_overlap": 8}, parts=2)
+                                                   "chunk_overlap": 8}, parts=2, points=(3, 4, 6))
     assert want["totals"]["embedded"] == 4 and want["totals"]["chunks"] > 3 * 4
     assert len({doc for doc, *_ in want["ids"]}) == 4
 
 
-def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: int = 4) -> dict:
-    """A crash at each write of the job in turn, each its own process and output, each then rerun
-    here: every output must equal the uninterrupted one (returned)."""
+def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: int = 4,
+                            points: tuple[int, ...] | None = None) -> dict:
+    """A crash at each write of the job in turn (or at `points`), each its own process and output,
+    each then rerun here: every output must equal the uninterrupted one (returned)."""
     opts = {**settings, "id_field": "id", "rows_per_file": 6, "batch_rows": 6}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
     run(load_embed_config(None, input=str(src), output=str(tmp_path / "ref"), **opts))
@@ -107,7 +111,8 @@ def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: in
     writes = 1 + 1 + parts + 1  # lease, manifest "running", each part, manifest "complete"
     # Every crash is its own process with its own output; they run a few at a time (most of each
     # is starting Python and Ray), then each output is rerun here and compared.
-    crashes = {n: tmp_path / f"crash{n}" for n in range(1, writes + 2)}  # writes + 1: never fires
+    crashes = {n: tmp_path / f"crash{n}" for n in points or range(1, writes + 2)}  # writes + 1: never fires
+    assert writes + 1 in crashes
     codes = run_at_most(3, {n: (lambda n=n, out=out: start_cli(str(src), str(out), *args,
                                                                 env={"SEMVEC_CRASH_AT": str(n)}))
                             for n, out in crashes.items()})

@@ -25,6 +25,7 @@ from semvec.datasets import Task
 from semvec.errors import ConfigError
 from semvec.retrain.config import load_retrain_config
 from semvec.retrain.job import publish_backfill, rollback
+from semvec.retrain.job import retrain as run_round
 from tests.conftest import write_jsonl
 from tests.test_train import make_task_data
 
@@ -69,9 +70,17 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(world):
     tmp = world["train"].parents[1]
 
     def retrain(settings: dict = world["cfg"]) -> dict:
+        """A round as a scheduler runs it: `semvec retrain` in a fresh process with its own Ray
+        (its workers need the S3 credentials, which the tests' Ray was started without)."""
         code, summary, err = semvec_retrain(settings, tmp)
         assert code == 0, err[-3000:]
         return summary
+
+    def retrain_here(settings: dict = world["cfg"]) -> dict:
+        """A round that ends before any Ray work (nothing new), in this process."""
+        config = tmp / f"retrain-{uuid.uuid4().hex[:6]}.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        return run_round(load_retrain_config(config))
 
     # 1. a challenger that learned the task beats the untrained champion: promoted, re-embedded
     first = retrain()
@@ -88,7 +97,7 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(world):
     assert {"dev.spearman.champion", "dev.spearman.challenger"} <= set(run.data.metrics)
 
     # 2. the same snapshot again: nothing to do, and it says so
-    again = retrain()
+    again = retrain_here()
     assert again["decision"] == "nothing-new" and first["run_id"] in again["message"]
     assert tracking.alias_version(name, "champion") == "2"
 
@@ -110,7 +119,7 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(world):
     code, _, err = semvec_retrain(world["cfg"], tmp)
     assert code == 3 and "another retraining holds" in err and len(err.strip().splitlines()) == 1
     fs.pipe(lock, json.dumps({"token": "dead", "host": "elsewhere", "pid": 1, "since": 0}).encode())
-    taken = retrain()
+    taken = retrain_here()
     assert taken["decision"] == "nothing-new" and taken["took_stale_lock"]["token"] == "dead"
     assert not fs.exists(lock)  # released
 

@@ -214,6 +214,26 @@ def _search_parser(sub) -> None:
     _json_flag(p)
 
 
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="a 2-D map (PNG) of a sample of stored vectors",
+                       description="Draw a seeded sample of a backfill's vectors in 2-D (PCA, or UMAP "
+                                   "when installed), coloured by a field.")
+    p.add_argument("vectors", help="a complete backfill output prefix, local or s3://")
+    p.add_argument("--output", required=True, help="the PNG to write, local or s3:// (required)")
+    p.add_argument("--color-by", dest="color_by",
+                   help="colour by this column of the vectors (source, truncated, ...) or, with "
+                        "--labels, this field of the labels file (default: one colour)")
+    p.add_argument("--labels", help="a table with `id` and the --color-by field (string values), "
+                                    "read as `semvec embed` reads input (default: the vectors' columns)")
+    p.add_argument("--sample", type=int, default=5_000, help="points drawn, seeded (default: 5000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default: 0)")
+    p.add_argument("--method", default="pca", help="pca, or umap with umap-learn installed (default: pca)")
+    p.add_argument("--max-colors", dest="max_colors", type=int, default=20,
+                   help="the most frequent values get a colour, the rest are grey (default: 20)")
+    p.add_argument("--title", help="title of the map (default: the vectors, the sample, the method)")
+    _json_flag(p)
+
+
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
 
@@ -235,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _words_parser(sub)
     _index_parser(sub)
     _search_parser(sub)
+    _plot_parser(sub)
     return parser
 
 
@@ -398,9 +419,22 @@ def _search(args) -> dict:
     return {"answers": answers}
 
 
+def _plot(args) -> dict:
+    from semvec.plot import PlotSettings, plot
+
+    summary = plot(PlotSettings(args.vectors, args.output, args.color_by, args.labels, args.sample,
+                                args.seed, args.method, args.max_colors, args.title))
+    if not args.json:
+        print(f"semvec plot: {summary['points']:,} of {summary['of']:,} vectors by {summary['method']}"
+              + (f", {summary['values']} values of {summary['color_by']}" if summary["color_by"] else "")
+              + f"; output {summary['output']}")
+    return summary
+
+
 COMMANDS = {"embed": _embed, "evaluate": _evaluate, "train": _train, "retrain": _retrain,
             "rollback": _rollback, "register": _register, "compress": _compress,
-            "distill": _distill, "words": _words, "index": _index, "search": _search}
+            "distill": _distill, "words": _words, "index": _index, "search": _search,
+            "plot": _plot}
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 
-from semvec import storage
+from semvec import crashpoints, storage
 from semvec.backfill.read import RowParser, detect_format, iter_rows
 from semvec.config import InputFormat
 from semvec.errors import ConfigError
@@ -56,6 +56,7 @@ def search_file(index: SearchIndex, queries: str, output: str, k: int = 10, text
         line = {"query_id": rid if rid is not None else f"{source}:{row}"}
         line.update(hits[i] if i in hits else {"source": source, "row": row, "error": reason})
         lines.append(json.dumps(line, ensure_ascii=False))
+    crashpoints.arm()
     fs = storage.filesystem(output)
     storage.write_atomic(fs, storage.strip(output), ("\n".join(lines) + "\n").encode() if lines else b"")
     return {"index": storage.display(index.uri), "queries": len(rows), "answered": len(good),

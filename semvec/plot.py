@@ -1,0 +1,176 @@
+"""`semvec plot VECTORS --output map.png`: a 2-D map of a seeded sample of stored vectors.
+
+The sample is drawn uniformly over the backfill's parts (the same plan as compression's), the
+vectors scaled to unit length and mapped to 2-D by PCA (numpy's SVD), or by UMAP when
+`umap-learn` is installed and asked for. Points are coloured by a field: a column of the parts
+(`source`, `truncated`, `n_tokens`, ...) or a field of a labels file (`--labels`, any table with
+`id` and that field, read as `semvec embed` reads input), matched by id. At most `--max-colors`
+values get a colour of their own (the most frequent); the rest are drawn grey as "other".
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from semvec import crashpoints, storage
+from semvec.compress.source import open_source, read_part, sample_plan
+from semvec.errors import ConfigError
+
+METHODS = ("pca", "umap")
+NO_LABEL = "(no label)"  # a sampled id the labels file does not name: drawn grey
+
+
+@dataclass
+class PlotSettings:
+    vectors: str
+    output: str
+    color_by: str | None = None
+    labels: str | None = None
+    sample: int = 5_000
+    seed: int = 0
+    method: str = "pca"
+    max_colors: int = 20
+    title: str | None = None
+
+
+def plot(s: PlotSettings) -> dict:
+    """Draw the map and write the PNG whole; the summary."""
+    t0 = time.time()
+    if s.method not in METHODS:
+        raise ConfigError(f"unknown method {s.method!r}; allowed: {', '.join(METHODS)}")
+    for name in ("sample", "max_colors"):
+        if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {getattr(s, name)!r}")
+    if s.labels and not s.color_by:
+        raise ConfigError("--labels needs --color-by, the field of the labels file to colour by")
+    if not s.output.lower().endswith(".png"):
+        raise ConfigError(f"output {storage.display(s.output)!r} must be a .png file")
+    pyplot = _pyplot()
+    reducer = _reducer(s.method)
+    source = open_source(s.vectors, verb="plot")
+    ids, vectors, columns = _sample(source, s)
+    values = _colours(s, ids, columns) if s.color_by else None
+    xy = reducer(vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None))
+    png = _draw(pyplot, xy, values, s, source.rows)
+    crashpoints.arm()
+    fs = storage.filesystem(s.output)
+    if not storage.is_remote(s.output):
+        from pathlib import Path
+
+        Path(s.output).resolve().parent.mkdir(parents=True, exist_ok=True)
+    storage.write_atomic(fs, storage.strip(s.output), png)
+    return {"vectors": storage.display(s.vectors), "points": len(ids), "of": source.rows,
+            "method": s.method, "color_by": s.color_by,
+            "values": len(set(values)) if values is not None else 0,
+            "output": storage.display(s.output), "seconds": round(time.time() - t0, 2)}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        from matplotlib import pyplot
+    except ImportError:
+        raise ConfigError("semvec plot needs matplotlib: pip install matplotlib") from None
+    return pyplot
+
+
+def _reducer(method: str):
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise ConfigError("--method umap needs umap-learn: pip install umap-learn "
+                              "(or use --method pca)") from None
+        return lambda x: umap.UMAP(n_components=2, random_state=0).fit_transform(x)
+    return pca_2d
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """[n, dim] -> [n, 2]: the first two principal components (signs fixed by the largest entry)."""
+    centred = x - x.mean(axis=0)
+    if len(x) < 2:
+        return np.zeros((len(x), 2), dtype=np.float32)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:2]
+    axes *= np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
+    out = centred @ axes.T
+    return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
+
+
+def _sample(source, s: PlotSettings) -> tuple[list[str], np.ndarray, dict[str, list]]:
+    """ids, vectors [n, dim] and the other columns of the sampled rows, in part order."""
+    plans = sample_plan([p.rows for p in source.parts], s.sample, s.seed)
+    ids, vectors, columns = [], [], {}
+    for part, rows in zip(source.parts, plans, strict=True):
+        if not len(rows):
+            continue
+        part_ids, part_vectors = read_part(source.uri, part.path)
+        ids += [part_ids[r] for r in rows]
+        vectors.append(part_vectors[rows])
+        if s.color_by and not s.labels:
+            with storage.filesystem(source.uri).open(part.path, "rb") as f:
+                table = pq.read_table(f)
+            if s.color_by not in table.column_names:
+                shown = ", ".join(c for c in table.column_names if c not in ("embedding", "id"))
+                raise ConfigError(f"--color-by {s.color_by!r} is not a column of the vectors ({shown}); "
+                                  "give --labels FILE with id and that field")
+            values = table[s.color_by].to_pylist()
+            columns.setdefault(s.color_by, []).extend(values[r] for r in rows)
+    return ids, np.concatenate(vectors), columns
+
+
+def _colours(s: PlotSettings, ids: list[str], columns: dict[str, list]) -> list[str]:
+    if not s.labels:
+        return [str(v) for v in columns[s.color_by]]
+    from semvec.backfill.read import RowParser, detect_format, iter_rows
+    from semvec.config import InputFormat
+
+    label_of: dict[str, str] = {}
+    parser = RowParser(s.color_by, "id", 10_000)
+    for file in storage.list_inputs(s.labels):
+        fmt = detect_format(file.relative, InputFormat.AUTO)
+        if fmt is None:
+            raise ConfigError(f"labels file {file.relative!r} has no known extension")
+        for _row, rid, value, reason, _raw in iter_rows(file, fmt, parser):
+            if reason is None:
+                label_of.setdefault(rid, value)
+    found = [label_of.get(i) for i in ids]
+    if not any(v is not None for v in found):
+        raise ConfigError(f"no sampled id has a {s.color_by!r} in {storage.display(s.labels)!r} "
+                          "(ids are matched on its `id` field)")
+    return [v if v is not None else NO_LABEL for v in found]
+
+
+def _draw(pyplot, xy: np.ndarray, values: list[str] | None, s: PlotSettings, total: int) -> bytes:
+    fig, ax = pyplot.subplots(figsize=(9, 7), dpi=110)
+    if values is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.6, linewidths=0)
+    else:
+        kept = [v for v, _ in Counter(v for v in values if v != NO_LABEL).most_common(s.max_colors)]
+        palette = pyplot.get_cmap("tab20" if len(kept) > 10 else "tab10")
+        other = np.array([v not in kept for v in values])
+        if other.any():
+            ax.scatter(xy[other, 0], xy[other, 1], s=5, c="lightgrey", linewidths=0,
+                       label=f"other or no label ({int(other.sum())})")
+        for n, value in enumerate(kept):
+            mine = np.array([v == value for v in values])
+            ax.scatter(xy[mine, 0], xy[mine, 1], s=7, color=palette(n % palette.N), linewidths=0,
+                       label=f"{value[:30]} ({int(mine.sum())})")
+        ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_title(s.title or f"{storage.display(s.vectors)}: {len(xy):,} of {total:,} vectors, {s.method}",
+                 fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    sink = io.BytesIO()
+    fig.savefig(sink, format="png")
+    pyplot.close(fig)
+    return sink.getvalue()

@@ -223,8 +223,11 @@ def _plot_parser(sub) -> None:
     p.add_argument("--color-by", dest="color_by",
                    help="colour by this column of the vectors (source, truncated, ...) or, with "
                         "--labels, this field of the labels file (default: one colour)")
-    p.add_argument("--labels", help="a table with `id` and the --color-by field (string values), "
-                                    "read as `semvec embed` reads input (default: the vectors' columns)")
+    p.add_argument("--labels", help="a table with the --color-by field (string values), read as "
+                                    "`semvec embed` reads input (default: the vectors' columns)")
+    p.add_argument("--id-field", dest="id_field",
+                   help="the labels file's id field (default: FILE:ROW, as `semvec embed` names rows "
+                        "without --id-field)")
     p.add_argument("--sample", type=int, default=5_000, help="points drawn, seeded (default: 5000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (default: 0)")
     p.add_argument("--method", default="pca", help="pca, or umap with umap-learn installed (default: pca)")
@@ -423,7 +426,7 @@ def _plot(args) -> dict:
     from semvec.plot import PlotSettings, plot
 
     summary = plot(PlotSettings(args.vectors, args.output, args.color_by, args.labels, args.sample,
-                                args.seed, args.method, args.max_colors, args.title))
+                                args.seed, args.method, args.max_colors, args.title, args.id_field))
     if not args.json:
         print(f"semvec plot: {summary['points']:,} of {summary['of']:,} vectors by {summary['method']}"
               + (f", {summary['values']} values of {summary['color_by']}" if summary["color_by"] else "")

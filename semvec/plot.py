@@ -4,8 +4,9 @@ The sample is drawn uniformly over the backfill's parts (the same plan as compre
 vectors scaled to unit length and mapped to 2-D by PCA (numpy's SVD), or by UMAP when
 `umap-learn` is installed and asked for. Points are coloured by a field: a column of the parts
 (`source`, `truncated`, `n_tokens`, ...) or a field of a labels file (`--labels`, any table with
-`id` and that field, read as `semvec embed` reads input), matched by id. At most `--max-colors`
-values get a colour of their own (the most frequent); the rest are drawn grey as "other".
+that field, read as `semvec embed` reads input), matched by id: its `--id-field`, or FILE:ROW as
+the backfill names rows without one, so the file that was embedded can be its own labels file.
+At most `--max-colors` values get a colour of their own (the most frequent); the rest are grey.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class PlotSettings:
     method: str = "pca"
     max_colors: int = 20
     title: str | None = None
+    id_field: str | None = None  # of the labels file; None: FILE:ROW, as the backfill names rows
 
 
 def plot(s: PlotSettings) -> dict:
@@ -134,7 +136,7 @@ def _colours(s: PlotSettings, ids: list[str], columns: dict[str, list]) -> list[
     from semvec.config import InputFormat
 
     label_of: dict[str, str] = {}
-    parser = RowParser(s.color_by, "id", 10_000)
+    parser = RowParser(s.color_by, s.id_field, 10_000)
     for file in storage.list_inputs(s.labels):
         fmt = detect_format(file.relative, InputFormat.AUTO)
         if fmt is None:
@@ -144,8 +146,9 @@ def _colours(s: PlotSettings, ids: list[str], columns: dict[str, list]) -> list[
                 label_of.setdefault(rid, value)
     found = [label_of.get(i) for i in ids]
     if not any(v is not None for v in found):
+        matched = f"its {s.id_field!r} field" if s.id_field else "FILE:ROW"
         raise ConfigError(f"no sampled id has a {s.color_by!r} in {storage.display(s.labels)!r} "
-                          "(ids are matched on its `id` field)")
+                          f"(ids matched on {matched})")
     return [v if v is not None else NO_LABEL for v in found]
 
 

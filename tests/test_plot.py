@@ -35,7 +35,7 @@ def test_a_map_coloured_by_a_labels_file_is_a_png_with_a_colour_a_label(beir, tm
                          [{"id": f"d{i}", "topic": ["red", "green", "blue"][i % 3]} for i in range(150)])
     out = tmp_path / "maps" / "topics.png"
     code, stdout, err = cli(capsys, "plot", beir["docs"], "--output", str(out), "--color-by", "topic",
-                            "--labels", str(labels), "--sample", "120", "--json")
+                            "--labels", str(labels), "--id-field", "id", "--sample", "120", "--json")
     assert code == 0, err
     summary = json.loads(stdout)
     assert (summary["points"], summary["of"], summary["values"]) == (120, beir["n_docs"], 3)

@@ -181,9 +181,7 @@ class EmbedConfig:
         if isinstance(self.max_failed_share, bool) or not isinstance(self.max_failed_share, (int, float)) \
                 or not 0 <= self.max_failed_share <= 1:
             raise ConfigError(f"max_failed_share must be a number from 0 to 1, got {self.max_failed_share!r}")
-        if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, (int, float)) \
-                or not self.lease_ttl_s >= 5:
-            raise ConfigError(f"lease_ttl_s must be a number of seconds >= 5, got {self.lease_ttl_s!r}")
+        require_lease_ttl(self.lease_ttl_s)
         if (self.cpus_per_worker is not None and self.cpus_per_worker <= 0) or self.num_gpus_per_worker < 0:
             raise ConfigError(
                 f"cpus_per_worker must be > 0 and num_gpus_per_worker >= 0, got "
@@ -199,7 +197,7 @@ class EmbedConfig:
         if self.chunk_tokens is None:
             for name, off in (("aggregate", Aggregate.NONE), ("chunk_overlap", 0)):
                 if getattr(self, name) != off:
-                    raise ConfigError(f"{name} {_plain(getattr(self, name))!r} needs chunk_tokens")
+                    raise ConfigError(f"{name} {plain(getattr(self, name))!r} needs chunk_tokens")
             return
         if self.granularity == Granularity.TOKEN:
             raise ConfigError("chunk_tokens works with granularity sentence only; token mode "
@@ -212,20 +210,21 @@ class EmbedConfig:
         """Hash of everything that shapes the output: a rerun with another hash is refused."""
         # A field added to HASHED later enters the hash only when set away from its default, so
         # the outputs written before it existed keep their hash (and are not refused on rerun).
-        shaping = {name: _plain(getattr(self, name)) for name in self.HASHED
+        shaping = {name: plain(getattr(self, name)) for name in self.HASHED
                    if name not in _HASHED_WHEN_SET or getattr(self, name) != _HASHED_WHEN_SET[name]}
         shaping["model_fingerprint"] = model_fingerprint
         blob = json.dumps(shaping, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
 
 _HASHED_WHEN_SET = {"chunk_tokens": None, "chunk_overlap": 0, "aggregate": Aggregate.NONE}
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """An enum's value, anything else as it is (for hashes and manifests)."""
     return value.value if isinstance(value, Enum) else value
 
 
@@ -233,6 +232,18 @@ def require_non_negative(name: str, value: Any) -> None:
     """A real number >= 0 (not a bool, not NaN), or a ConfigError naming the setting."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def require_int(name: str, value: Any, least: int) -> None:
+    """An integer >= least (not a bool), or a ConfigError naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def require_lease_ttl(value: Any) -> None:
+    """Seconds after which an unrenewed s3:// lease is stale: a number >= 5."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 5:
+        raise ConfigError(f"lease_ttl_s must be a number of seconds >= 5, got {value!r}")
 
 
 def _require_positive_int(name: str, value: Any) -> None:
@@ -355,7 +366,7 @@ def plain_settings(value: Any) -> Any:
         return {k: plain_settings(v) for k, v in value.items()}
     if isinstance(value, list):
         return [plain_settings(v) for v in value]
-    return _plain(value)
+    return plain(value)
 
 
 def load_embed_config(path: str | Path | None = None, **overrides: Any) -> EmbedConfig:

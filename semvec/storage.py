@@ -154,6 +154,14 @@ def check_writable(uri: str) -> None:
         ) from None
 
 
+def check_apart(source: str, output: str, what: str) -> None:
+    """Refuse an output prefix that is the source prefix or inside it (one line, before any work)."""
+    src, out = strip(source), strip(output)
+    if is_remote(source) == is_remote(output) and (out == src or out.startswith(src + "/")):
+        raise ConfigError(f"{what} {display(output)!r} is the vectors' prefix {display(source)!r} "
+                          "or inside it; choose a prefix of its own")
+
+
 TEMP_MARK = ".tmp-"  # a local write in progress: `<path>.tmp-<uuid>`, renamed into place when whole
 
 

@@ -15,6 +15,7 @@ from semvec import storage
 from semvec.cli import main
 from semvec.plot import pca_2d
 from tests.conftest import REPO, write_jsonl
+from tests.test_search import error_line
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -70,8 +71,7 @@ def test_bad_input_is_one_line_and_exit_2(beir, tmp_path, capsys):
     ]
     for argv, says in cases:
         code, _, err = cli(capsys, *argv)
-        lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and says in lines[0], (argv, err)
+        assert code == 2 and says in error_line(err), (argv, err)
     assert not (tmp_path / "m.png").exists()
 
 

@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from semvec.config import load_settings, parse_enum
+from semvec.config import load_settings, parse_enum, plain, require_int, require_lease_ttl
 from semvec.errors import ConfigError
 
 CODEC_VERSION = 1  # bumped when the codec's maths changes: an older output is then refused
@@ -64,38 +64,26 @@ class CompressConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.pca is not None:
-            _require_int(self, "pca", 1)
-        _require_int(self, "sample_size", 1)
-        _require_int(self, "seed", 0)
+            require_int("pca", self.pca, 1)
+        require_int("sample_size", self.sample_size, 1)
+        require_int("seed", self.seed, 0)
         if self.pca is None and self.quantize == Quantize.NONE:
             raise ConfigError("nothing to compress: give --pca D and/or --quantize "
                               + "|".join(q.value for q in Quantize if q != Quantize.NONE))
         if self.pca is not None and self.sample_size < self.pca:
             raise ConfigError(f"sample_size {self.sample_size} is below pca {self.pca}: "
                               "PCA needs at least as many sampled vectors as components")
-        if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, (int, float)) \
-                or not self.lease_ttl_s >= 5:
-            raise ConfigError(f"lease_ttl_s must be a number of seconds >= 5, got {self.lease_ttl_s!r}")
+        require_lease_ttl(self.lease_ttl_s)
 
     def output_hash(self, source_identity: str) -> str:
         """Hash of what shapes the output, the source's identity included: a rerun with another
         hash is refused (or, with overwrite, starts again)."""
-        shaping = {name: _plain(getattr(self, name)) for name in self.HASHED}
+        shaping = {name: plain(getattr(self, name)) for name in self.HASHED}
         shaping.update(source=source_identity, codec_version=CODEC_VERSION)
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
-
-
-def _require_int(config: CompressConfig, name: str, least: int) -> None:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
 
 def load_compress_config(path: str | Path | None = None, **overrides: Any) -> CompressConfig:

@@ -51,7 +51,7 @@ class Plan:
 
 def plan(config: CompressConfig) -> Plan:
     """Check everything that can be checked before Ray starts; raise ConfigError otherwise."""
-    _check_apart(config)
+    storage.check_apart(config.vectors, config.output, "output")
     source = open_source(config.vectors)
     if config.pca is not None and config.pca > source.dim:
         raise ConfigError(f"pca {config.pca} is larger than the vectors' dim {source.dim}; "
@@ -63,14 +63,6 @@ def plan(config: CompressConfig) -> Plan:
     storage.check_writable(config.output)
     _check_output(p)
     return p
-
-
-def _check_apart(config: CompressConfig) -> None:
-    src, out = (storage.strip(u) for u in (config.vectors, config.output))
-    same_store = storage.is_remote(config.vectors) == storage.is_remote(config.output)
-    if same_store and (out == src or out.startswith(src + "/")):
-        raise ConfigError(f"output {storage.display(config.output)!r} is the vectors' prefix "
-                          f"{storage.display(config.vectors)!r} or inside it; choose a prefix of its own")
 
 
 def _check_output(p: Plan) -> None:

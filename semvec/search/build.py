@@ -53,7 +53,7 @@ class Plan:
 def plan(config: IndexConfig) -> Plan:
     """Check everything that can be checked before Ray starts; raise ConfigError otherwise."""
     faiss_module()
-    _check_apart(config)
+    storage.check_apart(config.vectors, config.index, "index")
     source = open_source(config.vectors, verb="index")
     nlist = None
     if config.kind == IndexKind.IVF:
@@ -71,14 +71,6 @@ def plan(config: IndexConfig) -> Plan:
 def default_nlist(rows: int, train_size: int) -> int:
     """4 sqrt(n) lists, fewer when the training sample would give a list under 39 points."""
     return max(1, min(int(4 * math.sqrt(rows)), min(rows, train_size) // MIN_POINTS_PER_LIST))
-
-
-def _check_apart(config: IndexConfig) -> None:
-    src, out = (storage.strip(u) for u in (config.vectors, config.index))
-    same_store = storage.is_remote(config.vectors) == storage.is_remote(config.index)
-    if same_store and (out == src or out.startswith(src + "/")):
-        raise ConfigError(f"index {storage.display(config.index)!r} is the vectors' prefix "
-                          f"{storage.display(config.vectors)!r} or inside it; choose a prefix of its own")
 
 
 def _check_index(p: Plan) -> None:

@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from semvec.config import load_settings, parse_enum
+from semvec.config import load_settings, parse_enum, plain, require_int, require_lease_ttl
 from semvec.errors import ConfigError
 
 INDEX_VERSION = 1  # bumped when the index layout changes: an older index is then rebuilt
@@ -71,32 +71,20 @@ class IndexConfig:
                 raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         for name, least in (("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1), ("nprobe", 1),
                             ("train_size", 1), ("seed", 0), ("ray_from_rows", 1)):
-            _require_int(self, name, least)
+            require_int(name, getattr(self, name), least)
         if self.nlist is not None:
-            _require_int(self, "nlist", 1)
-        if isinstance(self.lease_ttl_s, bool) or not isinstance(self.lease_ttl_s, (int, float)) \
-                or not self.lease_ttl_s >= 5:
-            raise ConfigError(f"lease_ttl_s must be a number of seconds >= 5, got {self.lease_ttl_s!r}")
+            require_int("nlist", self.nlist, 1)
+        require_lease_ttl(self.lease_ttl_s)
 
     def index_hash(self, source_identity: str) -> str:
         """Hash of what shapes the index, the source's identity included: a build with another
         hash into the same prefix is refused (or, with overwrite, replaces it)."""
-        shaping = {name: _plain(getattr(self, name)) for name in self.HASHED}
+        shaping = {name: plain(getattr(self, name)) for name in self.HASHED}
         shaping.update(source=source_identity, index_version=INDEX_VERSION)
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
-
-
-def _require_int(config: IndexConfig, name: str, least: int) -> None:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
 
 def load_index_config(path: str | Path | None = None, **overrides: Any) -> IndexConfig:

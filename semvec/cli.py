@@ -396,7 +396,7 @@ def _index(args) -> dict:
 
 def _search(args) -> dict:
     from semvec.search import open_index
-    from semvec.search.batch import search_file
+    from semvec.search.batch import check_output, search_file
 
     if args.queries and not args.output:
         raise ConfigError("--queries needs --output, the jsonl file the answers go to")
@@ -404,6 +404,8 @@ def _search(args) -> dict:
         raise ConfigError("--output goes with --queries; --query answers print to stdout")
     if args.k < 1:
         raise ConfigError(f"-k must be an integer >= 1, got {args.k}")
+    if args.queries:
+        check_output(args.queries, args.output)
     opened = open_index(args.index)
     tuning = {"ef_search": args.ef_search, "nprobe": args.nprobe}
     if args.queries:

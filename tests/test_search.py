@@ -182,6 +182,8 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
         (["search", str(tmp_path / "nothing"), "--query", "x"], "no index at"),
         (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "q.jsonl")], "needs --output"),
         (["search", str(tmp_path / "nothing"), "--query", "x", "-k", "0"], "-k must be an integer >= 1"),
+        (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "q.jsonl"), "--output",
+          str(tmp_path / "q.jsonl")], "is the queries file"),
     ]
     for argv, says in cases:
         code, out, err = cli(capsys, *argv)
@@ -193,8 +195,33 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
     ids.write_bytes(ids.read_bytes()[:-10])
     code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x")
     assert code == 2 and "not the file its _index.json describes" in err
+    # the rebuild it asks for: the same settings find the files damaged and build again
+    assert index(beir["docs"], tmp_path / "ix")["built"] is True
+    code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x", "--nprobe", "0")
+    assert code == 2 and "nprobe must be an integer >= 1" in error_line(err)
     with pytest.raises(ConfigError, match="hnsw_m must be an integer >= 2"):
         IndexConfig("a", "b", hnsw_m=1)
+
+
+def test_search_defaults_change_the_record_only_and_overwrite_rebuilds(beir, tmp_path):
+    assert index(beir["docs"], tmp_path / "ix", kind="hnsw")["built"]
+    again = index(beir["docs"], tmp_path / "ix", kind="hnsw", ef_search=32)
+    assert again["built"] is False and again["params"]["ef_search"] == 32
+    assert open_index(str(tmp_path / "ix")).record["params"]["ef_search"] == 32
+    assert index(beir["docs"], tmp_path / "ix", kind="hnsw", seed=7)["built"] is False  # ivf's seed
+    assert index(beir["docs"], tmp_path / "ix", kind="hnsw", overwrite=True)["built"] is True
+
+
+def test_evaluate_on_an_index_of_other_ids_is_refused(beir, tiny_models, tmp_path, capsys):
+    """An index whose ids are not the corpus's (embedded without --id-field _id) would score 0."""
+    from semvec.backfill.job import run as backfill
+    from semvec.config import load_embed_config
+
+    backfill(load_embed_config(None, input=str(beir["root"] / "corpus.jsonl"), output=str(tmp_path / "v"),
+                               model=str(tiny_models["bert"])))
+    index(str(tmp_path / "v"), tmp_path / "ix")
+    code, out, err = cli(capsys, "evaluate", "retrieval", *beir["files"], "--index", str(tmp_path / "ix"))
+    assert code == 2 and "150 corpus ids are not in the index" in error_line(err)
 
 
 def test_the_default_number_of_lists_keeps_39_training_vectors_a_list():

@@ -144,11 +144,18 @@ def built_index(uri: str) -> tuple[DocIndex, object]:
 
     def docs(keys: list[str]) -> Search:
         position = {key: i for i, key in enumerate(keys)}
+        indexed = set(opened.ids)
+        missing = [key for key in keys if key not in indexed]
+        if missing:
+            raise ConfigError(f"{len(missing)} corpus ids are not in the index at "
+                              f"{storage.display(uri)!r}, e.g. {missing[0][:80]!r} (embed the corpus "
+                              "with --id-field _id before indexing it)")
+        extra = len(opened.ids) - len(keys)  # vectors of ids outside the corpus (or repeated ids)
 
         def search(q: np.ndarray, k: int) -> np.ndarray:
             top = np.full((len(q), k), NOT_A_DOC, dtype=np.int64)
-            for row, hits in enumerate(opened.search_vectors(q, k)):
-                found = [position[i] for i in hits.ids if i in position][:k]
+            for row, hits in enumerate(opened.search_vectors(q, min(k + extra, len(opened.ids)))):
+                found = list(dict.fromkeys(position[i] for i in hits.ids if i in position))[:k]
                 top[row, :len(found)] = found
             return top
         return search

@@ -37,10 +37,19 @@ def read_queries(uri: str, text_field: str, id_field: str | None) -> list[tuple]
     return rows
 
 
+def check_output(queries: str, output: str) -> None:
+    """Refuse answers written over the queries file, before any work."""
+    same_store = storage.is_remote(output) == storage.is_remote(queries)
+    if same_store and storage.strip(output) == storage.strip(queries):
+        raise ConfigError(f"--output {storage.display(output)!r} is the queries file; write the "
+                          "answers elsewhere")
+
+
 def search_file(index: SearchIndex, queries: str, output: str, k: int = 10, text_field: str = "text",
                 id_field: str | None = None, model: str | None = None, **tuning) -> dict:
     """Answer every query row of `queries` into the jsonl file `output`; the summary."""
     t0 = time.time()
+    check_output(queries, output)
     storage.check_writable(output.rsplit("/", 1)[0] if "/" in output else ".")
     rows = read_queries(queries, text_field, id_field)
     good = [i for i, r in enumerate(rows) if r[4] is None]

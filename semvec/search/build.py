@@ -55,6 +55,8 @@ def plan(config: IndexConfig) -> Plan:
     faiss_module()
     storage.check_apart(config.vectors, config.index, "index")
     source = open_source(config.vectors, verb="index")
+    if source.rows == 0:
+        raise ConfigError(f"vectors {storage.display(config.vectors)!r} hold no rows to index")
     nlist = None
     if config.kind == IndexKind.IVF:
         nlist = config.nlist or default_nlist(source.rows, config.train_size)
@@ -98,16 +100,25 @@ def build(config: IndexConfig) -> dict:
         _check_index(p)  # again, under the lease: a build that just ended may have changed it
         out = IndexDir(config.index)
         record = out.read_record()
-        if record is not None and record.get("index_hash") == p.index_hash:
+        if record is not None and record.get("index_hash") == p.index_hash and not config.overwrite \
+                and out.files_match(record):
+            params = _params(p)
+            if record.get("params") != params:  # only the search defaults changed
+                record = {**record, "params": params}
+                out.write_record(record)
             return _summary(record, config.index, built=False, seconds=time.time() - t0)
         out.clear()
         if p.on_ray:
             init_ray({**quiet_worker_env(), **crashpoints.worker_env()})
         index, ids, t_train = _build_index(p)
-        if not lease.holds():  # the last moment before the record makes the index visible
-            raise lease.lost_error()
+
+        def still_ours() -> None:  # the last moment before the record makes the index visible
+            if not lease.holds():
+                raise lease.lost_error()
+
+        still_ours()
         record = _record(p, index, time.time() - t0, t_train)
-        out.write(as_bytes(faiss_module().serialize_index(index)), ids, record)
+        out.write(as_bytes(faiss_module().serialize_index(index)), ids, record, still_ours)
     return _summary(record, config.index, built=True, seconds=time.time() - t0)
 
 
@@ -225,13 +236,18 @@ def _add_ivf_shards(p: Plan, trained):
     return index, ids
 
 
+def _params(p: Plan) -> dict:
+    c = p.config
+    return {"exact": {}, "hnsw": {"hnsw_m": c.hnsw_m, "ef_construction": c.ef_construction,
+                                  "ef_search": c.ef_search},
+            "ivf": {"nlist": p.nlist, "nprobe": min(c.nprobe, p.nlist or c.nprobe),
+                    "train_size": min(c.train_size, p.source.rows), "seed": c.seed}}[c.kind.value]
+
+
 def _record(p: Plan, index, seconds: float, t_train: float) -> dict:
     c = p.config
     model = (p.source.manifest.get("model") or {})
-    params = {"exact": {}, "hnsw": {"hnsw_m": c.hnsw_m, "ef_construction": c.ef_construction,
-                                    "ef_search": c.ef_search},
-              "ivf": {"nlist": p.nlist, "nprobe": min(c.nprobe, p.nlist or c.nprobe),
-                      "train_size": min(c.train_size, p.source.rows), "seed": c.seed}}[c.kind.value]
+    params = _params(p)
     return {
         "semvec_version": __version__,
         "index_hash": p.index_hash,

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from semvec.config import load_settings, parse_enum, plain, require_int, require_lease_ttl
 from semvec.errors import ConfigError
 
-INDEX_VERSION = 1  # bumped when the index layout changes: an older index is then rebuilt
+INDEX_VERSION = 1  # bumped when the index layout changes: an older index is then refused
 
 
 class IndexKind(str, Enum):
@@ -32,13 +32,13 @@ class IndexConfig:
     vectors: str
     index: str
     kind: IndexKind = IndexKind.EXACT  # index-shaping
-    hnsw_m: int = 32  # index-shaping
-    ef_construction: int = 200  # index-shaping
+    hnsw_m: int = 32  # index-shaping (hnsw)
+    ef_construction: int = 200  # index-shaping (hnsw)
     ef_search: int = 128
-    nlist: int | None = None  # index-shaping
+    nlist: int | None = None  # index-shaping (ivf)
     nprobe: int = 16
-    train_size: int = 100_000  # index-shaping
-    seed: int = 0  # index-shaping
+    train_size: int = 100_000  # index-shaping (ivf)
+    seed: int = 0  # index-shaping (ivf)
     ray_from_rows: int = 200_000
     overwrite: bool = False
     lease_ttl_s: float = 120.0
@@ -62,7 +62,10 @@ class IndexConfig:
         "lease_ttl_s": "seconds after which an s3:// index's unrenewed lease counts as stale",
     }
 
-    HASHED = ("kind", "hnsw_m", "ef_construction", "nlist", "train_size", "seed")
+    # What shapes each kind of index (search defaults such as ef_search and nprobe do not: a
+    # build with other defaults rewrites the record only).
+    HASHED = {IndexKind.EXACT: (), IndexKind.HNSW: ("hnsw_m", "ef_construction"),
+              IndexKind.IVF: ("nlist", "train_size", "seed")}
 
     def __post_init__(self) -> None:
         self.kind = parse_enum(IndexKind, "kind", self.kind)
@@ -79,7 +82,7 @@ class IndexConfig:
     def index_hash(self, source_identity: str) -> str:
         """Hash of what shapes the index, the source's identity included: a build with another
         hash into the same prefix is refused (or, with overwrite, replaces it)."""
-        shaping = {name: plain(getattr(self, name)) for name in self.HASHED}
+        shaping = {name: plain(getattr(self, name)) for name in ("kind", *self.HASHED[self.kind])}
         shaping.update(source=source_identity, index_version=INDEX_VERSION)
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -53,8 +53,10 @@ class SearchIndex:
             raise ConfigError(f"query vectors have dim {queries.shape[1]}, the index at "
                               f"{storage.display(self.uri)!r} holds dim {self.record['dim']}: embed "
                               "the queries with the index's model")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"k must be an integer >= 1, got {k!r}")
+        for name, value in (("k", k), ("ef_search", ef_search), ("nprobe", nprobe)):
+            if (value is not None or name == "k") and (not isinstance(value, int)
+                                                       or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         self._tune(ef_search, nprobe)
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         unit = np.ascontiguousarray(queries / np.where(norms > 0, norms, 1))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -50,13 +51,30 @@ class IndexDir(storage.Prefix):
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name))
 
-    def write(self, index_bytes: bytes, ids: list[str], record: dict) -> None:
-        """The two files, then the record naming their sizes and hashes (three durable writes)."""
+    def write(self, index_bytes: bytes, ids: list[str], record: dict,
+              still_ours: Callable[[], None] = lambda: None) -> None:
+        """The two files, then the record naming their sizes and hashes (three durable writes).
+        `still_ours` raises when the prefix went to another build (a lost lease) before the record."""
         ids_bytes = _ids_parquet(ids)
         storage.write_atomic(self.fs, self.path(INDEX), index_bytes)
         storage.write_atomic(self.fs, self.path(IDS), ids_bytes)
+        still_ours()
         files = {INDEX: _described(index_bytes), IDS: _described(ids_bytes)}
         self.write_json(RECORD, {**record, "files": files})
+
+    def write_record(self, record: dict) -> None:
+        """The record again (same files, other search defaults)."""
+        self.write_json(RECORD, record)
+
+    def files_match(self, record: dict) -> bool:
+        """Whether both files are there with the sizes the record names (a cheap check; opening
+        the index checks the hashes too)."""
+        for name in (INDEX, IDS):
+            want = (record.get("files") or {}).get(name) or {}
+            path = self.path(name)
+            if not self.fs.exists(path) or self.fs.info(path).get("size") != want.get("bytes"):
+                return False
+        return True
 
     def read(self) -> tuple[dict, bytes, list[str]]:
         """(record, index bytes, ids) of a complete index, each file checked against the record."""
@@ -67,12 +85,14 @@ class IndexDir(storage.Prefix):
         blobs = {}
         for name in (INDEX, IDS):
             if not self.fs.exists(self.path(name)):
-                raise ConfigError(f"the index at {where!r} lacks {name}: rebuild it with `semvec index`")
+                raise ConfigError(f"the index at {where!r} lacks {name}: rebuild it with `semvec index "
+                                  "... --overwrite`")
             with self.fs.open(self.path(name), "rb") as f:
                 blobs[name] = f.read()
             if _described(blobs[name]) != record.get("files", {}).get(name):
                 raise ConfigError(f"{name} at {where!r} is not the file its {RECORD} describes "
-                                  "(changed or cut since the build): rebuild it with `semvec index`")
+                                  "(changed or cut since the build): rebuild it with `semvec index "
+                                  "... --overwrite`")
         ids = pq.read_table(io.BytesIO(blobs[IDS]), columns=["id"])["id"].to_pylist()
         return record, blobs[INDEX], ids
 

@@ -135,6 +135,11 @@ def retrieval_mrr_ndcg(scores: np.ndarray, relevant: list[set[int]], k: int = 10
     return {f"mrr@{k}": result[f"mrr@{k}"], f"ndcg@{k}": result[f"ndcg@{k}"]}
 
 
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1, so that dot products are cosines (a zero row stays zero)."""
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
 def _same_length(pred: Sequence, gold: Sequence) -> None:
     if len(pred) != len(gold) or not gold:
         raise ValueError(f"need as many predictions as gold items (>= 1), got {len(pred)} and {len(gold)}")

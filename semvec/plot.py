@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 
 from semvec import crashpoints, storage
 from semvec.compress.source import open_source, read_part, sample_plan
+from semvec.config import require_int
 from semvec.errors import ConfigError
+from semvec.metrics import unit
 
 METHODS = ("pca", "umap")
 NO_LABEL = "(no label)"  # a sampled id the labels file does not name: drawn grey
@@ -47,8 +49,7 @@ def plot(s: PlotSettings) -> dict:
     if s.method not in METHODS:
         raise ConfigError(f"unknown method {s.method!r}; allowed: {', '.join(METHODS)}")
     for name in ("sample", "max_colors"):
-        if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {getattr(s, name)!r}")
+        require_int(name, getattr(s, name), 1)
     if s.labels and not s.color_by:
         raise ConfigError("--labels needs --color-by, the field of the labels file to colour by")
     if not s.output.lower().endswith(".png"):
@@ -58,7 +59,7 @@ def plot(s: PlotSettings) -> dict:
     source = open_source(s.vectors, verb="plot")
     ids, vectors, columns = _sample(source, s)
     values = _colours(s, ids, columns) if s.color_by else None
-    xy = reducer(vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None))
+    xy = reducer(unit(vectors))
     png = _draw(pyplot, xy, values, s, source.rows)
     crashpoints.arm()
     fs = storage.filesystem(s.output)
@@ -117,33 +118,32 @@ def _sample(source, s: PlotSettings) -> tuple[list[str], np.ndarray, dict[str, l
         part_ids, part_vectors = read_part(source.uri, part.path)
         ids += [part_ids[r] for r in rows]
         vectors.append(part_vectors[rows])
-        if s.color_by and not s.labels:
-            with storage.filesystem(source.uri).open(part.path, "rb") as f:
-                table = pq.read_table(f)
-            if s.color_by not in table.column_names:
-                shown = ", ".join(c for c in table.column_names if c not in ("embedding", "id"))
-                raise ConfigError(f"--color-by {s.color_by!r} is not a column of the vectors ({shown}); "
-                                  "give --labels FILE with id and that field")
-            values = table[s.color_by].to_pylist()
-            columns.setdefault(s.color_by, []).extend(values[r] for r in rows)
+        if s.color_by and not s.labels:  # that column alone: the vectors are read already
+            columns.setdefault(s.color_by, []).extend(_column(source.uri, part.path, s.color_by, rows))
     return ids, np.concatenate(vectors), columns
+
+
+def _column(uri: str, path: str, name: str, rows: np.ndarray) -> list:
+    with storage.filesystem(uri).open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        if name not in names:
+            shown = ", ".join(c for c in names if c not in ("embedding", "id"))
+            raise ConfigError(f"--color-by {name!r} is not a column of the vectors ({shown}); "
+                              "give --labels FILE with id and that field")
+        return parquet.read(columns=[name])[name].take(rows).to_pylist()
 
 
 def _colours(s: PlotSettings, ids: list[str], columns: dict[str, list]) -> list[str]:
     if not s.labels:
         return [str(v) for v in columns[s.color_by]]
-    from semvec.backfill.read import RowParser, detect_format, iter_rows
-    from semvec.config import InputFormat
+    from semvec.backfill.read import read_all_rows
 
     label_of: dict[str, str] = {}
-    parser = RowParser(s.color_by, s.id_field, 10_000)
-    for file in storage.list_inputs(s.labels):
-        fmt = detect_format(file.relative, InputFormat.AUTO)
-        if fmt is None:
-            raise ConfigError(f"labels file {file.relative!r} has no known extension")
-        for _row, rid, value, reason, _raw in iter_rows(file, fmt, parser):
-            if reason is None:
-                label_of.setdefault(rid, value)
+    for _source, _row, rid, value, reason in read_all_rows(s.labels, s.color_by, s.id_field, 10_000,
+                                                           "labels file"):
+        if reason is None:
+            label_of.setdefault(rid, value)
     found = [label_of.get(i) for i in ids]
     if not any(v is not None for v in found):
         matched = f"its {s.id_field!r} field" if s.id_field else "FILE:ROW"

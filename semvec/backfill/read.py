@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from semvec import storage
 from semvec.backfill.store_errors import StoreError, StoreStream, store_error
 from semvec.config import InputFormat
+from semvec.errors import ConfigError
 from semvec.redact import redact
 from semvec.storage import InputFile
 
@@ -283,6 +284,22 @@ def iter_rows(file: InputFile, fmt: InputFormat, parser: RowParser) -> Iterator[
             yield from parse_parquet(handle, file.relative, parser)
         else:
             raise ValueError(f"no parser for {fmt}")
+
+
+def read_all_rows(uri: str, text_field: str, id_field: str | None, max_chars: int,
+                  what: str) -> list[tuple]:
+    """(source, row, id, text, reason) of every row of a small input (a query set, a labels
+    file), read in this process as the backfill reads a corpus; `what` names it in errors."""
+    parser = RowParser(text_field, id_field, max_chars)
+    rows = []
+    for file in storage.list_inputs(uri):
+        fmt = detect_format(file.relative, InputFormat.AUTO)
+        if fmt is None:
+            raise ConfigError(f"{what} {file.relative!r} has no known extension (.jsonl, .parquet, "
+                              ".csv, .tsv, .txt, each optionally .gz)")
+        rows += [(file.relative, row, rid, text, reason)
+                 for row, rid, text, reason, _raw in iter_rows(file, fmt, parser)]
+    return rows
 
 
 def read_file_chunks(

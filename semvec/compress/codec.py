@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from semvec.compress.config import Quantize
+from semvec.metrics import unit
 
 # int8 ranges: the 0.01th and 99.99th percentile of each dimension on the sample. A Gaussian
 # dimension then spans about +-3.7 sigma in 256 steps (rounding error ~0.01 sigma), and a handful
@@ -159,11 +160,6 @@ def hamming(query_bits: np.ndarray, doc_bits: np.ndarray) -> np.ndarray:
     """[nq, b] and [nd, b] packed bits -> [nq, nd] int32 bits that differ."""
     # a query at a time: an [nd, b] XOR in memory, never [nq, nd, b]
     return np.stack([np.bitwise_count(doc_bits ^ q).sum(axis=1, dtype=np.int32) for q in query_bits])
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1 (a zero row stays zero)."""
-    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
 def bytes_per_vector(dim_in: int, dim: int, quantize: Quantize) -> dict[str, int]:

@@ -10,7 +10,8 @@ import numpy as np
 
 from semvec import metrics
 from semvec.datasets import read_beir
-from semvec.evaluate.vectors import DocIndex, Embed, Search, unit
+from semvec.evaluate.vectors import DocIndex, Embed, Search
+from semvec.metrics import unit
 
 K, RECALL_AT = 10, 100
 QUERY_CHUNK = 256  # queries scored at once: [chunk, n_docs] float32 scores in memory

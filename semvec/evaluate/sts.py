@@ -7,7 +7,8 @@ import numpy as np
 from semvec import metrics
 from semvec.datasets import Task, load_examples
 from semvec.errors import ConfigError
-from semvec.evaluate.vectors import Embed, unit
+from semvec.evaluate.vectors import Embed
+from semvec.metrics import unit
 
 
 def evaluate_sts(embed: Embed, path: str) -> dict:

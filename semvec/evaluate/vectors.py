@@ -165,6 +165,3 @@ def built_index(uri: str) -> tuple[DocIndex, object]:
 NOT_A_DOC = np.iinfo(np.int64).min  # pads a ranking shorter than k: matches no document
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1 (cosine = dot product)."""
-    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)

@@ -14,27 +14,12 @@ import json
 import time
 
 from semvec import crashpoints, storage
-from semvec.backfill.read import RowParser, detect_format, iter_rows
-from semvec.config import InputFormat
+from semvec.backfill.read import read_all_rows
 from semvec.errors import ConfigError
 from semvec.search.index import SearchIndex
 
 EMBED_BATCH = 1024  # queries embedded (and searched) at a time
 MAX_CHARS = 200_000  # as the backfill's default: a longer query is an error line
-
-
-def read_queries(uri: str, text_field: str, id_field: str | None) -> list[tuple]:
-    """(source, row, id, text, error) for every row of every query file, in order."""
-    parser = RowParser(text_field, id_field, MAX_CHARS)
-    rows = []
-    for file in storage.list_inputs(uri):
-        fmt = detect_format(file.relative, InputFormat.AUTO)
-        if fmt is None:
-            raise ConfigError(f"queries file {file.relative!r} has no known extension (.jsonl, "
-                              ".parquet, .csv, .tsv, .txt, each optionally .gz)")
-        for row, rid, text, reason, _raw in iter_rows(file, fmt, parser):
-            rows.append((file.relative, row, rid, text, reason))
-    return rows
 
 
 def check_output(queries: str, output: str) -> None:
@@ -51,7 +36,7 @@ def search_file(index: SearchIndex, queries: str, output: str, k: int = 10, text
     t0 = time.time()
     check_output(queries, output)
     storage.check_writable(output.rsplit("/", 1)[0] if "/" in output else ".")
-    rows = read_queries(queries, text_field, id_field)
+    rows = read_all_rows(queries, text_field, id_field, MAX_CHARS, "queries file")
     good = [i for i, r in enumerate(rows) if r[4] is None]
     index.encoder(model)  # the model and its fingerprint checked before any query is embedded
     hits: dict[int, dict] = {}

@@ -29,6 +29,7 @@ from semvec.cluster import gather, init_ray, quiet_worker_env
 from semvec.compress.source import Source, open_source, read_part, read_rows, sample_plan
 from semvec.errors import ConfigError, OutputMismatch
 from semvec.lease import Lease
+from semvec.metrics import unit
 from semvec.search.config import IndexConfig, IndexKind
 from semvec.search.store import LEASE, IndexDir, as_bytes, faiss_module
 
@@ -75,8 +76,9 @@ def default_nlist(rows: int, train_size: int) -> int:
     return max(1, min(int(4 * math.sqrt(rows)), min(rows, train_size) // MIN_POINTS_PER_LIST))
 
 
-def _check_index(p: Plan) -> None:
-    """Refuse a foreign prefix, or an index of other settings or vectors unless overwriting."""
+def _check_index(p: Plan) -> dict | None:
+    """Refuse a foreign prefix, or an index of other settings or vectors unless overwriting;
+    the index's record, if there is one."""
     where = storage.display(p.config.index)
     out = IndexDir(p.config.index)
     record = out.read_record()
@@ -84,11 +86,12 @@ def _check_index(p: Plan) -> None:
         if out.holds_other_files() and not p.config.overwrite:
             raise ConfigError(f"index prefix {where!r} holds files that are not a semvec index; "
                               "choose an empty prefix or pass --overwrite")
-        return
+        return None
     if record.get("index_hash") != p.index_hash and not p.config.overwrite:
         raise OutputMismatch(f"index {where!r} was built with other settings or from other vectors "
                              f"(hash {record.get('index_hash')} != {p.index_hash}); pass --overwrite "
                              "to replace it, or choose another prefix")
+    return record
 
 
 def build(config: IndexConfig) -> dict:
@@ -97,9 +100,8 @@ def build(config: IndexConfig) -> dict:
     p = plan(config)
     crashpoints.arm()
     with Lease(config.index, LEASE, what="index build", ttl_s=config.lease_ttl_s) as lease:
-        _check_index(p)  # again, under the lease: a build that just ended may have changed it
+        record = _check_index(p)  # again, under the lease: a build that just ended may have changed it
         out = IndexDir(config.index)
-        record = out.read_record()
         if record is not None and record.get("index_hash") == p.index_hash and not config.overwrite \
                 and out.files_match(record):
             params = _params(p)
@@ -160,9 +162,7 @@ def _read_parts(p: Plan):
 def read_unit(uri: str, path: str) -> tuple[list[str], np.ndarray]:
     """(ids, vectors scaled to unit length) of one backfill part; a zero vector stays zero."""
     ids, vectors = read_part(uri, path)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return ids, vectors / np.where(norms > 0, norms, 1)
+    return ids, np.ascontiguousarray(unit(vectors.astype(np.float32)))
 
 
 def _trained_ivf(p: Plan):

@@ -14,6 +14,7 @@ import numpy as np
 
 from semvec import storage
 from semvec.errors import ConfigError
+from semvec.metrics import unit
 from semvec.search.store import IndexDir, faiss_module
 
 
@@ -58,9 +59,7 @@ class SearchIndex:
                                                        or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         self._tune(ef_search, nprobe)
-        norms = np.linalg.norm(queries, axis=1, keepdims=True)
-        unit = np.ascontiguousarray(queries / np.where(norms > 0, norms, 1))
-        scores, labels = self.index.search(unit, min(k, len(self.ids)))
+        scores, labels = self.index.search(np.ascontiguousarray(unit(queries)), min(k, len(self.ids)))
         hits = []
         for row_scores, row_labels in zip(scores, labels, strict=True):
             kept = row_labels >= 0  # FAISS pads with -1 when fewer than k were reached

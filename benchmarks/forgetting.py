@@ -1,56 +1,104 @@
 """Forgetting: tune on task A, then on task B with and without continual learning.
 
-    .venv/bin/python benchmarks/forgetting.py [--model-a DIR] [--epochs-b N] [--out DIR]
+    .venv/bin/python benchmarks/forgetting.py [--b cnsd|scifact] [--model-a DIR] [--epochs-a N]
+                                              [--epochs-b N] [--from-bundled] [--out DIR]
 
-A = STS-B (English), B = CNSD (Chinese STS-B), both from ../shared/datasets (or SEMVEC_DATASETS).
-Model A is the bundled model tuned on STS-B train with the defaults (or --model-a, e.g. the
-stsb-full model benchmarks/quality.py wrote). From A, two runs on CNSD train, each choosing its
-checkpoint on CNSD dev only: plain, and continual (STS-B train replayed at replay_share 0.5 and
-distillation toward A at weight 1.0, the retraining defaults; --l2sp/--ewc add those terms).
+A = STS-B (English), scored by test Spearman. B, from ../shared/datasets (or SEMVEC_DATASETS):
+- cnsd: CNSD (Chinese STS-B), the sts task, test Spearman; checkpoints chosen on CNSD dev.
+- scifact: BEIR SciFact, the pairs task on train claims and the abstracts they cite (title + text),
+  test nDCG@10 of `semvec evaluate retrieval`; checkpoints chosen on a seeded 10% of the train
+  claims (seed 0; a claim's pairs stay on one side), SciFact has no dev split.
+Model A is the bundled model tuned on STS-B train (--epochs-a, default the trainer's; or --model-a,
+e.g. the stsb-full model benchmarks/quality.py wrote). From A, two runs on B: plain, and continual
+(past A data replayed at replay_share 0.5 and distillation toward A at weight 1.0, the retraining
+defaults; --l2sp/--ewc add those terms). The replay data must be of B's task: for cnsd it is STS-B
+train; for scifact, STS-B train pairs scored 4 or more, as anchor/positive pairs. --from-bundled
+adds B tuned from the bundled model (domain tuning without A); --domain-only runs that alone.
 Every model is scored once on both test splits. The table goes to stdout and DIR/forgetting.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+from commands import semvec  # benchmarks/commands.py
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("SEMVEC_DATASETS", REPO.parent / "shared" / "datasets"))
 A = {s: DATASETS / "stsb" / f"sts-{s}.csv" for s in ("train", "dev", "test")}
-B = {s: DATASETS / "zh_similarity" / "cnsd_stsb" / f"cnsd-sts-{s}.txt" for s in ("train", "dev", "test")}
+CNSD = {s: DATASETS / "zh_similarity" / "cnsd_stsb" / f"cnsd-sts-{s}.txt" for s in ("train", "dev", "test")}
+SCIFACT = DATASETS / "beir_scifact"
 
 
-def semvec(*args: str, env: dict) -> dict:
-    result = subprocess.run([sys.executable, "-m", "semvec.cli", *args, "--json"], capture_output=True,
-                            text=True, cwd=REPO, env=env)
-    if result.returncode != 0:
-        sys.exit(f"semvec {' '.join(args[:2])} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def scifact_files(out: Path) -> dict:
+    """Pairs of train claims and cited abstracts, split by claim (seeded 10% to dev)."""
+    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as f:
+        docs = {str(d["_id"]): (str(d.get("title") or "") + " " + str(d.get("text") or "")).strip()
+                for d in map(json.loads, f)}
+    with open(SCIFACT / "queries.jsonl", encoding="utf-8") as f:
+        claims = {str(q["_id"]): q["text"] for q in map(json.loads, f)}
+    cited: dict[str, list[str]] = {}
+    with open(SCIFACT / "qrels" / "train.tsv", encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            qid, doc, _ = line.rstrip("\n").split("\t")
+            cited.setdefault(qid, []).append(doc)
+    ids = sorted(cited)
+    dev_ids = set(random.Random(0).sample(ids, round(0.1 * len(ids))))
+    files = {}
+    for split, keep in (("train", lambda q: q not in dev_ids), ("dev", lambda q: q in dev_ids)):
+        rows = [{"anchor": claims[q], "positive": docs[d]} for q in ids if keep(q) for d in cited[q]]
+        files[split] = out / f"scifact-{split}-pairs.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
 
 
-def train(out: Path, data: dict, model: str, env: dict, extra: list[str]) -> str:
+def sts_as_pairs(out: Path, least: float = 4.0) -> Path:
+    """STS-B train pairs scored `least` or more, as anchor/positive pairs (replay for a pairs task)."""
+    path = out / "stsb-train-pairs.jsonl"
+    with open(A["train"], encoding="utf-8") as f, open(path, "w", encoding="utf-8") as w:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(row) >= 7 and float(row[4]) >= least:
+                w.write(json.dumps({"anchor": row[5], "positive": row[6]}) + "\n")
+    return path
+
+
+def train(out: Path, task: str, data: dict, model: str, env: dict, extra: list[str]) -> str:
     for stale in (out, Path(f"{out}-checkpoints")):  # a same-named run would resume
         shutil.rmtree(stale, ignore_errors=True)
-    semvec("train", "--task", "sts", "--method", "full", "--train", str(data["train"]), "--dev",
-           str(data["dev"]), "--output", str(out), "--model", model, *extra, env=env)
+    semvec("train", "--task", task, "--method", "full", "--train", str(data["train"]), "--dev",
+           str(data["dev"]), "--output", str(out), "--model", model, "--name", out.name, *extra, env=env)
     return str(out)
 
 
-def scores(model: str, env: dict) -> dict:
-    return {task: round(semvec("evaluate", "sts", "--model", model, "--data", str(split["test"]),
-                               env=env)["spearman"], 4) for task, split in (("A", A), ("B", B))}
+def scores(model: str, b: str, env: dict) -> dict:
+    a = semvec("evaluate", "sts", "--model", model, "--data", str(A["test"]), env=env)["spearman"]
+    if b == "cnsd":
+        b = semvec("evaluate", "sts", "--model", model, "--data", str(CNSD["test"]), env=env)
+        b_score = b["spearman"]
+    else:
+        b_score = semvec("evaluate", "retrieval", "--model", model, "--corpus", str(SCIFACT / "corpus.jsonl"),
+                         "--queries", str(SCIFACT / "queries.jsonl"),
+                         "--qrels", str(SCIFACT / "qrels" / "test.tsv"), env=env)["ndcg@10"]
+    return {"A": round(a, 4), "B": round(b_score, 4)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--b", choices=("cnsd", "scifact"), default="cnsd", help="task B")
     ap.add_argument("--model-a", help="a model already tuned on STS-B (default: train one)")
+    ap.add_argument("--epochs-a", type=int, default=None, help="epochs on A (default: the train default)")
     ap.add_argument("--epochs-b", type=int, default=None, help="epochs on B (default: the train default)")
+    ap.add_argument("--from-bundled", action="store_true", help="also B tuned from the bundled model")
+    ap.add_argument("--domain-only", action="store_true",
+                    help="only B tuned from the bundled model (no A, no forgetting runs)")
+    ap.add_argument("--no-zero-shot", action="store_true", help="leave the bundled model's row out")
     ap.add_argument("--l2sp", type=float, default=0.0)
     ap.add_argument("--ewc", type=float, default=0.0)
     ap.add_argument("--distill", type=float, default=1.0)
@@ -60,17 +108,29 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
-    model_a = args.model_a or train(out / "model-a", A, "bundled", env, [])
+    if args.b == "cnsd":
+        task, b_data, replay = "sts", CNSD, A["train"]
+    else:
+        task, b_data, replay = "pairs", scifact_files(out), sts_as_pairs(out)
+    epochs_a = ["--epochs", str(args.epochs_a)] if args.epochs_a else []
     extra = ["--epochs", str(args.epochs_b)] if args.epochs_b else []
-    plain = train(out / "model-b-plain", B, model_a, env, extra)
-    continual = train(out / "model-b-continual", B, model_a, env, extra + [
-        "--replay", str(A["train"]), "--replay-share", str(args.replay_share), "--distill",
-        str(args.distill), "--l2sp", str(args.l2sp), "--ewc", str(args.ewc)])
-    rows = {"bundled (zero-shot)": scores("bundled", env), "A: tuned on STS-B": scores(model_a, env),
-            "A then B, plain": scores(plain, env), "A then B, continual": scores(continual, env)}
+    rows = {} if args.no_zero_shot else {"bundled (zero-shot)": scores("bundled", args.b, env)}
+    if args.from_bundled or args.domain_only:
+        tuned = train(out / "model-b-from-bundled", task, b_data, "bundled", env, extra)
+        rows["bundled then B (domain tuning)"] = scores(tuned, args.b, env)
+    if not args.domain_only:
+        model_a = args.model_a or train(out / "model-a", "sts", A, "bundled", env, epochs_a)
+        rows["A: tuned on STS-B"] = scores(model_a, args.b, env)
+        plain = train(out / "model-b-plain", task, b_data, model_a, env, extra)
+        rows["A then B, plain"] = scores(plain, args.b, env)
+        continual = train(out / "model-b-continual", task, b_data, model_a, env, extra + [
+            "--replay", str(replay), "--replay-share", str(args.replay_share), "--distill",
+            str(args.distill), "--l2sp", str(args.l2sp), "--ewc", str(args.ewc)])
+        rows["A then B, continual"] = scores(continual, args.b, env)
     result = {"rows": rows, "settings": vars(args)}
     (out / "forgetting.json").write_text(json.dumps(result, indent=2))
-    print("| model | STS-B test Spearman (A) | CNSD test Spearman (B) |\n| --- | --- | --- |")
+    b_name = "CNSD test Spearman" if args.b == "cnsd" else "SciFact test nDCG@10"
+    print(f"| model | STS-B test Spearman (A) | {b_name} (B) |\n| --- | --- | --- |")
     for name, s in rows.items():
         print(f"| {name} | {s['A']:.4f} | {s['B']:.4f} |")
 

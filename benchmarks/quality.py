@@ -17,10 +17,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from commands import semvec  # benchmarks/commands.py
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("SEMVEC_DATASETS", REPO.parent / "shared" / "datasets"))
@@ -43,14 +44,6 @@ CASES = {
     "cnsd-full": ("sts", "full", CNSD),
 }
 TEST_METRIC = {"sts": "spearman", "classification": "accuracy", "ner": "f1"}
-
-
-def semvec(*args: str, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "semvec.cli", *args, "--json"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(args[:3])} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_case(name: str, out: Path, env: dict) -> dict:

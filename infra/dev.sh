@@ -31,7 +31,7 @@ case "${1:-}" in
   test)
     setup
     shift
-    "$VENV/bin/ruff" check semvec pipelines tests benchmarks
+    "$VENV/bin/ruff" check semvec pipelines tests benchmarks infra
     # Two workers, a test file each at a time: most of a test is waiting on processes it started
     # (Ray, S3, MLflow), so two run in about 80% of the time of one after the other.
     "$VENV/bin/python" -m pytest -n "${SEMVEC_TEST_WORKERS:-2}" --dist loadfile --durations=30 "$@"

@@ -1,7 +1,8 @@
 """The `semvec` command: one subcommand per job, each a thin layer over the library.
 
 Every error is one redacted line on stderr, no traceback (`-v` adds a redacted one): bad
-arguments exit with code 2 before any Ray work starts (3: another run holds the output's lease or
+arguments, and a login the MLflow server refuses (401) or a request it does not permit (403), exit
+with code 2, bad arguments before any Ray work starts (3: another run holds the output's lease or
 the retraining lock), any other failure with 1, an interrupt with 130. The flags of embed, train
 and retrain are generated from their configs (semvec.options), as the pipelines' are.
 """
@@ -298,6 +299,8 @@ def _evaluate(args) -> dict:
     report = result.pop("report", None)
     if report and not args.json:
         print(report)
+    for detail in ("per_label", "confusion"):  # in --report's JSON; too long for a summary line
+        result.pop(detail, None)
     if not args.json:
         print(f"semvec evaluate {args.task}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
@@ -469,6 +472,7 @@ def run_guarded(call: Callable[[], T], verbose: bool) -> tuple[int, T | None]:
     try:
         return 0, call()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure ends in one line
+        exc = _refused_login(exc) or exc
         if verbose:
             print(redact(traceback.format_exc()).rstrip(), file=sys.stderr)
         # A Ray this call started forwards its processes' lines (a GCS complaining about actors it
@@ -480,6 +484,15 @@ def run_guarded(call: Callable[[], T], verbose: bool) -> tuple[int, T | None]:
             return 130, None
         code = getattr(exc, "exit_code", 1)
         return (code if isinstance(code, int) and code > 0 else 1), None
+
+
+def _refused_login(exc: BaseException) -> ConfigError | None:
+    """The MLflow server's 401 or 403 as a ConfigError (exit 2) that says which, else None."""
+    if isinstance(exc, ConfigError):
+        return None
+    from semvec.tracking import refusal
+
+    return refusal(exc)
 
 
 def _ray_is_up() -> bool:

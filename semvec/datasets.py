@@ -54,7 +54,8 @@ _COLUMNS = {
     Task.STS: {"sentence1": ("sentence1",), "sentence2": ("sentence2",),
                "score": ("score", "similarity_score", "label")},
     Task.PAIRS: {"anchor": ("anchor", "query"), "positive": ("positive",), "negative": ("negative",)},
-    Task.CLASSIFICATION: {"text": ("text", "sentence", "text_a", "question"), "label": ("label", "labels")},
+    Task.CLASSIFICATION: {"text": ("text", "sentence", "text_a", "question"),
+                          "label": ("label", "labels", "category", "intent")},
     Task.NER: {"tokens": ("tokens",), "tags": ("tags", "ner_tags")},
 }
 _OPTIONAL = {"negative"}

@@ -96,7 +96,8 @@ class Collator:
         if self.task == Task.PAIRS:
             candidates = [e["positive"] for e in examples]
             candidates += [e["negative"] for e in examples if e.get("negative")]
-            return {"a": self._texts([e["anchor"] for e in examples]), "b": self._texts(candidates)}
+            return {"a": self._texts([e["anchor"] for e in examples]), "b": self._texts(candidates),
+                    "also_positive": also_positive(examples, candidates)}
         if self.task == Task.CLASSIFICATION:
             return {"a": self._texts([e["text"] for e in examples]),
                     "labels": torch.tensor([self.label_id[e["label"]] for e in examples])}
@@ -117,8 +118,9 @@ class Collator:
 
 @torch.inference_mode()
 def task_metrics(model: TaskModel, collate: Collator, examples: list[dict], labels: list[str],
-             batch_size: int = 64) -> dict:
-    """Dev metrics for the task; the primary one is PRIMARY[task]. The model's mode is restored."""
+                 batch_size: int = 64, detail: bool = False) -> dict:
+    """Dev metrics for the task; the primary one is PRIMARY[task]. The model's mode is restored.
+    detail: classification and NER add "per_label", "confusion" and a text "report"."""
     was_training = model.training
     model.eval()
     try:
@@ -128,20 +130,58 @@ def task_metrics(model: TaskModel, collate: Collator, examples: list[dict], labe
                                   for b in map(collate, chunks)])
             return {"spearman": metrics.spearman(cos, [e["score"] for e in examples])}
         if model.task == Task.PAIRS:
-            q = torch.cat([model.embed(collate._texts([e["anchor"] for e in c])) for c in chunks])
-            d = torch.cat([model.embed(collate._texts([e["positive"] for e in c])) for c in chunks])
-            scores = (F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T).cpu().numpy()
-            return metrics.retrieval_mrr_ndcg(scores, [{i} for i in range(len(examples))])
+            return _pairs_metrics(model, collate, examples, batch_size)
         if model.task == Task.CLASSIFICATION:
             pred = [labels[int(i)] for b in map(collate, chunks)
                     for i in model.head(model.embed(b["a"])).argmax(-1)]
-            return metrics.classification_metrics(pred, [e["label"] for e in examples])
-        return _evaluate_ner(model, collate, chunks, labels)
+            gold = [e["label"] for e in examples]
+            scores = metrics.classification_metrics(pred, gold)
+            return {**scores, **metrics.label_report(pred, gold, labels)} if detail else scores
+        return _evaluate_ner(model, collate, chunks, labels, detail)
     finally:
         model.train(was_training)
 
 
-def _evaluate_ner(model: TaskModel, collate: Collator, chunks: list[list[dict]], labels: list[str]) -> dict:
+def also_positive(examples: list[dict], candidates: list[str]) -> torch.Tensor:
+    """[anchors, candidates] True where candidate j is not anchor i's own positive yet is one of
+    anchor i's positives in this batch: the same text as its positive, or the positive of a pair
+    with the same anchor. Multiple-negatives ranking must not count these as negatives (a batch
+    of customer queries holds several of one intent; a claim cites several abstracts)."""
+    anchor_id, text_id = {}, {}
+    anchors = torch.tensor([anchor_id.setdefault(e["anchor"], len(anchor_id)) for e in examples])
+    positives = torch.tensor([text_id.setdefault(e["positive"], len(text_id)) for e in examples])
+    columns = torch.tensor([text_id.get(c, -1) for c in candidates])  # -1: no anchor's positive
+    pairs = torch.zeros(len(anchor_id), len(text_id) + 1, dtype=torch.bool)  # last column: -1
+    pairs[anchors, positives] = True
+    mask = pairs[anchors][:, columns]
+    mask.fill_diagonal_(False)
+    return mask
+
+
+def _pairs_metrics(model: TaskModel, collate: Collator, examples: list[dict], batch_size: int,
+                   k: int = 10, chunk: int = 1024) -> dict:
+    """Each distinct anchor ranks the distinct positives; all of its positives are relevant.
+    Anchors are scored a chunk at a time, so memory grows with the positives, not their square."""
+    anchors = list(dict.fromkeys(e["anchor"] for e in examples))
+    docs = list(dict.fromkeys(e["positive"] for e in examples))
+    doc_index = {d: i for i, d in enumerate(docs)}
+    relevant: dict[str, dict[int, float]] = {a: {} for a in anchors}
+    for e in examples:
+        relevant[e["anchor"]][doc_index[e["positive"]]] = 1.0
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        return F.normalize(torch.cat([model.embed(collate._texts(texts[i:i + batch_size]))
+                                      for i in range(0, len(texts), batch_size)]), dim=-1)
+
+    d = embed(docs)
+    top = np.concatenate([metrics.top_k((embed(anchors[i:i + chunk]) @ d.T).float().cpu().numpy(), k)
+                          for i in range(0, len(anchors), chunk)])
+    result = metrics.ranking_metrics(top, [relevant[a] for a in anchors], k)
+    return {f"mrr@{k}": result[f"mrr@{k}"], f"ndcg@{k}": result[f"ndcg@{k}"]}
+
+
+def _evaluate_ner(model: TaskModel, collate: Collator, chunks: list[list[dict]], labels: list[str],
+                  detail: bool) -> dict:
     pred, gold = [], []
     for chunk in chunks:
         batch = collate._ner([e["tokens"] for e in chunk], None)
@@ -156,4 +196,5 @@ def _evaluate_ner(model: TaskModel, collate: Collator, chunks: list[list[dict]],
                 previous = w
             pred.append(tags)
             gold.append(e["tags"])
-    return metrics.ner_metrics(pred, gold)
+    scores = metrics.ner_metrics(pred, gold)
+    return {**scores, **metrics.ner_label_report(pred, gold, labels)} if detail else scores

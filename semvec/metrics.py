@@ -1,7 +1,7 @@
 """Every metric semvec reports, one implementation each, for training's dev checks and for
 `semvec evaluate`: Spearman and Pearson (sts), accuracy and macro-F1 (classification), entity-level
-P/R/F1 (ner, seqeval strict IOB2), and nDCG@k / MRR@k / Recall@k (retrieval: graded relevance, equal
-scores ranked by document index).
+P/R/F1 (ner, seqeval strict IOB2), per-label reports and confusion matrices, and nDCG@k / MRR@k /
+Recall@k (retrieval: graded relevance, equal scores ranked by document index).
 
 Inputs that cannot be scored (lengths that differ, nothing to score) raise ValueError: they are
 bugs in the caller, not bad user data.
@@ -39,6 +39,53 @@ def classification_metrics(pred: list[str], gold: list[str]) -> dict:
             "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0))}
 
 
+def label_report(pred: Sequence[str], gold: Sequence[str], labels: Sequence[str]) -> dict:
+    """Per label {"precision", "recall", "f1", "support"}, the confusion matrix (rows: gold,
+    columns: predicted) and sklearn's text report, over labels in their order (then any label
+    seen in pred or gold but not given); a label that nobody holds or predicts scores 0."""
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
+    _same_length(pred, gold)
+    labels = list(labels) + sorted((set(pred) | set(gold)) - set(labels))
+    p, r, f, support = precision_recall_fscore_support(gold, pred, labels=labels, zero_division=0)
+    return {"per_label": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                "support": int(support[i])} for i, lab in enumerate(labels)},
+            "confusion": {"labels": labels, "rows": "gold", "columns": "predicted",
+                          "matrix": confusion_matrix(gold, pred, labels=labels).tolist()},
+            "report": classification_report(gold, pred, labels=labels, digits=4, zero_division=0)}
+
+
+def _check_tags(pred: list[list[str]], gold: list[list[str]]) -> None:
+    _same_length(pred, gold)
+    for i, (p, g) in enumerate(zip(pred, gold, strict=True)):
+        if len(p) != len(g):
+            raise ValueError(f"sentence {i}: {len(p)} predicted tags for {len(g)} gold tags")
+        bad = next((t for t in (*p, *g) if not _TAG.fullmatch(t)), None)
+        if bad is not None:
+            raise ValueError(f"sentence {i}: tag {bad!r} is not O, B-TYPE or I-TYPE")
+
+
+def ner_label_report(pred: list[list[str]], gold: list[list[str]], tags: Sequence[str]) -> dict:
+    """Per entity type {"precision", "recall", "f1", "support"} (seqeval strict IOB2, as
+    ner_metrics) and the confusion matrix of the tags token by token (rows: gold)."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+
+    _check_tags(pred, gold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            by_type = classification_report(gold, pred, mode="strict", scheme=IOB2, zero_division=0,
+                                            output_dict=True)
+        except ValueError:  # neither side holds an entity
+            by_type = {}
+    per_type = {t: {"precision": float(v["precision"]), "recall": float(v["recall"]),
+                    "f1": float(v["f1-score"]), "support": int(v["support"])}
+                for t, v in by_type.items() if not t.endswith(" avg")}
+    tokens = label_report([t for s in pred for t in s], [t for s in gold for t in s], tags)
+    return {"per_label": per_type, "confusion": tokens["confusion"]}
+
+
 def ner_metrics(pred: list[list[str]], gold: list[list[str]]) -> dict:
     """Entity-level {"precision", "recall", "f1", "report"} with seqeval, strict IOB2.
 
@@ -48,13 +95,7 @@ def ner_metrics(pred: list[list[str]], gold: list[list[str]]) -> dict:
     from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
     from seqeval.scheme import IOB2
 
-    _same_length(pred, gold)
-    for i, (p, g) in enumerate(zip(pred, gold, strict=True)):
-        if len(p) != len(g):
-            raise ValueError(f"sentence {i}: {len(p)} predicted tags for {len(g)} gold tags")
-        bad = next((t for t in (*p, *g) if not _TAG.fullmatch(t)), None)
-        if bad is not None:
-            raise ValueError(f"sentence {i}: tag {bad!r} is not O, B-TYPE or I-TYPE")
+    _check_tags(pred, gold)
     kw = {"mode": "strict", "scheme": IOB2, "zero_division": 0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seqeval warns per sentence on ill-formed predictions

@@ -11,7 +11,6 @@ At most `--max-colors` values get a colour of their own (the most frequent); the
 
 from __future__ import annotations
 
-import io
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from semvec import crashpoints, storage
+from semvec import crashpoints, figures, storage
 from semvec.compress.source import open_source, read_part, sample_plan
 from semvec.config import require_int
 from semvec.errors import ConfigError
@@ -54,13 +53,13 @@ def plot(s: PlotSettings) -> dict:
         raise ConfigError("--labels needs --color-by, the field of the labels file to colour by")
     if not s.output.lower().endswith(".png"):
         raise ConfigError(f"output {storage.display(s.output)!r} must be a .png file")
-    pyplot = _pyplot()
+    figures.require()
     reducer = _reducer(s.method)
     source = open_source(s.vectors, verb="plot")
     ids, vectors, columns = _sample(source, s)
     values = _colours(s, ids, columns) if s.color_by else None
-    xy = reducer(unit(vectors))
-    png = _draw(pyplot, xy, values, s, source.rows)
+    xy = reducer(unit(vectors), s.seed)
+    png = _draw(xy, values, s, source.rows)
     crashpoints.arm()
     fs = storage.filesystem(s.output)
     if not storage.is_remote(s.output):
@@ -74,17 +73,6 @@ def plot(s: PlotSettings) -> dict:
             "output": storage.display(s.output), "seconds": round(time.time() - t0, 2)}
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        from matplotlib import pyplot
-    except ImportError:
-        raise ConfigError("semvec plot needs matplotlib: pip install matplotlib") from None
-    return pyplot
-
-
 def _reducer(method: str):
     if method == "umap":
         try:
@@ -92,8 +80,8 @@ def _reducer(method: str):
         except ImportError:
             raise ConfigError("--method umap needs umap-learn: pip install umap-learn "
                               "(or use --method pca)") from None
-        return lambda x: umap.UMAP(n_components=2, random_state=0).fit_transform(x)
-    return pca_2d
+        return lambda x, seed: umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
+    return lambda x, seed: pca_2d(x)
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -152,28 +140,25 @@ def _colours(s: PlotSettings, ids: list[str], columns: dict[str, list]) -> list[
     return [v if v is not None else NO_LABEL for v in found]
 
 
-def _draw(pyplot, xy: np.ndarray, values: list[str] | None, s: PlotSettings, total: int) -> bytes:
-    fig, ax = pyplot.subplots(figsize=(9, 7), dpi=110)
+def _draw(xy: np.ndarray, values: list[str] | None, s: PlotSettings, total: int) -> bytes:
+    fig = figures.figure(9, 7, dpi=110)
+    ax = fig.subplots()
     if values is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.6, linewidths=0)
     else:
         kept = [v for v, _ in Counter(v for v in values if v != NO_LABEL).most_common(s.max_colors)]
-        palette = pyplot.get_cmap("tab20" if len(kept) > 10 else "tab10")
+        palette = figures.colours(len(kept))
         other = np.array([v not in kept for v in values])
         if other.any():
             ax.scatter(xy[other, 0], xy[other, 1], s=5, c="lightgrey", linewidths=0,
                        label=f"other or no label ({int(other.sum())})")
         for n, value in enumerate(kept):
             mine = np.array([v == value for v in values])
-            ax.scatter(xy[mine, 0], xy[mine, 1], s=7, color=palette(n % palette.N), linewidths=0,
+            ax.scatter(xy[mine, 0], xy[mine, 1], s=7, color=palette[n], linewidths=0,
                        label=f"{value[:30]} ({int(mine.sum())})")
         ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax.set_title(s.title or f"{storage.display(s.vectors)}: {len(xy):,} of {total:,} vectors, {s.method}",
                  fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
-    sink = io.BytesIO()
-    fig.savefig(sink, format="png")
-    pyplot.close(fig)
-    return sink.getvalue()
+    return figures.png(fig)

@@ -6,9 +6,10 @@
   is a credential of its own;
 - credentials in query strings and ``key=value`` text (``X-Amz-Signature=``, ``token=``,
   ``password=``, ...) and ``Bearer`` tokens;
-- the value of every secret environment variable set now (AWS_SECRET_ACCESS_KEY, HF_TOKEN, any
-  ``*_PASSWORD``, ``*_SECRET``, ``*_TOKEN``, ...), as written and percent-encoded. Values shorter
-  than MIN_SECRET_LENGTH are left alone: masking "1" or "true" would mangle every message.
+- the value of every secret environment variable set now (AWS_SECRET_ACCESS_KEY, HF_TOKEN,
+  MLFLOW_TRACKING_PASSWORD, any ``*_PASSWORD``, ``*_SECRET``, ``*_SECRET_KEY``, ``*_TOKEN``, ...),
+  as written and percent-encoded. Values shorter than MIN_SECRET_LENGTH are left alone: masking
+  "1" or "true" would mangle every message.
 
 This module imports nothing of semvec: storage, tracking and the CLI all build on it.
 """
@@ -27,7 +28,8 @@ SECRET_NAMES = frozenset({
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN", "HF_TOKEN",
 })
-SECRET_SUFFIXES = ("_PASSWORD", "_SECRET", "_TOKEN", "_SECRET_ACCESS_KEY", "_API_KEY")
+# _SECRET_KEY: MLFLOW_FLASK_SERVER_SECRET_KEY, the key MLflow's basic-auth app signs sessions with
+SECRET_SUFFIXES = ("_PASSWORD", "_SECRET", "_TOKEN", "_SECRET_ACCESS_KEY", "_SECRET_KEY", "_API_KEY")
 
 _QUOTES = "'\"<>`"
 # scheme://AUTHORITY: the authority runs to the first / ? # (or a space or quote); the userinfo is

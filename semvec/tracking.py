@@ -5,12 +5,16 @@ artifacts under ``./mlartifacts``); ``MLFLOW_TRACKING_URI`` points at a server. 
 logged as params: secrets live in the environment and never enter a config, and every param and
 tag passes through semvec.redact on the way (a URI's userinfo, a secret variable's value).
 Resolving a registered model never creates a tracking store: a missing SQLite file is an error.
+
+A server with authentication (MLflow's basic-auth app) takes the login from MLFLOW_TRACKING_USERNAME
+and MLFLOW_TRACKING_PASSWORD; `refusal` turns its 401 or 403 into one line that says which it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -26,6 +30,82 @@ RUN_NAME_TAG = "semvec.run_name"
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def refusal(exc: BaseException) -> ConfigError | None:
+    """The tracking server's 401 (no or wrong login) or 403 (not permitted) behind exc, as one line
+    naming the user and the request (never the password); None for any other error. Follows the
+    exception's causes: a Ray task's error carries the original as `cause`."""
+    status, request = _refused_request(exc)
+    if status is None:
+        return None
+    where, user = storage.display(tracking_uri()), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 403:
+        return ConfigError(f"MLflow at {where}: user {user!r} is not permitted to do this (HTTP 403 on "
+                           f"{request}); an MLflow admin grants it (README: MLflow users and roles)")
+    if not user:
+        return ConfigError(f"MLflow at {where} needs a login (HTTP 401 on {request}): set "
+                           f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    return ConfigError(f"MLflow at {where} refused the login of user {user!r}: wrong username or "
+                       f"password (HTTP 401 on {request}); check MLFLOW_TRACKING_USERNAME and "
+                       f"MLFLOW_TRACKING_PASSWORD")
+
+
+def _refused_request(exc: BaseException) -> tuple[int | None, str]:
+    """(401 or 403, the request) from the first of exc's causes the tracking server refused."""
+    for err in _causes(exc):
+        status, request = _http_refusal(err)
+        if status is not None:
+            return status, request
+    return None, ""
+
+
+def _causes(exc: BaseException, depth: int = 8):
+    """exc and what it was raised from (not what it was raised while handling: a lookup that fails
+    in an except block is not caused by the error being handled)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen and len(seen) < depth:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or getattr(exc, "cause", None)
+
+
+_REFUSED = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+
+
+def _http_refusal(err: BaseException) -> tuple[int | None, str]:
+    """(401 or 403, the request) when err is the tracking server refusing a request, else (None, "").
+    MLflow's REST calls raise MlflowException with the status as its error_code; artifact downloads
+    raise requests' HTTPError, counted only when it came from the tracking server."""
+    code = getattr(err, "error_code", None)
+    if isinstance(code, str) and code in _REFUSED:
+        endpoint = re.search(r"endpoint (\S+)", str(err))
+        return _REFUSED[code], endpoint.group(1) if endpoint else "a request"
+    response = getattr(err, "response", None)
+    status, url = getattr(response, "status_code", None), getattr(response, "url", None)
+    if status in (401, 403) and isinstance(url, str) and url.startswith(tracking_uri()):
+        method = getattr(getattr(response, "request", None), "method", None) or "GET"
+        return status, f"{method} {url[len(tracking_uri()):].split('?')[0]}"
+    return None, ""
+
+
+def _raise_if_refused(exc: BaseException) -> None:
+    """Re-raise a refused login or permission as its one line: never read it as "not found"."""
+    refused = refusal(exc)
+    if refused is not None:
+        raise refused from None
+
+
+def _raise_unless_absent(client, name: str, exc: BaseException) -> None:
+    """Re-raise a refusal behind a failed lookup of a version or alias of model NAME, except the 403
+    MLflow's basic-auth app gives when NAME does not exist (its own lookup then answers 404)."""
+    if _refused_request(exc)[0] == 403:
+        try:
+            client.get_registered_model(name)
+        except Exception as lookup:  # noqa: BLE001 - not found, or refused too
+            _raise_if_refused(lookup)
+            return
+    _raise_if_refused(exc)
 
 
 def _mlflow():
@@ -55,6 +135,19 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
         MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
+
+    def history(self, names: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """Each metric's (step, value) points in step order; where a resumed run logged a step
+        again, its last value."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        out = {}
+        for name in names:
+            points = sorted(client.get_metric_history(self.run_id, metric_name(name)),
+                            key=lambda m: (m.step, m.timestamp))
+            out[name] = sorted({m.step: m.value for m in points}.items())
+        return out
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -88,13 +181,15 @@ def start_run(experiment: str, run_name: str, params: dict) -> Tracker:
 
 def finish_run(tracker: Tracker, model_dir: Path, artifacts: dict[str, Path], register: str | None,
                status: str = "FINISHED") -> str | None:
-    """Log the model directory and artifacts; register a version when asked. Returns the version."""
+    """Log the model directory and artifacts (name -> a file or a folder); register a version
+    when asked. Returns the version."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracker.uri)
     client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
-    for name, path in artifacts.items():
-        client.log_artifact(tracker.run_id, str(path), artifact_path=name)
+    for name, path in artifacts.items():  # a folder's files go under name/
+        log = client.log_artifacts if Path(path).is_dir() else client.log_artifact
+        log(tracker.run_id, str(path), artifact_path=name)
     version = register_run_model(register, tracker.run_id) if register else None
     client.set_terminated(tracker.run_id, status)
     return version
@@ -134,6 +229,7 @@ def download_model(ref: str, cache: Path) -> Path:
             name, version = body.rsplit("/", 1)
             mv = client.get_model_version(name, version)
     except Exception as exc:  # noqa: BLE001 - unknown name/version/alias
+        _raise_unless_absent(client, body.split("@", 1)[0] if "@" in body else body.rsplit("/", 1)[0], exc)
         raise ConfigError(f"model {ref!r} is not in the registry at {storage.display(tracking_uri())} "
                           f"({type(exc).__name__})") from None
     # NAME/VERSION is not unique across tracking stores (every new store starts at version 1):
@@ -166,10 +262,22 @@ def _client():
 
 def alias_version(name: str, alias: str) -> str | None:
     """The version behind models:/NAME@ALIAS, or None when there is none."""
+    client = _client()
     try:
-        return str(_client().get_model_version_by_alias(name, alias).version)
-    except Exception:  # noqa: BLE001 - unknown model or alias
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception as exc:  # noqa: BLE001 - unknown model or alias
+        _raise_unless_absent(client, name, exc)
         return None
+
+
+def require_alias(name: str, alias: str) -> str:
+    """The version behind models:/NAME@ALIAS, or a one-line ConfigError saying how to make one."""
+    version = alias_version(name, alias)
+    if version is None:
+        raise ConfigError(f"model {name!r} has no @{alias} in the registry at "
+                          f"{storage.display(tracking_uri())}; register one first: "
+                          f"semvec register MODEL --name {name} --alias {alias}")
+    return version
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
@@ -187,9 +295,21 @@ def tag_version(name: str, version: str, key: str, value: str) -> None:
 def _register(client, name: str, source: str, run_id: str | None, tags: dict) -> str:
     try:
         client.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - not found: create it
-        client.create_registered_model(name)
+    except Exception as exc:  # noqa: BLE001 - not found: create it
+        _create_model(client, name, exc)
     return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+
+
+def _create_model(client, name: str, lookup: BaseException) -> None:
+    """Create NAME after its lookup failed. A server with authentication answers 403 to a lookup
+    of a model the user has no grant on, whether it exists or not: the create tells which."""
+    if _refused_request(lookup)[0] == 401:
+        _raise_if_refused(lookup)
+    try:
+        client.create_registered_model(name)
+    except Exception:
+        _raise_if_refused(lookup)  # it exists and is not this user's: the 403 is the answer
+        raise
 
 
 def register_run_model(name: str, run_id: str, tags: dict | None = None) -> str:

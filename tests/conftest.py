@@ -179,7 +179,10 @@ def mlflow_server(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     env = {**os.environ, **s3_server["env"],
-           "MLFLOW_S3_ENDPOINT_URL": s3_server["env"]["AWS_ENDPOINT_URL"]}
+           "MLFLOW_S3_ENDPOINT_URL": s3_server["env"]["AWS_ENDPOINT_URL"],
+           # as deployed (infra/k8s/mlflow.yaml): no GenAI job runners, which start processes of
+           # their own and slowed the first requests here by 13-20 s each
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server",

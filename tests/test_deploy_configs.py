@@ -3,12 +3,21 @@
 Nothing in CI starts a cluster from them, so these checks keep them honest: they parse, name entry
 points and configs that exist, carry the Ray version pyproject.toml pins, keep the head free of work
 and the GPU workers scaling from zero, keep Ray's token authentication on, and hold no secret value.
-Fast: no network, no Ray.
+The deployment is locked down: every pod runs as non-root without privileges on a read-only root file
+system and without an API token it does not need, NetworkPolicies admit only the right pods to
+MLflow, Postgres and the Ray heads, MLflow runs its basic-auth app, every credential comes from a
+Secret, and nothing reports usage. Fast: no network, no Ray.
 """
 
 from __future__ import annotations
 
+import configparser
+import dataclasses
+import functools
+import importlib.util
+import inspect
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,7 +30,7 @@ K8S = ROOT / "infra" / "k8s"
 K8S_FILES = sorted([*K8S.glob("*.yaml"), *K8S.glob("*.yml")])
 YAML_FILES = [CLUSTER, *K8S_FILES]
 EXPECTED_K8S = {"raycluster.yaml", "rayjob-backfill.yaml", "raycronjob-retrain.yaml",
-                "cronjob-retrain.yaml", "mlflow.yaml"}
+                "cronjob-retrain.yaml", "mlflow.yaml", "mlflow-users.yaml", "networkpolicies.yaml"}
 
 SENSITIVE = ("KEY", "SECRET", "TOKEN", "PASSWORD")
 NOT_SECRET = {"TOKENIZERS_PARALLELISM"}  # holds TOKEN in its name, not a secret
@@ -190,7 +199,11 @@ def test_ray_version_matches_pyproject_pin():
     pinned = _pinned_ray()
     for path in [*YAML_FILES, DOCKERFILE]:
         found = {v for pattern in RAY_VERSION_PATTERNS for v in re.findall(pattern, path.read_text())}
-        assert found, f"{path.name} names no Ray version"
+        runs_nothing = path.suffix == ".yaml" and not any(
+            isinstance(n, dict) and "image" in n for doc in _docs(path) for n in _walk(doc))
+        assert found or runs_nothing, f"{path.name} names no Ray version"
+        if runs_nothing:  # networkpolicies.yaml
+            continue
         assert found == {pinned}, f"{path.name} names Ray {sorted(found)}, pyproject.toml pins {pinned}"
     readme = {v for pattern in RAY_VERSION_PATTERNS for v in re.findall(pattern, _readme_cluster_section())}
     assert readme <= {pinned}, f"README names Ray {sorted(readme)}, pyproject.toml pins {pinned}"
@@ -349,3 +362,281 @@ def test_ray_usage_stats_are_off_everywhere():
         text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
         assert not re.search(r"RAY_USAGE_STATS_ENABLED\s*[=:]\s*[\"']?1", text), path.name
         assert not re.search(r"(?<!dis)able-usage-stats", text), path.name
+
+
+# ------------------------------------------------------------------ locked down (issue 15)
+
+# What KubeRay puts on every Ray pod it makes (ray-operator/controllers/ray/common/pod.go, labelPod);
+# the NetworkPolicies select Ray pods by these.
+KUBERAY_LABELS = {"ray-head": {"ray.io/is-ray-node": "yes", "ray.io/node-type": "head"},
+                  "ray-worker": {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker"}}
+NAMESPACE = {"kubernetes.io/metadata.name": "semvec"}
+OPERATOR = ({"app.kubernetes.io/name": "kuberay-operator"}, {"kubernetes.io/metadata.name": "kuberay-system"})
+ELSEWHERE = ({"app.kubernetes.io/name": "anything"}, {"kubernetes.io/metadata.name": "another"})
+READER, WRITER, ADMIN = "semvec-mlflow-reader", "semvec-mlflow-writer", "semvec-mlflow-admin"
+
+
+@dataclass
+class Pod:
+    """A pod some manifest makes: where, its spec, its labels, its role (the component label, or
+    ray-head / ray-worker / ray-submitter), and the autoscaler sidecar KubeRay adds to a head."""
+
+    where: str
+    spec: dict
+    labels: dict
+    role: str
+    autoscaler: dict | None = None
+
+    @property
+    def containers(self) -> list[dict]:
+        sidecar = [{"name": "autoscaler", **self.autoscaler}] if self.autoscaler is not None else []
+        return [*self.spec.get("initContainers", []), *self.spec["containers"], *sidecar]
+
+
+def _template_pod(where: str, template: dict, role: str | None = None, **kw) -> Pod:
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    role = role or labels.get("app.kubernetes.io/component", "?")
+    return Pod(where, template["spec"], {**labels, **KUBERAY_LABELS.get(role, {})}, role, **kw)
+
+
+def _pods() -> list[Pod]:
+    """Every pod template of infra/k8s: workloads, CronJob, Ray heads and workers, RayJob submitters."""
+    pods = []
+    for path in K8S_FILES:
+        for doc in _docs(path):
+            kind, spec = doc["kind"], doc.get("spec") or {}
+            where = f"{path.name} {kind}"
+            if kind in ("Deployment", "StatefulSet", "Job"):
+                pods.append(_template_pod(where, spec["template"]))
+            elif kind == "CronJob":
+                pods.append(_template_pod(where, spec["jobTemplate"]["spec"]["template"]))
+            elif kind in ("RayJob", "RayCronJob"):
+                job = spec["jobTemplate"] if kind == "RayCronJob" else spec
+                assert "submitterPodTemplate" in job, f"{where}: KubeRay's own submitter pod is unconfined"
+                pods.append(_template_pod(f"{where} submitter", job["submitterPodTemplate"], "ray-submitter"))
+    for where, cluster in _ray_cluster_specs():
+        autoscaled = cluster.get("enableInTreeAutoscaling") is True
+        autoscaler = (cluster.get("autoscalerOptions") or {}) if autoscaled else None
+        pods.append(_template_pod(f"{where} head", cluster["headGroupSpec"]["template"], "ray-head",
+                                  autoscaler=autoscaler))
+        for group in cluster.get("workerGroupSpecs", []):
+            pods.append(_template_pod(f"{where} {group['groupName']}", group["template"], "ray-worker"))
+    return pods
+
+
+def _claims(docs: list) -> set[str]:
+    """The volumes a StatefulSet's volumeClaimTemplates give its pods."""
+    return {t["metadata"]["name"] for d in docs
+            for t in (d.get("spec") or {}).get("volumeClaimTemplates", [])}
+
+
+def test_every_pod_runs_as_non_root_without_privileges_on_a_read_only_root():
+    pods = _pods()
+    assert len(pods) >= 12, [p.where for p in pods]  # 4 workloads, 3 Ray clusters, 2 submitters
+    claims = {c for path in K8S_FILES for c in _claims(_docs(path))}
+    for pod in pods:
+        context = pod.spec.get("securityContext") or {}
+        assert context.get("runAsNonRoot") is True and context.get("runAsUser", 0) > 0, pod.where
+        assert (context.get("seccompProfile") or {}).get("type") == "RuntimeDefault", pod.where
+        volumes = {v["name"] for v in pod.spec.get("volumes", [])} | claims
+        for container in pod.containers:
+            where, sc = f"{pod.where} {container['name']}", container.get("securityContext") or {}
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sc.get("capabilities", {}).get("add") and not sc.get("privileged"), where
+            assert sc.get("runAsNonRoot") is not False and sc.get("runAsUser") != 0, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{where}: a read-only root and no writable /tmp"
+            if pod.role in ("ray-head", "ray-worker") and container["name"] != "autoscaler":
+                assert "/home/ray/.cache" in mounts, f"{where}: models and caches go to ~/.cache"
+            if pod.role == "postgres":
+                assert "/var/run/postgresql" in mounts, f"{where}: the server's socket"
+            assert set(mounts.values()) <= volumes, f"{where}: mounts a volume the pod lacks"
+
+
+def test_no_pod_holds_a_kubernetes_api_token_but_an_autoscaled_ray_head():
+    for pod in _pods():
+        if pod.autoscaler is not None:  # its sidecar adds and removes workers through the API
+            assert pod.spec.get("automountServiceAccountToken") is not False, pod.where
+            # the account KubeRay makes for the head, bound to the autoscaler's Role alone
+            assert "serviceAccountName" not in pod.spec, pod.where
+        else:
+            assert pod.spec.get("automountServiceAccountToken") is False, pod.where
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        value, present = labels.get(e["key"]), e["key"] in labels
+        ok = {"In": present and value in e.get("values", []), "NotIn": value not in e.get("values", []),
+              "Exists": present, "DoesNotExist": not present}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+@functools.cache  # read many times by one test; never changed
+def _policies() -> tuple[dict, ...]:
+    return tuple(d for path in K8S_FILES for d in _docs(path) if d["kind"] == "NetworkPolicy")
+
+
+def _admits(dst: dict, port: int, src: dict, namespace: dict = NAMESPACE) -> bool:
+    """Whether the NetworkPolicies let a pod labelled src, in a namespace labelled namespace, open
+    a connection to port of a pod labelled dst in semvec's namespace (Kubernetes' own semantics)."""
+    def peer_admits(peer: dict) -> bool:
+        if "ipBlock" in peer:
+            return False
+        in_namespace = (_matches(peer["namespaceSelector"], namespace) if "namespaceSelector" in peer
+                        else namespace == NAMESPACE)
+        return in_namespace and _matches(peer.get("podSelector") or {}, src)
+
+    selecting = [p["spec"] for p in _policies() if _matches(p["spec"]["podSelector"], dst)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    return any((not rule.get("ports") or port in {p["port"] for p in rule["ports"]})
+               and ("from" not in rule or any(peer_admits(peer) for peer in rule["from"]))
+               for policy in selecting for rule in policy.get("ingress") or [])
+
+
+def test_network_policies_admit_only_the_right_pods():
+    pods = _pods()
+    roles = {p.role: p.labels for p in pods}
+    assert {"mlflow", "postgres", "mlflow-users", "retrain-submitter", "ray-submitter", "ray-head",
+            "ray-worker"} <= set(roles), sorted(roles)
+    assert not _admits({"app": "a pod no policy names"}, 80, roles["mlflow"]), "no default deny"
+
+    def sources(dst: dict, port: int) -> set[str]:
+        return {p.role for p in pods if _admits(dst, port, p.labels)}
+
+    assert sources(roles["mlflow"], 5000) == {"ray-head", "ray-worker", "retrain-submitter", "mlflow-users"}
+    assert sources(roles["postgres"], 5432) == {"mlflow"}
+    for head in (p for p in pods if p.role == "ray-head"):
+        for port in (8265, 6379, 10001):  # dashboard and job API, GCS, Ray client: this namespace only
+            assert sources(head.labels, port) == set(roles), (head.where, port)
+            assert not _admits(head.labels, port, *ELSEWHERE), (head.where, port)
+        assert _admits(head.labels, 8265, *OPERATOR), f"{head.where}: KubeRay cannot read job status"
+        assert not _admits(head.labels, 6379, *OPERATOR)
+    for worker in (p for p in pods if p.role == "ray-worker"):
+        assert sources(worker.labels, 10002) == {"ray-head", "ray-worker"}, worker.where
+    for dst, port in ((roles["mlflow"], 5000), (roles["postgres"], 5432)):
+        assert not _admits(dst, port, *ELSEWHERE) and not _admits(dst, port, *OPERATOR)
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in container.get("env") or []}
+
+
+def _mlflow_pod() -> dict:
+    deployment = next(d for d in _docs(K8S / "mlflow.yaml") if d["kind"] == "Deployment")
+    return deployment["spec"]["template"]["spec"]
+
+
+def _auth_script():
+    path = ROOT / "infra" / "mlflow_auth.py"
+    spec = importlib.util.spec_from_file_location("semvec_infra_mlflow_auth", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mlflow_runs_its_basic_auth_app_with_the_admin_from_a_secret(tmp_path, monkeypatch):
+    pod = _mlflow_pod()
+    server = next(c for c in pod["containers"] if c["name"] == "mlflow")
+    command = server["command"]
+    assert command[:2] == ["mlflow", "server"] and command[command.index("--app-name") + 1] == "basic-auth"
+    env = _env(server)
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": ADMIN, "key": name}, name
+    # its config file: written at each start by the init container, into a memory-backed emptyDir
+    ini = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    init = next(c for c in pod["initContainers"] if "/infra/mlflow_auth.py" in " ".join(c["command"]))
+    workdir = re.findall(r"^\s*WORKDIR\s+(\S+)", DOCKERFILE.read_text(), re.M)[-1]
+    assert init["command"][1:] == [f"{workdir}/infra/mlflow_auth.py", "ini", ini]
+    volume = {v["name"]: v for v in pod["volumes"]}
+
+    def volume_of(container: dict) -> str:
+        return next(m["name"] for m in container["volumeMounts"] if ini.startswith(m["mountPath"] + "/"))
+
+    assert volume_of(init) == volume_of(server)
+    assert volume[volume_of(server)]["emptyDir"]["medium"] == "Memory"
+    # users and grants in the tracking database: the init container sees the same URI, from a Secret
+    assert _env(init)["MLFLOW_BACKEND_STORE_URI"] == env["MLFLOW_BACKEND_STORE_URI"]
+    # what the file says: nothing visible without a grant; no admin password in it
+    monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", "postgresql://mlflow:p%41ss@db:5432/mlflow")
+    _auth_script().write_ini(tmp_path / "basic_auth.ini")
+    config = configparser.ConfigParser()
+    config.read(tmp_path / "basic_auth.ini")
+    assert config["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert config["mlflow"]["database_uri"] == "postgresql://mlflow:p%41ss@db:5432/mlflow"
+    assert "admin_password" not in config["mlflow"]
+    assert (tmp_path / "basic_auth.ini").stat().st_mode & 0o777 == 0o600
+
+
+def _readme_secrets() -> set[tuple[str, str]]:
+    """(Secret, key) for every `kubectl create secret generic` in the README's cluster section."""
+    text = _readme_cluster_section().replace("\\\n", " ")
+    found = set()
+    for name, rest in re.findall(r"create secret generic ([\w-]+)([^\n]*)", text):
+        found |= {(name, key) for key in re.findall(r"--from-literal=(\w+)=", rest)}
+    return found
+
+
+def test_every_credential_is_a_secret_key_ref_to_a_secret_the_readme_makes():
+    made = _readme_secrets()
+    for pod in _pods():
+        for container in pod.containers:
+            where = f"{pod.where} {container['name']}"
+            for var in container.get("env") or []:
+                if _sensitive(var["name"]) or var["name"].endswith("_USERNAME"):
+                    ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+                    assert ref and "value" not in var, f"{where}: {var['name']} is not from a Secret"
+                    assert (ref["name"], ref["key"]) in made, f"{where}: the README makes no {ref}"
+            for source in container.get("envFrom") or []:
+                assert source["secretRef"]["name"] in {n for n, _ in made}, f"{where}: {source}"
+    # the roles: backfills read, training and retraining write, the submitter's check reads
+    expected = {"rayjob-backfill.yaml": READER, "raycluster.yaml": WRITER, "raycronjob-retrain.yaml": WRITER}
+    for where, container in _ray_containers():
+        env = _env(container)
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": expected[where.split()[0]], "key": name}, where
+    check = next(p for p in _pods() if p.role == "retrain-submitter").spec["initContainers"][0]
+    assert _env(check)["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == READER
+
+
+def test_the_users_job_and_the_check_name_what_the_jobs_use():
+    from semvec.models import register_model
+    from semvec.retrain.config import RetrainConfig
+
+    retrain = yaml.safe_load((ROOT / "pipelines" / "configs" / "retrain.yaml").read_text())
+    users = _env(next(p for p in _pods() if p.role == "mlflow-users").spec["containers"][0])
+    models = users["SEMVEC_MLFLOW_MODELS"]["value"].split(",")
+    experiments = set(users["SEMVEC_MLFLOW_EXPERIMENTS"]["value"].split(","))
+    assert retrain["name"] in models
+    defaults = {f.name: f.default for f in dataclasses.fields(RetrainConfig)}
+    train = inspect.signature(register_model).parameters["experiment"].default  # train's too
+    assert {retrain.get("experiment", defaults["experiment"]), train} <= experiments
+    check = next(p for p in _pods() if p.role == "retrain-submitter").spec["initContainers"][0]
+    assert check["command"][-2:] == ["check", retrain["name"]]
+
+
+def test_nothing_reports_usage():
+    image = dict(re.findall(r"^\s*(?:ENV\s+)?(\w+)=(\S+)", DOCKERFILE.read_text(), re.M))
+    wanted = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+              "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
+    assert {k: image.get(k) for k in wanted} == wanted, "infra/Dockerfile"
+    for pod in _pods():
+        for container in pod.containers:
+            if container.get("image", "").startswith(SEMVEC_IMAGE):
+                env = {v["name"]: v.get("value") for v in container.get("env") or []}
+                assert env.get("MLFLOW_DISABLE_TELEMETRY") == "true", f"{pod.where} {container['name']}"
+                if pod.role.startswith("ray-"):
+                    assert env.get("RAY_USAGE_STATS_ENABLED") == "0", f"{pod.where} {container['name']}"
+    for pod in _pods():  # KubeRay's autoscaler sidecar runs the head's image
+        if pod.autoscaler is not None:
+            off = {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}
+            assert off in pod.autoscaler.get("env", []), pod.where

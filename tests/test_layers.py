@@ -20,7 +20,7 @@ LAYERS = [
     ("inference", ["semvec.encode", "semvec.heads", "semvec.static", "semvec.chunking"]),
     ("backfill and evaluation", ["semvec.backfill", "semvec.evaluate", "semvec.compress",
                                  "semvec.distill", "semvec.words", "semvec.search",
-                                 "semvec.plot"]),
+                                 "semvec.plot", "semvec.figures"]),
     ("training", ["semvec.train"]),
     ("retraining", ["semvec.retrain"]),
     ("entry points", ["semvec.cli", "semvec.testing"]),

@@ -59,6 +59,13 @@ def test_pca_2d_keeps_the_two_widest_directions():
         assert abs(np.corrcoef(xy[:, axis], x[:, axis])[0, 1]) > 0.99
 
 
+def test_every_kept_value_gets_its_own_colour():
+    from semvec.figures import colours
+
+    for n in (3, 20, 77):  # 77: BANKING77's intents with --max-colors 77
+        assert len(set(colours(n))) == n
+
+
 def test_bad_input_is_one_line_and_exit_2(beir, tmp_path, capsys):
     cases = [
         (["plot", beir["docs"], "--output", str(tmp_path / "m.jpg")], "must be a .png file"),

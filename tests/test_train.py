@@ -169,6 +169,29 @@ def test_methods_and_tasks_learn_on_ray_train(ray_local, tiny_models, tmp_path, 
         assert summary["trainable_parameters"] < summary["total_parameters"]
     info = json.loads((tmp_path / "model" / "semvec.json").read_text())
     assert info["task"] == task.value and info["method"]["method"] == method.value
+    from mlflow.tracking import MlflowClient
+
+    report = _report_artifacts(MlflowClient(mlflow_store), summary["run_id"], tmp_path)
+    if task == Task.NER:  # entity types in the per-label report, tags in the confusion matrix
+        labels = json.loads((report / "dev_labels.json").read_text())
+        assert set(labels["per_label"]) == {"ANI", "COL"}
+        assert set(labels["confusion"]["labels"]) == set(info["labels"])
+    else:
+        assert (report / "dev_labels.json").exists() == (task == Task.CLASSIFICATION)
+
+
+def _report_artifacts(client, run_id: str, tmp_path: Path) -> Path:
+    """The run's report folder, downloaded; its pictures open as PNGs of a real size."""
+    from PIL import Image
+
+    report = Path(client.download_artifacts(run_id, "report", str(tmp_path / "artifacts")))
+    pictures = ["learning_curves.png"] + (["per_label.png", "confusion_matrix.png"]
+                                          if (report / "dev_labels.json").exists() else [])
+    for name in pictures:
+        with Image.open(report / name) as image:
+            assert image.format == "PNG" and min(image.size) >= 200, (name, image.size)
+    assert json.loads((report / "dev_report.json").read_text())
+    return report
 
 
 def test_export_round_trips_through_backfill_and_sentence_transformers(
@@ -214,16 +237,32 @@ def test_mlflow_holds_params_metrics_model_and_registered_version(
     assert "dev_accuracy" in run_.data.metrics and run_.info.status == "FINISHED"
     names = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"model", "report", "config"} <= names
+    report = _report_artifacts(client, summary["run_id"], tmp_path)
+    curves = json.loads((report / "learning_curves.json").read_text())
+    assert [s for s, _ in curves["dev_accuracy"]] == [s for s, _ in sorted(
+        (m.step, m.value) for m in client.get_metric_history(summary["run_id"], "dev_accuracy"))]
+    assert len(curves["dev_accuracy"]) == len(curves["train_loss_since_eval"]) == 3  # one per epoch
+    assert all(step % 10 == 0 for step, _ in curves["train_loss"])  # the 10-step series alone
+    labels = json.loads((report / "dev_labels.json").read_text())
+    matrix = np.array(labels["confusion"]["matrix"])
+    assert matrix.sum() == 48 and labels["examples"] == 48
+    assert np.trace(matrix) / 48 == pytest.approx(summary["best"]["dev_accuracy"])  # the exported model
+    assert set(labels["per_label"]) == set(labels["confusion"]["labels"]) == {"animal", "colour"}
+    wrong = int(matrix.sum() - np.trace(matrix))
+    assert sum(c["count"] for c in labels["most_confused"]) == wrong
     assert str(summary["registered_version"]) == "1"
     client.set_registered_model_alias("tiny-clf", "champion", "1")
     result = subprocess.run([sys.executable, "-m", "semvec.cli", "evaluate", "classification",
-                             "--model", "models:/tiny-clf@champion", "--data", str(dev), "--json"],
+                             "--model", "models:/tiny-clf@champion", "--data", str(dev), "--json",
+                             "--report", str(tmp_path / "evaluation.json")],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     scored = json.loads(result.stdout)  # stdout holds the JSON line alone
     # the registered model scores dev as its best checkpoint did during training
     assert scored["examples"] == 48
     assert scored["accuracy"] == pytest.approx(summary["best"]["dev_accuracy"], abs=1e-9)
+    written = json.loads((tmp_path / "evaluation.json").read_text())
+    assert written["confusion"] == labels["confusion"] and written["per_label"] == labels["per_label"]
     vectors = run(load_embed_config(None, input=str(dev), output=str(tmp_path / "v"),
                                     model="models:/tiny-clf@champion"))
     assert vectors["embedded"] == 48

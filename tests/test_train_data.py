@@ -284,6 +284,22 @@ def test_ner_metrics_is_strict_iob2():
         ner_metrics([["O"]], [["O", "O"]])
 
 
+def test_label_reports_hand_computed():
+    from semvec.metrics import label_report, ner_label_report
+
+    r = label_report(["a", "a", "b", "c"], ["a", "b", "b", "b"], ["b", "a"])
+    assert r["confusion"] == {"labels": ["b", "a", "c"], "rows": "gold", "columns": "predicted",
+                              "matrix": [[1, 1, 1], [0, 1, 0], [0, 0, 0]]}  # c: predicted, never gold
+    assert r["per_label"]["a"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
+    assert r["per_label"]["b"] == {"precision": 1.0, "recall": pytest.approx(1 / 3), "f1": 0.5, "support": 3}
+    assert r["per_label"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    n = ner_label_report([["B-PER", "I-PER", "O", "B-LOC"]], [["B-PER", "I-PER", "O", "B-ORG"]],
+                         ["O", "B-PER", "I-PER", "B-LOC", "B-ORG"])
+    assert n["per_label"]["PER"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+    assert n["per_label"]["ORG"]["recall"] == 0.0 and n["per_label"]["LOC"]["precision"] == 0.0
+    assert n["confusion"]["matrix"][4] == [0, 0, 0, 1, 0]  # the gold B-ORG token was tagged B-LOC
+
+
 def test_retrieval_hand_computed():
     scores = np.array([[0.1, 0.9, 0.5], [0.9, 0.8, 0.7]])
     m = retrieval_mrr_ndcg(scores, [{2}, {1, 2}])
@@ -295,6 +311,124 @@ def test_retrieval_hand_computed():
     assert retrieval_mrr_ndcg(np.zeros((1, 3)), [{0}]) == {"mrr@10": 1.0, "ndcg@10": 1.0}  # ties: doc order
     with pytest.raises(ValueError, match="query 0"):
         retrieval_mrr_ndcg(scores, [set(), {1}])
+
+
+def test_mnrl_leaves_other_positives_of_an_anchor_out_of_its_negatives():
+    """A batch of customer queries holds several of one intent (one answer entry), and a claim
+    cites several abstracts: such candidates are positives of the anchor, not negatives."""
+    import torch
+    import torch.nn.functional as F
+
+    from semvec.heads import also_positive
+    from semvec.train.tasks import mnrl
+
+    examples = [{"anchor": "lost card", "positive": "Entry: lost cards"},
+                {"anchor": "card missing", "positive": "Entry: lost cards"},
+                {"anchor": "claim", "positive": "abstract 1"},
+                {"anchor": "claim", "positive": "abstract 2"},
+                {"anchor": "top up", "positive": "Entry: top-ups", "negative": "Entry: lost cards"}]
+    candidates = [e["positive"] for e in examples] + ["Entry: lost cards"]
+    mask = also_positive(examples, candidates)
+    expected = torch.zeros(5, 6, dtype=torch.bool)
+    expected[0, 1] = expected[1, 0] = expected[0, 5] = expected[1, 5] = True  # the same entry
+    expected[2, 3] = expected[3, 2] = True  # the same claim's other abstract
+    assert torch.equal(mask, expected)  # the hard negative stays a negative for "top up"
+
+    torch.manual_seed(0)
+    a, c = torch.randn(5, 8), torch.randn(6, 8)
+    sims = 20.0 * F.normalize(a, dim=-1) @ F.normalize(c, dim=-1).T
+    by_hand = torch.stack([torch.logsumexp(sims[i][~mask[i]], 0) - sims[i, i] for i in range(5)]).mean()
+    assert mnrl(a, c, False, mask).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert mnrl(a, c, False).item() > by_hand.item()  # unmasked, the same entry counts against it
+    by_hand_t = torch.stack([torch.logsumexp(sims[:, j][~mask[:, j]][:5], 0) - sims[j, j]
+                             for j in range(5)]).mean()
+    assert mnrl(a, c, True, mask).item() == pytest.approx(((by_hand + by_hand_t) / 2).item(), rel=1e-5)
+
+
+def test_the_collator_masks_an_anchors_other_positives_and_the_loss_uses_the_mask(tiny_models, tmp_path):
+    """The wiring: a pairs batch carries also_positive, and TrainModel's loss leaves those out."""
+    import torch
+
+    from semvec.heads import Collator
+    from semvec.train.config import Method
+    from semvec.train.job import plan
+    from semvec.train.loop import build_model
+    from semvec.train.tasks import mnrl
+    from tests.test_train import tiny_config
+
+    cfg = tiny_config(Task.PAIRS, Method.FULL, tmp_path, tiny_models, workers=1)
+    p, _, _ = plan(cfg)
+    model, tok = build_model(cfg, p)
+    examples = [{"anchor": "lost card", "positive": "entry one"},
+                {"anchor": "card gone", "positive": "entry one"},
+                {"anchor": "top up", "positive": "entry two"}]
+    batch = Collator(tok, Task.PAIRS, 32, [])(examples)
+    assert batch["also_positive"].tolist() == [[False, True, False], [True, False, False], [False] * 3]
+    model.eval()
+    with torch.no_grad():
+        a, b = model.embed(batch["a"]), model.embed(batch["b"])
+        assert model(batch).item() == pytest.approx(mnrl(a, b, False, batch["also_positive"]).item())
+        assert model(batch).item() != pytest.approx(mnrl(a, b, False).item())
+
+
+def test_held_out_dev_keeps_an_anchors_pairs_on_one_side(tmp_path):
+    from semvec.train.config import load_train_config
+    from semvec.train.job import _hold_out
+
+    rows = [{"anchor": f"claim {i // 3}", "positive": f"abstract {i}", "negative": None} for i in range(300)]
+    cfg = load_train_config(None, task="pairs", method="full", train="x.jsonl", output=str(tmp_path / "m"))
+    dev, train = _hold_out(rows, cfg)
+    assert len(dev) == 30 and len(train) == 270  # 10 of the 100 claims, with all three abstracts
+    assert not {e["anchor"] for e in dev} & {e["anchor"] for e in train}
+    cfg = load_train_config(None, task="sts", method="full", train="x.jsonl", output=str(tmp_path / "m"))
+    assert len(_hold_out(rows, cfg)[0]) == 30  # other tasks: example by example
+
+
+def test_the_per_label_chart_ranks_worst_first_and_leaves_out_labels_without_dev_examples():
+    from semvec.figures import ranked_labels
+    from semvec.train.report import most_confused
+
+    per = {"a": {"f1": 0.9, "support": 3}, "b": {"f1": 0.2, "support": 1}, "c": {"f1": 0.0, "support": 0},
+           "d": {"f1": 0.2, "support": 2}}
+    assert ranked_labels(per) == ["b", "d", "a"]
+    confusion = {"labels": ["a", "b", "d"], "matrix": [[3, 0, 1], [2, 1, 0], [0, 0, 2]]}
+    assert most_confused(confusion) == [{"gold": "b", "predicted": "a", "count": 2},
+                                        {"gold": "a", "predicted": "d", "count": 1}]
+
+
+def test_pairs_dev_metric_ranks_distinct_positives_and_counts_each_anchor_once():
+    """Dev examples sharing an answer entry rank the distinct entries; a claim with two abstracts
+    is one query with two relevant documents. Here every anchor finds its positives first."""
+    import torch
+
+    from semvec.heads import task_metrics
+
+    vec = {"q1": [1, 0, 0], "q2": [1, 0.1, 0], "e1": [1, 0, 0], "claim": [0, 1, 1],
+           "a1": [0, 1, 0.9], "a2": [0, 0.9, 1], "e2": [0, 0, 1]}
+
+    class Texts:  # embeds texts through the table above, as a model and its collator would
+        task, training = Task.PAIRS, False
+
+        def eval(self):
+            pass
+
+        def train(self, mode):
+            pass
+
+        def _texts(self, texts):
+            return texts
+
+        def embed(self, texts):
+            return torch.tensor([vec[t] for t in texts], dtype=torch.float)
+
+    examples = [{"anchor": "q1", "positive": "e1"}, {"anchor": "q2", "positive": "e1"},
+                {"anchor": "claim", "positive": "a1"}, {"anchor": "claim", "positive": "a2"}]
+    m = task_metrics(Texts(), Texts(), examples, [])
+    assert m == {"mrr@10": 1.0, "ndcg@10": 1.0}
+    vec["e2"] = [1, 0.05, 0]  # a distinct entry nearer q2 than its own: q2's MRR halves
+    vec["x"] = [1, 0.05, 0]
+    m = task_metrics(Texts(), Texts(), examples + [{"anchor": "x", "positive": "e2"}], [])
+    assert m["mrr@10"] == pytest.approx((1 + 0.5 + 1 + 1) / 4)
 
 
 # ---------------------------------------------------------------- the real benchmark files
@@ -319,5 +453,7 @@ def test_real_benchmark_files():
     assert len(sst) == 872 and {e["label"] for e in sst} == {"0", "1"}
     chn = load_examples("classification", str(DATASETS / "chnsenticorp" / "dev.tsv"))
     assert len(chn) == 1200
+    bank = load_examples("classification", str(DATASETS / "banking77" / "train.csv"))  # text,category
+    assert len(bank) == 10003 and len({e["label"] for e in bank}) == 77
     assert label_set(iob2, load_examples("ner", str(conll / "iob2" / "valid.txt")), "ner") == [
         "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]

@@ -57,7 +57,8 @@ def evaluate(kind: Kind | str, *, model: str | None = None, vectors: str | None 
              queries: str | None = None, qrels: str | None = None, index: str | None = None) -> dict:
     """Score a model reference (default ``bundled``) or stored vectors on one kind of data.
 
-    Returns the metrics; classification and NER add "report" (per label, text). Raises ConfigError
+    Returns the metrics; classification and NER add "per_label", "confusion" (rows: gold) and
+    "report" (per label, text). Raises ConfigError
     for a missing file, a model of another task, or vectors that lack an id."""
     kind = Kind(kind)
     if kind in (Kind.CLASSIFICATION, Kind.NER):

@@ -10,8 +10,9 @@ from semvec.heads import load_task_model, task_metrics
 
 
 def evaluate_labelled(ref: str, data: str, task: Task | str) -> dict:
-    """{"examples", the task's metrics, "report"} for model ref on data (any layout semvec.datasets
-    reads). Labels the model does not know are an error, not a silent miss."""
+    """{"examples", the task's metrics, "per_label", "confusion", "report"} for model ref on data
+    (any layout semvec.datasets reads). Labels the model does not know are an error, not a silent
+    miss."""
     task = Task(task)
     model, collate, card = load_task_model(models.resolve_model(ref), ref)
     if model.task != task:
@@ -21,4 +22,4 @@ def evaluate_labelled(ref: str, data: str, task: Task | str) -> dict:
                                                          else e.get("tags", []))} - set(card.labels))
     if unknown:
         raise ConfigError(f"labels {unknown[:5]} in {data!r} are unknown to model {ref!r}")
-    return {"examples": len(examples), **task_metrics(model, collate, examples, card.labels)}
+    return {"examples": len(examples), **task_metrics(model, collate, examples, card.labels, detail=True)}

@@ -37,10 +37,10 @@ def retrain(cfg: RetrainConfig) -> dict:
     """One retraining round; returns a summary with the decision and every metric."""
     snapshots = [f for uri in cfg.snapshots for f in storage.list_inputs(uri)]
     _check(cfg)
-    _version(cfg.name, "champion")  # a champion exists: checked before the lock is taken
+    tracking.require_alias(cfg.name, "champion")  # a champion exists: checked before the lock is taken
     with Lock(cfg.state, cfg.lock_timeout_s) as lock:
         # read again under the lock: a run that just finished may have promoted a new one
-        summary = _locked(cfg, _version(cfg.name, "champion"), snapshots)
+        summary = _locked(cfg, tracking.require_alias(cfg.name, "champion"), snapshots)
         if lock.took_stale:  # its holder died: say whose lock was taken over
             summary["took_stale_lock"] = lock.took_stale
     return summary
@@ -225,15 +225,6 @@ def rollback(name: str, backfill_root: str | None = None) -> dict:
             point_current(backfill_root, output)
             result["current"] = storage.display(output)
     return result
-
-
-def _version(name: str, alias: str) -> str:
-    version = tracking.alias_version(name, alias)
-    if version is None:
-        raise ConfigError(f"model {name!r} has no @{alias} in the registry at "
-                          f"{storage.display(tracking.tracking_uri())}; register one first: "
-                          f"semvec register MODEL --name {name} --alias {alias}")
-    return version
 
 
 def _read_state(state: str) -> dict:

@@ -89,7 +89,8 @@ class SearchIndex:
             self.check_fingerprint(fingerprint(model_dir), f"model {ref!r}")
             m = self.model
             self._encoders[ref] = Encoder(model_dir, pooling=m["pooling"], normalize=m["normalize"],
-                                          max_length=m["max_length"])
+                                          max_length=m["max_length"],
+                                          trust_remote_code=bool(m.get("trust_remote_code")))
         return self._encoders[ref]
 
     def check_fingerprint(self, found: str | None, what: str) -> None:

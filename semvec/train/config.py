@@ -77,8 +77,8 @@ class TrainConfig:
     trust_remote_code: bool = False
 
     HELP: ClassVar[dict[str, str]] = {
-        "task": "what the labelled data teaches; one of sts, pairs, classification, ner",
-        "method": "which weights change; one of full, lora, prompt, adapter, bitfit",
+        "task": "what the labelled data teaches",
+        "method": "which weights change",
         "train": "training data (jsonl/csv/tsv/parquet, the STS-B/CNSD/TREC/SST releases, or CoNLL "
                  "columns), local or s3://, optionally .gz",
         "output": "where the model directory goes, local or s3://",

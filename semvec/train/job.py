@@ -7,30 +7,31 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import tempfile
 from pathlib import Path
 
-from semvec import models, storage
+from semvec import figures, models, storage
 from semvec.datasets import Task, label_set, load_examples
 from semvec.errors import ConfigError
 from semvec.heads import HEAD_FILE, PRIMARY
+from semvec.redact import redact
 from semvec.train.config import TrainConfig
+from semvec.train.report import write_report
 
 DEV_SHARE = 0.1
+log = logging.getLogger("semvec.train")
 
 
 def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
     """Load and check data and model; returns (plan, train, dev)."""
+    figures.require()  # the run's pictures, before any work
     train = load_examples(cfg.task, cfg.train)
     if cfg.dev:
         dev = load_examples(cfg.task, cfg.dev)
     else:  # hold out a seeded slice of train for choosing; never a test split
-        rng = random.Random(cfg.seed)
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        cut = max(1, int(len(train) * DEV_SHARE))
-        dev, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+        dev, train = _hold_out(train, cfg)
     if not train:
         raise ConfigError(f"train data {cfg.train!r} holds no examples after holding out dev")
     anchors = _replay(cfg, len(train))
@@ -52,6 +53,18 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
          "fingerprint": models.fingerprint(model_dir), "anchors": anchors}
     _check_output(cfg.output)
     return p, train, dev
+
+
+def _hold_out(train: list[dict], cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(dev, train): a seeded DEV_SHARE of train. For pairs, an anchor's examples stay on one
+    side, so dev scores anchors the model never trained on (a claim that cites two abstracts)."""
+    groups: dict[object, list[int]] = {}
+    for i, e in enumerate(train):
+        groups.setdefault(e["anchor"] if cfg.task == Task.PAIRS else i, []).append(i)
+    order = list(groups.values())
+    random.Random(cfg.seed).shuffle(order)
+    cut = max(1, int(len(order) * DEV_SHARE))
+    return [train[i] for g in order[:cut] for i in g], [train[i] for g in order[cut:] for i in g]
 
 
 def _trained_labels(model_dir: Path, task: Task) -> list[str]:
@@ -132,11 +145,14 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         tracking.finish_run(tracker, Path(tempfile.mkdtemp()), {}, None, status="FAILED")
         raise RuntimeError("training stopped before the first checkpoint"
                            + (" because the loss became NaN" if nan else ""))
-    out = export(cfg, p, best)
+    out, detail = export(cfg, p, best)
     card = models.read_card(out)
     with tempfile.TemporaryDirectory() as d:
-        report = Path(d) / "dev_report.json"
-        report.write_text(json.dumps(card.metrics, indent=2))
+        report = Path(d) / "report"
+        try:
+            write_report(report, cfg, _run_name(cfg), tracker, card.metrics, detail)
+        except Exception as exc:  # noqa: BLE001 - the pictures never cost the model its run
+            log.warning("the run's report folder is incomplete: %s", redact(f"{type(exc).__name__}: {exc}"))
         config = Path(d) / "train_config.json"
         config.write_text(json.dumps(cfg.to_dict(), indent=2))
         version = tracking.finish_run(tracker, out, {"report": report, "config": config}, register)
@@ -179,8 +195,9 @@ def _best(result, primary: str):
     return max(ranked, key=lambda x: x[0])[1] if ranked else None
 
 
-def export(cfg: TrainConfig, p: dict, checkpoint) -> Path:
-    """The best checkpoint -> a model directory that semvec embed and sentence-transformers load."""
+def export(cfg: TrainConfig, p: dict, checkpoint) -> tuple[Path, dict]:
+    """The best checkpoint -> a model directory that semvec embed and sentence-transformers load;
+    returns it and the checkpoint's per-label report on dev (classification and NER, else {})."""
     from safetensors.torch import save_file
 
     from semvec.train.loop import STATE, build_model, load_state
@@ -207,8 +224,9 @@ def export(cfg: TrainConfig, p: dict, checkpoint) -> Path:
             total_parameters=total))
         models.write_sentence_transformers_files(out, p["pooling"], normalize, p["max_length"], model.hidden)
         _publish(out, cfg.output)
-    return Path(storage.strip(cfg.output)) if not storage.is_remote(cfg.output) else Path(
+    out = Path(storage.strip(cfg.output)) if not storage.is_remote(cfg.output) else Path(
         models.resolve_model(cfg.output))
+    return out, state.get("dev_detail") or {}
 
 
 def _publish(src: Path, output: str) -> None:

@@ -294,9 +294,13 @@ class Worker:
         follow rank 0's score, broadcast)."""
         progress = self.progress
         score = torch.tensor([0.0], dtype=torch.float64, device=self.device)  # float32 would round it
+        detail = {}  # classification and NER: the per-label report and confusion matrix on dev
         if self.rank == 0:
-            dev_metrics = task_metrics(self.model, self.collate, self.dev, self.plan["labels"])
-            metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if not isinstance(v, str)})
+            dev_metrics = task_metrics(self.model, self.collate, self.dev, self.plan["labels"], detail=True)
+            metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if isinstance(v, (int, float))})
+            if "confusion" in dev_metrics:
+                detail = {"examples": len(self.dev),
+                          **{k: dev_metrics[k] for k in ("per_label", "confusion", "report")}}
             score[0] = metrics[self.primary]
         self.session.from_rank0(score)
         improved = score.item() > progress["best"]
@@ -312,12 +316,13 @@ class Worker:
               f"{metrics['train_loss']:.4f} {self.primary} {score.item():.4f}"
               + (" (best so far)" if improved else f" (no gain {progress['bad']}/{self.cfg.patience})"),
               flush=True)
-        if self.tracker:
-            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
-                                     step=progress["step"])
+        if self.tracker:  # MLflow's train_loss is the 10-step series: this mean has its own name
+            logged = {("train_loss_since_eval" if k == "train_loss" else k): v
+                      for k, v in metrics.items() if k != "epoch"}
+            self.tracker.log_metrics(logged, step=progress["step"])
         self.session.report(metrics, {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                                       "scheduler": self.sched.state_dict(), "progress": dict(progress),
-                                      "metrics": metrics})
+                                      "metrics": metrics, "dev_detail": detail})
         return progress["bad"] >= self.cfg.patience
 
 

@@ -63,7 +63,8 @@ class TrainModel(TaskModel):
                 return F.mse_loss(cos, batch["score"] / self.score_scale)
             return cosent(cos, batch["score"])
         if self.task == Task.PAIRS:
-            return mnrl(self.embed(batch["a"]), self.embed(batch["b"]), self.symmetric)
+            return mnrl(self.embed(batch["a"]), self.embed(batch["b"]), self.symmetric,
+                        batch.get("also_positive"))
         if self.task == Task.CLASSIFICATION:
             return F.cross_entropy(self.head(self.embed(batch["a"])), batch["labels"])
         hidden, _ = self.encode_tokens(batch["a"])
@@ -81,10 +82,15 @@ def cosent(cos: torch.Tensor, score: torch.Tensor, scale: float = 20.0) -> torch
     return torch.logsumexp(torch.cat([torch.zeros(1, device=cos.device), diff.flatten()]), 0)
 
 
-def mnrl(anchors: torch.Tensor, candidates: torch.Tensor, symmetric: bool, scale: float = 20.0):
+def mnrl(anchors: torch.Tensor, candidates: torch.Tensor, symmetric: bool,
+         also_positive: torch.Tensor | None = None, scale: float = 20.0):
     """Multiple-negatives ranking: anchor i's positive is candidate i; every other candidate in the
-    batch (other positives, then any hard negatives appended after them) is a negative."""
+    batch (other positives, then any hard negatives appended after them) is a negative, except
+    where also_positive[i, j] says candidate j is another positive of anchor i (left out of i's
+    softmax, never pushed away)."""
     sims = scale * F.normalize(anchors, dim=-1) @ F.normalize(candidates, dim=-1).T  # [b, b(+n)]
+    if also_positive is not None:
+        sims = sims.masked_fill(also_positive.to(sims.device), float("-inf"))
     target = torch.arange(anchors.shape[0], device=anchors.device)
     loss = F.cross_entropy(sims, target)
     if symmetric:

@@ -9,9 +9,8 @@ import sys
 
 from pipelines._job import main
 from semvec.options import add_config_flags, given
-from semvec.train.config import TrainConfig, load_train_config
+from semvec.train.config import MethodConfig, TrainConfig, load_train_config
 from semvec.train.job import fit
-from semvec.train.methods import MethodConfig
 
 
 def finetune(args, overrides: dict) -> dict:

@@ -93,8 +93,7 @@ def _evaluate_parser(sub) -> None:
 
 def _train_parser(sub) -> None:
     from semvec.options import add_config_flags
-    from semvec.train.config import TrainConfig
-    from semvec.train.methods import MethodConfig
+    from semvec.train.config import MethodConfig, TrainConfig
 
     p = sub.add_parser("train", help="fine-tune on Ray Train, tracked in MLflow",
                        description="Fine-tune a model on labelled data with Ray Train; the best "

@@ -35,6 +35,18 @@ class Task(str, Enum):
     NER = "ner"
 
 
+# what `semvec evaluate` scores (the four kinds of data; retraining's suites are one of them)
+class Kind(str, Enum):
+    STS = "sts"
+    RETRIEVAL = "retrieval"
+    CLASSIFICATION = "classification"
+    NER = "ner"
+
+
+# the metric each kind is judged by (retraining's suites, the benchmarks)
+METRIC = {Kind.STS: "spearman", Kind.RETRIEVAL: "ndcg@10", Kind.CLASSIFICATION: "accuracy", Kind.NER: "f1"}
+
+
 class Examples(list):
     """A list of example dicts that remembers the file it came from, so later checks can name it."""
 

@@ -27,15 +27,16 @@ import uuid
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from semvec import models, storage
 from semvec.config import load_settings, parse_enum
-from semvec.encode import Encoder
 from semvec.errors import ConfigError
-from semvec.static import save_static
+
+if TYPE_CHECKING:  # the encoder (torch) is imported when a distillation runs, not with its config
+    from semvec.encode import Encoder
 
 log = logging.getLogger("semvec.distill")
 
@@ -126,6 +127,8 @@ def distill(config: DistillConfig) -> dict:
                 "frame": config.frame.value, "placeholders": int((~live).sum()),
                 "base_pooling": encoder.pooling.value},
     )
+    from semvec.static import save_static
+
     with tempfile.TemporaryDirectory(prefix="semvec-distill-") as tmp:
         save_static(Path(tmp), table, encoder.tokenizer, card)
         _publish(Path(tmp), config.output, config.overwrite)
@@ -137,6 +140,8 @@ def distill(config: DistillConfig) -> dict:
 def base_encoder(model_dir: Path, batch_tokens: int | None = None) -> Encoder:
     """The encoder whose token vectors are distilled: unnormalised (PCA wants the raw geometry),
     with more rows a pass than for text (every input is three tokens long)."""
+    from semvec.encode import Encoder
+
     encoder = Encoder(model_dir, normalize=False, batch_tokens=batch_tokens)
     encoder.max_rows = max(encoder.max_rows, 512)
     return encoder

@@ -17,14 +17,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from semvec import models, storage
 from semvec.config import load_settings, parse_enum
-from semvec.encode import Encoder
 from semvec.errors import ConfigError
+
+if TYPE_CHECKING:  # the encoder (torch) is imported when an export runs, not with its config
+    from semvec.encode import Encoder
 
 log = logging.getLogger("semvec.words")
 
@@ -182,6 +184,8 @@ def parquet_bytes(words: list[str], vectors: np.ndarray, pieces: np.ndarray) -> 
 
 def export_words(config: WordsConfig) -> dict:
     """Read the list, check it and the output, encode every word, write the file; the summary."""
+    from semvec.encode import Encoder
+
     t0 = time.time()
     words = read_word_list(config.vocab)
     check_format(words, config.format, config.vocab)

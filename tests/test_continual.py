@@ -16,8 +16,8 @@ from semvec.encode import pool
 from semvec.errors import ConfigError
 from semvec.heads import Collator
 from semvec.testing import LocalSession
-from semvec.train.config import load_train_config
-from semvec.train.continual import Continual, ContinualConfig, anchor_texts
+from semvec.train.config import ContinualConfig, load_train_config
+from semvec.train.continual import Continual, anchor_texts
 from semvec.train.job import plan
 from semvec.train.loop import Worker, build_model
 from tests.test_train import make_task_data

@@ -102,6 +102,16 @@ def test_inference_loads_no_training_code():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_command_line_is_parsed_without_torch_ray_or_transformers():
+    """Every `semvec` command builds the whole parser first (its flags come from the configs): the
+    configs import none of the heavy libraries, so `--help` and a refused flag answer at once."""
+    code = ("import semvec.cli, sys; semvec.cli.build_parser(); "
+            "heavy = {'torch', 'transformers', 'ray', 'mlflow'}; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_the_layer_check_sees_imports_inside_functions(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from semvec.train import loop\n")

@@ -16,10 +16,9 @@ from semvec.datasets import Task
 from semvec.encode import Encoder
 from semvec.errors import ConfigError
 from semvec.heads import PRIMARY, Collator, task_metrics
-from semvec.train.config import load_train_config
+from semvec.train.config import Method, load_train_config
 from semvec.train.job import fit, plan
 from semvec.train.loop import build_model
-from semvec.train.methods import Method
 from tests.conftest import REPO, write_jsonl
 
 pytestmark = pytest.mark.slow

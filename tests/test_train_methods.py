@@ -11,9 +11,8 @@ from semvec.config import Pooling
 from semvec.encode import load_tokenizer, pool
 from semvec.errors import ConfigError
 from semvec.extras import load_extras
+from semvec.train.config import Method, MethodConfig
 from semvec.train.methods import (
-    Method,
-    MethodConfig,
     apply_method,
     count_parameters,
     export_model,

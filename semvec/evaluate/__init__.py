@@ -17,12 +17,12 @@ train` wrote. Readers live in semvec.datasets, metrics in semvec.metrics.
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 
 from semvec import storage
 from semvec.backfill.manifest import OutputDir
 from semvec.compress.output import is_compressed
+from semvec.datasets import METRIC, Kind
 from semvec.errors import ConfigError
 from semvec.evaluate.labelled import evaluate_labelled
 from semvec.evaluate.retrieval import best_chunk_index, evaluate_retrieval
@@ -39,17 +39,6 @@ from semvec.evaluate.vectors import (
 
 __all__ = ["Kind", "METRIC", "evaluate", "evaluate_labelled", "evaluate_retrieval", "evaluate_sts",
            "load_vectors", "model_embedder", "vector_embedder", "write_report"]
-
-
-class Kind(str, Enum):
-    STS = "sts"
-    RETRIEVAL = "retrieval"
-    CLASSIFICATION = "classification"
-    NER = "ner"
-
-
-# the metric each kind is judged by (retraining's suites, the benchmarks)
-METRIC = {Kind.STS: "spearman", Kind.RETRIEVAL: "ndcg@10", Kind.CLASSIFICATION: "accuracy", Kind.NER: "f1"}
 
 
 def evaluate(kind: Kind | str, *, model: str | None = None, vectors: str | None = None,

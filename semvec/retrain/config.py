@@ -16,11 +16,9 @@ from semvec.config import (
     require_non_negative,
     settings_of,
 )
-from semvec.datasets import Task
+from semvec.datasets import METRIC, Kind, Task
 from semvec.errors import ConfigError
-from semvec.evaluate import METRIC, Kind
-from semvec.train.config import TrainConfig
-from semvec.train.methods import Method
+from semvec.train.config import Method, TrainConfig
 
 SuiteKind = Kind  # a suite is one of the kinds semvec.evaluate scores
 

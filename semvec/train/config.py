@@ -1,4 +1,7 @@
-"""The fine-tuning job's one typed config, validated on the driver before Ray starts."""
+"""The fine-tuning job's one typed config, validated on the driver before Ray starts.
+
+Its types (methods, their options, losses, continual terms) live here, free of torch, so that
+building the CLI or checking a config imports no training code."""
 
 from __future__ import annotations
 
@@ -10,9 +13,90 @@ from typing import Any, ClassVar
 from semvec.config import load_settings, parse_enum, require_non_negative
 from semvec.datasets import Task
 from semvec.errors import ConfigError
-from semvec.train.continual import ContinualConfig
-from semvec.train.methods import Method, MethodConfig
-from semvec.train.tasks import ALLOWED_LOSSES, Loss
+
+
+class Method(str, Enum):
+    FULL = "full"
+    LORA = "lora"
+    PROMPT = "prompt"
+    ADAPTER = "adapter"
+    BITFIT = "bitfit"
+
+
+@dataclass
+class MethodConfig:
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # None: the attention + FFN linears of the model type
+    prompt_tokens: int = 8  # virtual tokens for prompt tuning
+    adapter_size: int = 16  # bottleneck width
+    freeze_embeddings: bool = False
+    freeze_layers: int = 0  # freeze the lowest N transformer layers
+
+    HELP: ClassVar[dict[str, str]] = {
+        "lora_r": "lora: rank of the update",
+        "lora_alpha": "lora: scale of the update (alpha / r)",
+        "lora_dropout": "lora: dropout on the update's input",
+        "lora_targets": "lora: leaf names of the linear layers to adapt, as a YAML list (default: "
+                        "the attention and feed-forward linears of the model type)",
+        "prompt_tokens": "prompt: virtual tokens prepended to every input",
+        "adapter_size": "adapter: bottleneck width",
+        "freeze_embeddings": "freeze the embedding layers",
+        "freeze_layers": "freeze the lowest N transformer layers",
+    }
+    # which methods an option means something for (absent: every method)
+    APPLIES: ClassVar[dict[str, tuple[Method, ...]]] = {
+        "lora_r": (Method.LORA,), "lora_alpha": (Method.LORA,), "lora_dropout": (Method.LORA,),
+        "lora_targets": (Method.LORA,), "prompt_tokens": (Method.PROMPT,),
+        "adapter_size": (Method.ADAPTER,),
+    }
+
+    def __post_init__(self):
+        for name in ("lora_r", "lora_alpha", "prompt_tokens", "adapter_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if isinstance(self.freeze_layers, bool) or not isinstance(self.freeze_layers, int) \
+                or self.freeze_layers < 0:
+            raise ConfigError(f"freeze_layers must be an integer >= 0, got {self.freeze_layers!r}")
+        targets = self.lora_targets
+        if targets is not None and (not isinstance(targets, list) or not targets
+                                    or not all(isinstance(t, str) and t for t in targets)):
+            raise ConfigError(f"lora_targets must be a non-empty list of module names, got {targets!r}")
+
+
+class Loss(str, Enum):
+    AUTO = "auto"  # cosent for sts, mnrl for pairs, cross-entropy otherwise
+    COSENT = "cosent"
+    COSINE_MSE = "cosine_mse"
+    MNRL = "mnrl"
+    CROSS_ENTROPY = "cross_entropy"
+
+
+ALLOWED_LOSSES = {
+    Task.STS: (Loss.COSENT, Loss.COSINE_MSE), Task.PAIRS: (Loss.MNRL,),
+    Task.CLASSIFICATION: (Loss.CROSS_ENTROPY,), Task.NER: (Loss.CROSS_ENTROPY,),
+}
+
+
+def resolve_loss(task: Task, loss: Loss) -> Loss:
+    return ALLOWED_LOSSES[task][0] if loss == Loss.AUTO else loss
+
+
+@dataclass
+class ContinualConfig:
+    l2sp: float = 0.0
+    ewc: float = 0.0
+    distill: float = 0.0
+    fisher_batches: int = 32
+
+    @property
+    def active(self) -> bool:
+        return bool(self.l2sp or self.ewc or self.distill)
 
 
 class Optimizer(str, Enum):

@@ -19,25 +19,13 @@ the same starting model and data, so they are the same.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from semvec.encode import pool
-
-
-@dataclass
-class ContinualConfig:
-    l2sp: float = 0.0
-    ewc: float = 0.0
-    distill: float = 0.0
-    fisher_batches: int = 32
-
-    @property
-    def active(self) -> bool:
-        return bool(self.l2sp or self.ewc or self.distill)
+from semvec.train.config import ContinualConfig
 
 
 class Continual:

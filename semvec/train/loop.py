@@ -31,9 +31,9 @@ import torch
 from semvec.config import Pooling
 from semvec.datasets import Task
 from semvec.heads import HEAD_FILE, PRIMARY, Collator, task_metrics
-from semvec.train.config import Optimizer, TrainConfig
+from semvec.train.config import Optimizer, TrainConfig, resolve_loss
 from semvec.train.continual import Continual, anchor_texts
-from semvec.train.tasks import TrainModel, resolve_loss
+from semvec.train.tasks import TrainModel
 
 STATE = "state.pt"
 

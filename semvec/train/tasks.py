@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,24 +16,7 @@ from torch import nn
 from semvec.config import Pooling
 from semvec.datasets import Task
 from semvec.heads import IGNORE, TaskModel
-
-
-class Loss(str, Enum):
-    AUTO = "auto"  # cosent for sts, mnrl for pairs, cross-entropy otherwise
-    COSENT = "cosent"
-    COSINE_MSE = "cosine_mse"
-    MNRL = "mnrl"
-    CROSS_ENTROPY = "cross_entropy"
-
-
-ALLOWED_LOSSES = {
-    Task.STS: (Loss.COSENT, Loss.COSINE_MSE), Task.PAIRS: (Loss.MNRL,),
-    Task.CLASSIFICATION: (Loss.CROSS_ENTROPY,), Task.NER: (Loss.CROSS_ENTROPY,),
-}
-
-
-def resolve_loss(task: Task, loss: Loss) -> Loss:
-    return ALLOWED_LOSSES[task][0] if loss == Loss.AUTO else loss
+from semvec.train.config import Loss
 
 
 class TrainModel(TaskModel):

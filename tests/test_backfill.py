@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -37,8 +38,8 @@ def embed(input, output, model, **kw):
     return run(load_embed_config(None, input=str(input), output=str(output), model=str(model), **kw))
 
 
-def _write(fmt: str, path: Path, texts: list[str]) -> Path:
-    rows = [{"doc": f"d{i}", "body": t} for i, t in enumerate(texts)]
+def _write(fmt: str, path: Path, texts: list[str], id_prefix: str = "") -> Path:
+    rows = [{"doc": f"{id_prefix}d{i}", "body": t} for i, t in enumerate(texts)]
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
         return write_jsonl(path.with_suffix(".jsonl"), rows)
@@ -64,20 +65,44 @@ def _write(fmt: str, path: Path, texts: list[str]) -> Path:
     raise ValueError(fmt)
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "csv", "tsv", "parquet", "txt"])
-def test_formats_embed_every_row_like_the_encoder(ray_local, tiny_models, tmp_path, fmt):
-    texts = corpus_sentences(57, seed=11)
-    src = _write(fmt, tmp_path / "in" / "data", texts)
-    fields = {} if fmt == "txt" else {"text_field": "body", "id_field": "doc"}
-    summary = embed(src, tmp_path / "out", tiny_models["bert"], batch_rows=8, **fields)
-    assert summary["embedded"] == 57 and summary["quarantined"] == 0
-    table = read_output(tmp_path / "out").sort_by("row")
-    want_ids = [f"data.txt:{i}" for i in range(57)] if fmt == "txt" else [f"d{i}" for i in range(57)]
-    assert table["id"].to_pylist() == want_ids
+FORMATS = ["jsonl", "jsonl.gz", "csv", "tsv", "parquet", "txt"]
+
+
+def test_formats_embed_every_row_like_the_encoder(ray_local, tiny_models, tmp_path):
+    """One backfill over a folder holding a file of each format (a backfill costs its encoder
+    actor's start, whatever its rows): each file's rows, ids and vectors are checked on their own,
+    by the `source` each output row carries. Each structured file has its own texts and ids, so a
+    row given to the wrong file would show. A .txt file has no fields: its parser reads neither
+    text_field nor id_field, and its ids are FILE:ROW as in a run without them."""
+    texts = {fmt: corpus_sentences(57, seed=11 + k) for k, fmt in enumerate(FORMATS)}
+    sources = {fmt: _write(fmt, tmp_path / "in" / "data", texts[fmt], id_prefix=f"{fmt}-").name
+               for fmt in FORMATS}
+    assert len(set(sources.values())) == len(FORMATS)
+    out = tmp_path / "out"
+    summary = embed(tmp_path / "in", out, tiny_models["bert"], batch_rows=8, text_field="body",
+                    id_field="doc")
+    assert summary["embedded"] == 57 * len(FORMATS) and summary["quarantined"] == 0
+    assert summary["duplicate_ids"] == 0
+    table = read_output(out)
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
-    got = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
-    want = Encoder(tiny_models["bert"]).encode_texts(texts)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert sorted(set(table["source"].to_pylist())) == sorted(sources.values())
+    inputs = {i["source"]: i for i in manifest(out)["inputs"]}
+    encoder = Encoder(tiny_models["bert"])
+    failed = {}
+    for fmt, source in sources.items():
+        try:
+            entry = inputs[source]
+            assert (entry["rows"], entry["embedded"], entry["quarantined"]) == (57, 57, 0)
+            rows = table.filter(pc.equal(table["source"], source)).sort_by("row")
+            assert rows["row"].to_pylist() == list(range(57))
+            want_ids = [f"{source}:{i}" for i in range(57)] if fmt == "txt" else [
+                f"{fmt}-d{i}" for i in range(57)]
+            assert rows["id"].to_pylist() == want_ids
+            got = np.stack(rows["embedding"].to_numpy(zero_copy_only=False))
+            np.testing.assert_allclose(got, encoder.encode_texts(texts[fmt]), atol=1e-5)
+        except AssertionError as exc:  # every format's failure at once, each under its name
+            failed[fmt] = f"{source}: {exc}"
+    assert not failed, "formats embedded wrongly: " + "\n\n".join(f"[{k}] {v}" for k, v in failed.items())
 
 
 def test_folder_and_glob_inputs_and_manifest(ray_local, tiny_models, tmp_path):
@@ -124,8 +149,10 @@ def test_resume_completes_partial_output_exactly_once(ray_local, tiny_models, tm
     texts = corpus_sentences(200, seed=2)
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(texts)])
     kw = {"id_field": "id", "rows_per_file": 40, "batch_rows": 20}
-    embed(src, tmp_path / "full", tiny_models["bert"], **kw)
     embed(src, tmp_path / "cut", tiny_models["bert"], **kw)
+    # The whole output, read before the crash: what a second run of the same config would write
+    full = read_output(tmp_path / "cut").sort_by("id")
+    assert full.num_rows == 200
     # Simulate a crash: drop some committed parts and mark the manifest unfinished.
     parts = sorted(glob.glob(str(tmp_path / "cut" / "part-*")))
     for p in parts[1::2]:
@@ -137,7 +164,7 @@ def test_resume_completes_partial_output_exactly_once(ray_local, tiny_models, tm
     (tmp_path / "cut" / "_manifest.json").write_text(json.dumps(m))
     s = embed(src, tmp_path / "cut", tiny_models["bert"], **kw)
     assert 0 < s["rows_this_run"] < 200
-    full, cut = read_output(tmp_path / "full").sort_by("id"), read_output(tmp_path / "cut").sort_by("id")
+    cut = read_output(tmp_path / "cut").sort_by("id")
     assert cut["id"].to_pylist() == full["id"].to_pylist()  # each row once, none missing
     np.testing.assert_allclose(np.stack(cut["embedding"].to_numpy(zero_copy_only=False)),
                                np.stack(full["embedding"].to_numpy(zero_copy_only=False)), atol=1e-5)

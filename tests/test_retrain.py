@@ -65,24 +65,24 @@ def world(tiny_models, tmp_path, monkeypatch, mlflow_server, s3_env):
             "client": MlflowClient(mlflow_server["uri"])}
 
 
-def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(world):
+def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, world):
     name, prefix, fs, client = world["name"], world["prefix"], world["fs"], world["client"]
     tmp = world["train"].parents[1]
 
     def retrain(settings: dict = world["cfg"]) -> dict:
-        """A round as a scheduler runs it: `semvec retrain` in a fresh process with its own Ray
-        (its workers need the S3 credentials, which the tests' Ray was started without)."""
+        """A round as a scheduler runs it: `semvec retrain` in a fresh process with its own Ray."""
         code, summary, err = semvec_retrain(settings, tmp)
         assert code == 0, err[-3000:]
         return summary
 
     def retrain_here(settings: dict = world["cfg"]) -> dict:
-        """A round that ends before any Ray work (nothing new), in this process."""
+        """A round in this process, on the tests' Ray (its workers hold the S3 server's login)."""
         config = tmp / f"retrain-{uuid.uuid4().hex[:6]}.yaml"
         config.write_text(yaml.safe_dump(settings))
         return run_round(load_retrain_config(config))
 
     # 1. a challenger that learned the task beats the untrained champion: promoted, re-embedded
+    #    (the one round in a process of its own: the command, its exit code and its JSON line)
     first = retrain()
     assert first["decision"] == "promoted", first["reasons"]
     assert tracking.alias_version(name, "champion") == "2" == first["challenger_version"]
@@ -106,7 +106,7 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(world):
     worse = write_jsonl(world["train"].parent / "worse.jsonl",
                         [{**r, "score": 5.0 - r["score"]} for r in rows])
     fs.put(str(worse), f"{prefix}/incoming/batch2.jsonl")
-    third = retrain()
+    third = retrain_here()
     assert third["decision"] == "refused", third["reasons"]
     assert tracking.alias_version(name, "champion") == "2"
     assert client.get_model_version(name, third["challenger_version"]).tags["semvec.decision"] == "refused"
@@ -132,7 +132,7 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(world):
 
     # 6. the next round has nothing to train, but the champion's vectors are missing: it embeds
     #    the corpus with v1 and CURRENT follows, as after a promotion whose backfill had failed
-    caught_up = retrain()
+    caught_up = retrain_here()
     assert caught_up["decision"] == "nothing-new" and caught_up["backfill"]["embedded"] == 3
     assert fs.cat_file(f"{prefix}/vectors/CURRENT").decode().strip() == f"{prefix}/vectors/v1"
 

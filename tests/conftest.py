@@ -50,15 +50,20 @@ def tiny_gpt(tiny_models, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the in-process tests, started as the jobs start theirs (they reuse it)."""
+def ray_local(s3_server):
+    """One local Ray for the in-process tests, started as the jobs start theirs (they reuse it).
+
+    Its workers hold the session S3 server's environment (throwaway test credentials), set through
+    the runtime_env as a job on a cluster sets its workers'; this process's environment is left
+    alone, so a subprocess gets them only from a test that passes them (the `s3_env` fixture).
+    """
     import ray
 
     from semvec.cluster import init_ray
 
     if os.environ.get("RAY_ADDRESS"):
         pytest.fail("unset RAY_ADDRESS: the in-process tests start a local Ray of their own")
-    assert init_ray()
+    assert init_ray(env_vars=s3_server["env"])
     yield ray
     ray.shutdown()
 
@@ -151,6 +156,16 @@ def s3_env(s3_server, monkeypatch):
     for k, v in s3_server["env"].items():
         monkeypatch.setenv(k, v)
     return s3_server
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`semvec ARGV` in this process (on the tests' Ray, if it needs one): exit code, stdout, stderr."""
+    from semvec.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:

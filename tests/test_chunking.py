@@ -3,10 +3,7 @@ aggregate's formula, retrieval by best chunk, and the settings refused before an
 
 import glob
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +19,7 @@ from semvec.encode import Encoder, load_tokenizer
 from semvec.errors import ConfigError
 from semvec.evaluate.retrieval import best_chunk_index
 from semvec.testing import corpus_sentences
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import cli, write_jsonl
 
 
 def long_and_short_texts(seed: int = 3) -> list[str]:
@@ -200,31 +197,30 @@ def test_aggregate_mean_is_the_token_weighted_mean_of_the_chunk_rows(ray_local, 
     assert len(glob.glob(str(tmp_path / "mean" / "_quarantine" / "part-*"))) == 1
 
 
-def test_a_chunked_backfill_from_and_to_s3_resumes_like_any(tiny_models, tmp_path, s3_env):
+def test_a_chunked_backfill_from_and_to_s3_resumes_like_any(ray_local, tiny_models, tmp_path, s3_env,
+                                                            capsys):
     import fsspec
 
-    # a process of its own: the workers of this session's Ray have no S3 credentials
+    # on the tests' Ray, whose workers hold the S3 server's credentials (conftest.ray_local)
     texts = long_and_short_texts(seed=5)
     local = write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
     base = f"s3://{s3_env['bucket']}/chunked-{tmp_path.name}"
     fs = fsspec.filesystem("s3")
     fs.put(str(local), f"{base}/in/docs.jsonl")
-    args = [sys.executable, "-m", "semvec.cli", "embed", f"{base}/in/", f"{base}/out", "--model",
-            str(tiny_models["bert"]), "--id-field", "id", "--chunk-tokens", "48", "--chunk-overlap",
-            "12", "--rows-per-file", "3", "--json"]
-    env = {**os.environ, **s3_env["env"]}
-    first = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-2000:]
-    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    args = ["embed", f"{base}/in/", f"{base}/out", "--model", str(tiny_models["bert"]), "--id-field", "id",
+            "--chunk-tokens", "48", "--chunk-overlap", "12", "--rows-per-file", "3", "--json"]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
     parts = sorted(p for p in fs.ls(f"{base}/out", detail=False) if p.rsplit("/", 1)[1].startswith("part-"))
     table = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts])
     assert summary["embedded"] == len(texts) and summary["chunks"] == table.num_rows > len(texts)
     assert len(parts) >= 3  # rows_per_file counts documents: 7 documents, at most 3 to a part
     for r in table.to_pylist():
         assert r["id"] == f"d{r['row']}" and texts[r["row"]][r["start"]:r["end"]].strip()
-    again = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    resumed = json.loads(again.stdout.strip().splitlines()[-1])
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err[-2000:]
+    resumed = json.loads(out.strip().splitlines()[-1])
     assert resumed["rows_this_run"] == 0 and resumed["chunks"] == summary["chunks"]
 
 

@@ -23,7 +23,7 @@ from semvec.compress.search import CompressedVectors
 from semvec.compress.source import sample_plan
 from semvec.config import load_embed_config
 from semvec.errors import ConfigError, OutputMismatch
-from tests.conftest import REPO
+from tests.conftest import REPO, cli
 from tests.test_exactly_once import run_at_most
 
 DIM = 32  # the tiny models' hidden size
@@ -249,13 +249,12 @@ def test_compress_reads_and_writes_the_s3_server_and_keeps_its_lineage(beir, s3_
     prefix = f"bucket/compress-{tmp_path.name}"
     fs.put(beir["docs"].rstrip("/") + "/", f"{prefix}/src", recursive=True)
     src, out = f"s3://{prefix}/src", f"s3://{prefix}/out"
-    args = ["compress", src, out, "--pca", "16", "--quantize", "binary", "--json"]
-    done = subprocess.run([sys.executable, "-m", "semvec.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, **s3_env["env"]}, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    # on the tests' Ray, whose workers hold the S3 server's credentials (conftest.ray_local)
+    code, stdout, stderr = cli(capsys, "compress", src, out, "--pca", "16", "--quantize", "binary", "--json")
+    assert code == 0, stderr[-2000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
     assert (summary["vectors"], summary["parts"], summary["dim"]) == (beir["n_docs"], 3, 16)
-    assert s3_env["secret"] not in done.stdout + done.stderr
+    assert s3_env["secret"] not in stdout + stderr
 
     manifest = json.loads(fs.cat(f"{prefix}/out/_manifest.json"))
     source = json.loads(fs.cat(f"{prefix}/src/_manifest.json"))

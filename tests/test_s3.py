@@ -1,9 +1,8 @@
-"""A real process: a backfill against an S3 server on loopback (crashes: tests/test_exactly_once.py)."""
+"""`semvec embed` against an S3 server on loopback: input, model and output there (crashes:
+tests/test_exactly_once.py). It runs in this process on the tests' Ray, whose workers hold the
+server's credentials in their runtime_env as a cluster job's workers do."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -13,18 +12,14 @@ import s3fs
 
 from semvec.encode import Encoder
 from semvec.testing import corpus_sentences
-from tests.conftest import REPO
+from tests.conftest import cli
 
 pytestmark = pytest.mark.slow
 
 
-def cli(*args, env, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "semvec.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, env={**os.environ, **env}, timeout=timeout)
-
-
-def test_backfill_with_input_model_and_output_on_s3(s3_server, tiny_models):
-    env = s3_server["env"]
+def test_backfill_with_input_model_and_output_on_s3(ray_local, s3_env, tiny_models, monkeypatch,
+                                                    capsys):
+    env = s3_env["env"]
     fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
                            client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
     texts = corpus_sentences(300, seed=21)
@@ -36,10 +31,10 @@ def test_backfill_with_input_model_and_output_on_s3(s3_server, tiny_models):
 
     args = ["embed", "s3://bucket/corpus/", "s3://bucket/vectors/run1", "--model",
             "s3://bucket/models/tiny", "--id-field", "id", "--rows-per-file", "60"]
-    cache = {"SEMVEC_CACHE": str(s3_server["root"].parent / "cache")}
-    result = cli(*args, env={**env, **cache})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "300 embedded" in result.stdout
+    monkeypatch.setenv("SEMVEC_CACHE", str(s3_env["root"].parent / "cache"))
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err[-2000:]
+    assert "300 embedded" in out
 
     manifest = json.loads(fs.cat("bucket/vectors/run1/_manifest.json"))
     assert manifest["totals"]["embedded"] == 300
@@ -51,8 +46,8 @@ def test_backfill_with_input_model_and_output_on_s3(s3_server, tiny_models):
     np.testing.assert_allclose(np.array([got[i] for i in ids]), want, atol=1e-5)
 
     secret = env["AWS_SECRET_ACCESS_KEY"]
-    assert secret not in result.stdout + result.stderr
+    assert secret not in out + err
     assert secret not in json.dumps(manifest)
 
-    again = cli(*args, env={**env, **cache})
-    assert again.returncode == 0 and "0 rows this run" in again.stdout
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and "0 rows this run" in out

@@ -12,25 +12,17 @@ import numpy as np
 import pytest
 
 from semvec import storage
-from semvec.cli import main
 from semvec.errors import ConfigError, OutputMismatch
 from semvec.evaluate.vectors import load_vectors
 from semvec.search import open as open_index
 from semvec.search.build import build, default_nlist
 from semvec.search.config import IndexConfig, load_index_config
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import REPO, cli, write_jsonl
 from tests.test_exactly_once import run_at_most
 
 
 def index(vectors: str, out, **settings) -> dict:
     return build(load_index_config(None, vectors=vectors, index=str(out), **settings))
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def error_line(err: str) -> str:
@@ -124,13 +116,13 @@ def test_an_index_built_from_and_to_the_s3_server_is_queried_there(beir, s3_env,
     prefix = f"bucket/search-{tmp_path.name}"
     fs.put(beir["docs"].rstrip("/") + "/", f"{prefix}/docs", recursive=True)
     src, ix = f"s3://{prefix}/docs", f"s3://{prefix}/ix"
-    done = subprocess.run([sys.executable, "-m", "semvec.cli", "index", src, ix, "--kind", "ivf",
-                           "--nlist", "3", "--ray-from-rows", "1", "--json"], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, **s3_env["env"]}, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout)
+    # built on the tests' Ray, whose workers hold the server's credentials as a cluster's would
+    code, out, err = cli(capsys, "index", src, ix, "--kind", "ivf", "--nlist", "3", "--ray-from-rows", "1",
+                         "--json")
+    assert code == 0, err[-2000:]
+    summary = json.loads(out)
     assert (summary["rows"], summary["kind"], summary["built"]) == (beir["n_docs"], "ivf", True)
-    assert s3_env["secret"] not in done.stdout + done.stderr
+    assert s3_env["secret"] not in out + err
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{prefix}/ix")) == \
         ["_index.json", "ids.parquet", "index.faiss"]  # the lease is gone with its holder
     record = json.loads(fs.cat(f"{prefix}/ix/_index.json"))

@@ -5,10 +5,7 @@ server), word2vec files gensim reads, and one-line errors."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from semvec.distill import (
 from semvec.encode import Encoder
 from semvec.errors import ConfigError
 from semvec.testing import corpus_sentences
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import cli, write_jsonl
 
 DIMS = 16  # below the tiny models' 32
 
@@ -161,11 +158,11 @@ def test_a_backfill_of_a_static_model_equals_sentence_transformers(ray_local, st
     assert not np.any(table["truncated"].to_numpy())
 
 
-def test_a_static_model_distilled_to_and_backfilled_on_the_s3_server(static_model, tiny_models, s3_env,
-                                                                    tmp_path):
-    """The model distilled onto the S3 server, input and output there too; the backfill's process
-    starts its own Ray, whose workers get the server's credentials from the environment as a
-    cluster's do."""
+def test_a_static_model_distilled_to_and_backfilled_on_the_s3_server(ray_local, static_model, tiny_models,
+                                                                    s3_env, tmp_path, monkeypatch, capsys):
+    """The model distilled onto the S3 server, input and output there too; the backfill runs on the
+    tests' Ray, whose workers get the server's credentials from its runtime_env as a cluster job's
+    workers do."""
     from sentence_transformers import SentenceTransformer
 
     root = f"s3://{s3_env['bucket']}/static-{uuid.uuid4().hex[:8]}"
@@ -177,13 +174,12 @@ def test_a_static_model_distilled_to_and_backfilled_on_the_s3_server(static_mode
     rows = corpus_sentences(60, seed=9)
     fs.pipe(f"{storage.strip(root)}/in/a.jsonl",
             "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(rows)).encode())
-    env = {**os.environ, **s3_env["env"], "SEMVEC_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "semvec.cli", "embed", f"{root}/in/", f"{root}/out",
-                           "--model", f"{root}/model", "--id-field", "id", "--json"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["embedded"] == 60
-    assert s3_env["secret"] not in done.stdout + done.stderr
+    monkeypatch.setenv("SEMVEC_CACHE", str(tmp_path / "cache"))
+    code, out, err = cli(capsys, "embed", f"{root}/in/", f"{root}/out", "--model", f"{root}/model",
+                         "--id-field", "id", "--json")
+    assert code == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["embedded"] == 60
+    assert s3_env["secret"] not in out + err
     parts = [p for p in fs.ls(f"{storage.strip(root)}/out") if p.rsplit("/", 1)[-1].startswith("part-")]
     table = pa.concat_tables([pq.read_table(fs.open(p)) for p in parts])
     got = dict(zip(table["id"].to_pylist(), table["embedding"].to_pylist(), strict=True))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -13,14 +11,14 @@ from mlflow.tracking import MlflowClient
 from semvec.datasets import Task
 from semvec.train.config import load_train_config
 from semvec.train.job import fit
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import cli, write_jsonl
 from tests.test_train import make_task_data
 
 pytestmark = pytest.mark.slow
 
 
 def test_train_registers_on_a_server_with_s3_artifacts_and_embed_loads_the_alias(
-    ray_local, tiny_models, tmp_path, monkeypatch, mlflow_server, s3_server
+    ray_local, tiny_models, tmp_path, monkeypatch, mlflow_server, s3_server, capsys
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
     train, dev = make_task_data(Task.STS, tmp_path)
@@ -43,16 +41,17 @@ def test_train_registers_on_a_server_with_s3_artifacts_and_embed_loads_the_alias
     version = summary["registered_version"]
     client.set_registered_model_alias("tiny-sts-server", "champion", version)
 
-    # a fresh process with no S3 credentials at all embeds with the registered alias
+    # a client with no S3 credentials embeds with the registered alias: the model is fetched in
+    # this process (the driver), through the server, with every AWS_* variable unset here; the
+    # Ray workers are handed the fetched local copy and read nothing from the store
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "the cat sat on the red mat"}, {"text": "dog"}])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(MLFLOW_TRACKING_URI=mlflow_server["uri"], SEMVEC_CACHE=str(tmp_path / "cache"))
-    result = subprocess.run(
-        [sys.executable, "-m", "semvec.cli", "embed", str(corpus), str(tmp_path / "v"),
-         "--model", "models:/tiny-sts-server@champion", "--json"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["embedded"] == 2  # stdout: the JSON line alone
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SEMVEC_CACHE", str(tmp_path / "cache"))
+    code, out, err = cli(capsys, "embed", str(corpus), str(tmp_path / "v"),
+                         "--model", "models:/tiny-sts-server@champion", "--json")
+    assert code == 0, err[-2000:]
+    assert json.loads(out)["embedded"] == 2  # stdout: the JSON line alone
     manifest = json.loads((tmp_path / "v" / "_manifest.json").read_text())
     assert "models:/tiny-sts-server@champion" in json.dumps(manifest)
 

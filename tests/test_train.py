@@ -3,8 +3,6 @@
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from semvec.heads import PRIMARY, Collator, task_metrics
 from semvec.train.config import Method, load_train_config
 from semvec.train.job import fit, plan
 from semvec.train.loop import build_model
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import cli, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -221,7 +219,7 @@ def test_export_round_trips_through_backfill_and_sentence_transformers(
 
 
 def test_mlflow_holds_params_metrics_model_and_registered_version(
-    ray_local, tiny_models, tmp_path, mlflow_store
+    ray_local, tiny_models, tmp_path, mlflow_store, capsys
 ):
     from mlflow.tracking import MlflowClient
 
@@ -251,12 +249,10 @@ def test_mlflow_holds_params_metrics_model_and_registered_version(
     assert sum(c["count"] for c in labels["most_confused"]) == wrong
     assert str(summary["registered_version"]) == "1"
     client.set_registered_model_alias("tiny-clf", "champion", "1")
-    result = subprocess.run([sys.executable, "-m", "semvec.cli", "evaluate", "classification",
-                             "--model", "models:/tiny-clf@champion", "--data", str(dev), "--json",
-                             "--report", str(tmp_path / "evaluation.json")],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    scored = json.loads(result.stdout)  # stdout holds the JSON line alone
+    code, out, err = cli(capsys, "evaluate", "classification", "--model", "models:/tiny-clf@champion",
+                         "--data", str(dev), "--json", "--report", str(tmp_path / "evaluation.json"))
+    assert code == 0, err[-2000:]
+    scored = json.loads(out)  # stdout holds the JSON line alone
     # the registered model scores dev as its best checkpoint did during training
     assert scored["examples"] == 48
     assert scored["accuracy"] == pytest.approx(summary["best"]["dev_accuracy"], abs=1e-9)

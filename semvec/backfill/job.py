@@ -10,7 +10,6 @@ The commit protocol that makes every row land exactly once is described on `stag
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -266,7 +265,8 @@ def _failure(accounting: dict, max_share: float) -> str | None:
     return too_many_failed(failed, tried, max_share)
 
 
-def print_summary(summary: dict, stream=sys.stdout) -> None:
+def print_summary(summary: dict, stream=None) -> None:
+    """The summary line, on `stream` (default: sys.stdout as it is now, a redirect or capture included)."""
     print(
         f"semvec embed: {summary['rows']} rows in -> {summary['embedded']} embedded, "
         f"{summary['quarantined']} quarantined ({summary['duplicate_ids']} duplicate ids"

@@ -173,7 +173,6 @@ def start_run(experiment: str, run_name: str, params: dict) -> Tracker:
     if found and found[0].info.status != "FINISHED":
         return Tracker(uri, found[0].info.run_id)
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
-    mlflow.set_tracking_uri(uri)
     client.log_batch(run.info.run_id, params=[
         mlflow.entities.Param(k, redact(str(v))[:500]) for k, v in sorted(params.items())])
     return Tracker(uri, run.info.run_id)
@@ -240,7 +239,8 @@ def download_model(ref: str, cache: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            download_artifacts(artifact_uri=mv.source, dst_path=str(staging))
+            # the store this version came from, not a URI an earlier call left in mlflow's globals
+            download_artifacts(artifact_uri=mv.source, dst_path=str(staging), tracking_uri=tracking_uri())
             (staging / "model").rename(target)
         except OSError:
             if not (target / "config.json").is_file():  # not a concurrent download that won

@@ -109,6 +109,8 @@ def load_distill_config(**overrides: Any) -> DistillConfig:
 
 def distill(config: DistillConfig) -> dict:
     """Write the static model; returns the summary (vocabulary, dims, seconds, output)."""
+    from semvec.static import save_static
+
     t0 = time.time()
     _check_output(config.output, config.overwrite)
     model_dir = models.resolve_model(config.model)
@@ -127,8 +129,6 @@ def distill(config: DistillConfig) -> dict:
                 "frame": config.frame.value, "placeholders": int((~live).sum()),
                 "base_pooling": encoder.pooling.value},
     )
-    from semvec.static import save_static
-
     with tempfile.TemporaryDirectory(prefix="semvec-distill-") as tmp:
         save_static(Path(tmp), table, encoder.tokenizer, card)
         _publish(Path(tmp), config.output, config.overwrite)

@@ -16,7 +16,6 @@ the others. Ray re-running a task writes the same bytes under the same name.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -254,7 +253,8 @@ def _record_failure(out: CompressedDir, manifest: dict) -> None:
         log.warning("the manifest could not be marked failed (%s)", type(exc).__name__)
 
 
-def print_summary(summary: dict, stream=sys.stdout) -> None:
+def print_summary(summary: dict, stream=None) -> None:
+    """The summary line, on `stream` (default: sys.stdout as it is now, a redirect or capture included)."""
     b = summary["bytes_per_vector"]
     how = " + ".join(x for x in (f"pca {summary['pca']}" if summary["pca"] else "",
                                  summary["quantize"] if summary["quantize"] != "none" else "") if x)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 
@@ -281,7 +280,8 @@ def _summary(record: dict, index: str, built: bool, seconds: float) -> dict:
             "model": record["model"]["reference"], "built": built, "seconds": round(seconds, 2)}
 
 
-def print_summary(summary: dict, stream=sys.stdout) -> None:
+def print_summary(summary: dict, stream=None) -> None:
+    """The summary line, on `stream` (default: sys.stdout as it is now, a redirect or capture included)."""
     params = ", ".join(f"{k} {v}" for k, v in summary["params"].items())
     print(f"semvec index: {summary['kind']} index of {summary['rows']:,} vectors (dim {summary['dim']}"
           + (f"; {params}" if params else "") + f"), model {summary['model']}; "

@@ -49,9 +49,21 @@ def gather(refs: list, what: str) -> list:
     try:
         return ray.get(refs)
     except ray.exceptions.RayError as exc:  # a task that raised, or a worker lost past its retries
-        cause = getattr(exc, "cause", None) or exc
-        first = (str(cause).strip().splitlines() or [""])[0][:300]
-        raise TaskFailed(f"{what} failed: {type(cause).__name__}: {first}") from None
+        raise _task_failed(what, getattr(exc, "cause", None) or exc) from None
+
+
+def call_here(what: str, fn, *args):
+    """fn(*args) in this process, for a job small enough to skip Ray: its error is the TaskFailed
+    that `gather` would give for the same function run as a Ray task."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - reported as the task's own error, in one line
+        raise _task_failed(what, exc) from None
+
+
+def _task_failed(what: str, cause: BaseException) -> TaskFailed:
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    return TaskFailed(f"{what} failed: {type(cause).__name__}: {first}")
 
 
 def quiet_ray_data() -> None:

@@ -249,8 +249,10 @@ def test_compress_reads_and_writes_the_s3_server_and_keeps_its_lineage(beir, s3_
     prefix = f"bucket/compress-{tmp_path.name}"
     fs.put(beir["docs"].rstrip("/") + "/", f"{prefix}/src", recursive=True)
     src, out = f"s3://{prefix}/src", f"s3://{prefix}/out"
-    # on the tests' Ray, whose workers hold the S3 server's credentials (conftest.ray_local)
-    code, stdout, stderr = cli(capsys, "compress", src, out, "--pca", "16", "--quantize", "binary", "--json")
+    # by Ray tasks (the smaller sources of the other tests compress without Ray), on the tests'
+    # Ray, whose workers hold the S3 server's credentials (conftest.ray_local)
+    code, stdout, stderr = cli(capsys, "compress", src, out, "--pca", "16", "--quantize", "binary", "--json",
+                               "--ray-from-rows", "1")
     assert code == 0, stderr[-2000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert (summary["vectors"], summary["parts"], summary["dim"]) == (beir["n_docs"], 3, 16)
@@ -259,6 +261,7 @@ def test_compress_reads_and_writes_the_s3_server_and_keeps_its_lineage(beir, s3_
     manifest = json.loads(fs.cat(f"{prefix}/out/_manifest.json"))
     source = json.loads(fs.cat(f"{prefix}/src/_manifest.json"))
     assert manifest["status"] == "complete" and manifest["totals"] == {"rows": beir["n_docs"], "parts": 3}
+    assert manifest["ran_on"] == "ray"
     lineage = manifest["source"]
     assert lineage["uri"] == src and lineage["totals"] == source["totals"]
     assert lineage["model"]["fingerprint"] == source["model"]["fingerprint"]
@@ -274,6 +277,10 @@ def test_compress_reads_and_writes_the_s3_server_and_keeps_its_lineage(beir, s3_
     compress(beir["docs"], tmp_path / "local", pca=16, quantize="binary")
     local = json.loads((tmp_path / "local" / "_compress.json").read_text())
     assert local["codec"] == codec["codec"]
+    assert json.loads((tmp_path / "local" / "_manifest.json").read_text())["ran_on"] == "driver"
+    for name in names:  # each part the same, whether a Ray task or this process wrote it
+        with fs.open(f"{prefix}/out/{name}", "rb") as f:
+            assert pq.read_table(f).equals(pq.read_table(tmp_path / "local" / name)), name
     remote = retrieval(capsys, beir, out, "--query-vectors", beir["queries"])
     assert remote == retrieval(capsys, beir, str(tmp_path / "local"), "--query-vectors", beir["queries"])
     # a rerun finds every part done (no Ray needed); other settings are refused

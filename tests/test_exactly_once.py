@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from semvec.backfill.job import run
+from semvec.backfill.manifest import LEASE
 from semvec.config import load_embed_config
 from semvec.crashpoints import kill_session
+from semvec.lease import Lease
 from semvec.testing import corpus_sentences
 from tests.conftest import REPO
 
@@ -101,13 +103,10 @@ def test_crash_after_every_write_of_a_chunked_job_then_rerun(ray_local, tiny_mod
 def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: int = 4,
                             points: tuple[int, ...] | None = None) -> dict:
     """A crash at each write of the job in turn (or at `points`), each its own process and output,
-    each then rerun here: every output must equal the uninterrupted one (returned)."""
+    each then rerun here: every output must equal the uninterrupted one (returned), which is the
+    run armed one past its last write."""
     opts = {**settings, "id_field": "id", "rows_per_file": 6, "batch_rows": 6}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
-    run(load_embed_config(None, input=str(src), output=str(tmp_path / "ref"), **opts))
-    want = snapshot(tmp_path / "ref")
-    # every batch wrote a quarantine part and an output part
-    assert len(glob.glob(str(tmp_path / "ref" / "**" / "part-*.parquet"), recursive=True)) == parts
     writes = 1 + 1 + parts + 1  # lease, manifest "running", each part, manifest "complete"
     # Every crash is its own process with its own output; they run a few at a time (most of each
     # is starting Python and Ray), then each output is rerun here and compared.
@@ -116,13 +115,18 @@ def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: in
     codes = run_at_most(3, {n: (lambda n=n, out=out: start_cli(str(src), str(out), *args,
                                                                 env={"SEMVEC_CRASH_AT": str(n)}))
                             for n, out in crashes.items()})
+    # one past the last write: the variable never fires, the job ends normally (with one write
+    # more than counted, it would have crashed)
+    assert codes[writes + 1][0] == 0, codes[writes + 1][1][-1500:]
+    reference = crashes[writes + 1]
+    # every batch wrote a quarantine part and an output part
+    assert len(glob.glob(str(reference / "**" / "part-*.parquet"), recursive=True)) == parts
+    want = snapshot(reference)
     for n, out in crashes.items():
-        if n > writes:  # one past the last write: the variable never fires, the job ends normally
-            assert codes[n][0] == 0, codes[n][1][-1500:]
-        else:
+        if n <= writes:
             assert codes[n][0] == -9, f"crash at write {n} did not happen: {codes[n][1][-1500:]}"
             run(load_embed_config(None, input=str(src), output=str(out), **opts))
-        assert_same(snapshot(out), want)
+            assert_same(snapshot(out), want)
     return want
 
 
@@ -168,22 +172,25 @@ def test_sigkill_at_several_moments_with_a_rerun_after_each(ray_local, tiny_mode
     assert_same(snapshot(out), want)
 
 
-def test_a_second_run_into_a_held_prefix_is_refused(ray_local, tiny_models, tmp_path):
-    src = bad_and_good_corpus(tmp_path / "in.jsonl", 3000, every=10)
-    opts = {"model": str(tiny_models["bert"]), "id_field": "id", "rows_per_file": 250}
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+def test_a_second_run_into_a_held_prefix_is_refused_and_changes_nothing(ray_local, tiny_models,
+                                                                         tmp_path):
+    """The prefix's lease held here, as a running backfill holds it (the S3 case, with a real
+    backfill holding it, is in tests/test_faults.py): another run is refused before any work."""
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", 40, every=10)
+    opts = {"model": str(tiny_models["bert"]), "id_field": "id", "rows_per_file": 16}
     out = tmp_path / "out"
-    first = start_cli(str(src), str(out), *args)
-    deadline = time.time() + 120
-    while not (out / "_manifest.json").exists():
-        assert first.poll() is None and time.time() < deadline, first.stderr.read()[-1500:]
-        time.sleep(0.1)
-    second = subprocess.run([sys.executable, "-m", "semvec.cli", "embed", str(src), str(out), *args],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 3, second.stderr[-1500:]
-    lines = second.stderr.strip().splitlines()
-    assert len(lines) == 1 and "held by another backfill" in lines[0]
-    assert f"pid {first.pid}" in lines[0]
-    assert first.wait(300) == 0, first.stderr.read()[-1500:]
-    run(load_embed_config(None, input=str(src), output=str(tmp_path / "ref"), **opts))
-    assert_same(snapshot(out), snapshot(tmp_path / "ref"))
+    run(load_embed_config(None, input=str(src), output=str(out), **opts))
+    src.write_text(src.read_text() + json.dumps({"id": "new", "text": "a row to do"}) + "\n")
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    with Lease(str(out), LEASE, what="backfill"):
+        second = subprocess.run([sys.executable, "-m", "semvec.cli", "embed", str(src), str(out), *args],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 3, second.stderr[-1500:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "held by another backfill" in lines[0], lines
+        assert f"pid {os.getpid()}" in lines[0]
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LEASE} == \
+            {p: b for p, b in files.items() if p.name != LEASE}
+    # released: the next run does the new row
+    assert run(load_embed_config(None, input=str(src), output=str(out), **opts))["rows_this_run"] == 41

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from semvec.datasets import Task
-from tests.conftest import REPO, free_port, wait_for_http, write_jsonl
+from tests.conftest import REPO, cli, free_port, wait_for_http, write_jsonl
 from tests.test_train import make_task_data
 
 pytestmark = pytest.mark.slow
@@ -167,15 +167,19 @@ def _embed(env: dict, out: Path, corpus: Path) -> subprocess.CompletedProcess:
                 _clean_env(**env, SEMVEC_CACHE=str(out.parent / f"cache-{out.name}")))
 
 
-def test_the_reader_embeds_and_the_writer_resolves_the_champion(auth_server, champion, tmp_path):
+def test_the_reader_embeds_and_the_writer_resolves_the_champion(ray_local, auth_server, champion,
+                                                                tmp_path, capsys):
     from semvec import models
 
-    result = _embed(_login(auth_server, "reader"), tmp_path / "v", champion["corpus"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["embedded"] == 2
+    # the whole command in this process, on the tests' Ray: the model is resolved here, on the driver
+    with _environment(**_login(auth_server, "reader"), SEMVEC_CACHE=str(tmp_path / "cache-reader")):
+        code, out, err = cli(capsys, "embed", str(champion["corpus"]), str(tmp_path / "v"), "--model",
+                             f"models:/{MODEL}@champion", "--json")
+    assert code == 0, err[-2000:]
+    assert json.loads(out)["embedded"] == 2
     manifest = json.loads((tmp_path / "v" / "_manifest.json").read_text())
     assert manifest["model"]["reference"] == f"models:/{MODEL}@champion"
-    _assert_no_password(auth_server, result.stdout, result.stderr, json.dumps(manifest))
+    _assert_no_password(auth_server, out, err, json.dumps(manifest))
     # the writer's login resolves the same model (what `semvec embed` does first, on its driver)
     with _environment(**_login(auth_server, "writer"), SEMVEC_CACHE=str(tmp_path / "cache-writer")):
         model_dir = models.resolve_model(f"models:/{MODEL}@champion")

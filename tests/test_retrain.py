@@ -26,14 +26,14 @@ from semvec.errors import ConfigError
 from semvec.retrain.config import load_retrain_config
 from semvec.retrain.job import publish_backfill, rollback
 from semvec.retrain.job import retrain as run_round
-from tests.conftest import write_jsonl
+from tests.conftest import cli, write_jsonl
 from tests.test_train import make_task_data
 
 pytestmark = pytest.mark.slow
 
 
 def semvec_retrain(settings: dict, tmp_path: Path) -> tuple[int, dict, str]:
-    """`semvec retrain --config` in a fresh process (its own local Ray), as a scheduler runs it."""
+    """`semvec retrain --config` in a fresh process, as a scheduler runs it."""
     config = tmp_path / f"retrain-{uuid.uuid4().hex[:6]}.yaml"
     config.write_text(yaml.safe_dump(settings))
     result = subprocess.run([sys.executable, "-m", "semvec.cli", "retrain", "--config", str(config),
@@ -65,15 +65,18 @@ def world(tiny_models, tmp_path, monkeypatch, mlflow_server, s3_env):
             "client": MlflowClient(mlflow_server["uri"])}
 
 
-def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, world):
+def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, world, capsys):
     name, prefix, fs, client = world["name"], world["prefix"], world["fs"], world["client"]
     tmp = world["train"].parents[1]
 
     def retrain(settings: dict = world["cfg"]) -> dict:
-        """A round as a scheduler runs it: `semvec retrain` in a fresh process with its own Ray."""
-        code, summary, err = semvec_retrain(settings, tmp)
+        """`semvec retrain --config --json` as a scheduler runs it, in this process on the tests'
+        Ray: its exit code, and stdout that holds the summary line alone."""
+        config = tmp / f"retrain-{uuid.uuid4().hex[:6]}.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        code, out, err = cli(capsys, "retrain", "--config", str(config), "--json")
         assert code == 0, err[-3000:]
-        return summary
+        return json.loads(out)
 
     def retrain_here(settings: dict = world["cfg"]) -> dict:
         """A round in this process, on the tests' Ray (its workers hold the S3 server's login)."""
@@ -82,7 +85,7 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
         return run_round(load_retrain_config(config))
 
     # 1. a challenger that learned the task beats the untrained champion: promoted, re-embedded
-    #    (the one round in a process of its own: the command, its exit code and its JSON line)
+    #    (through the command: its exit code and its JSON line)
     first = retrain()
     assert first["decision"] == "promoted", first["reasons"]
     assert tracking.alias_version(name, "champion") == "2" == first["challenger_version"]

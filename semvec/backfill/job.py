@@ -215,6 +215,7 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
         _record_failure(out, {**_manifest(p, "failed", started), "error": str(stop)})
         raise JobFailed(str(stop)) from None
     t_run = time.time() - t0 - t_plan
+    out.remove_temporaries()  # a writer on a node lost mid-job may have left its half-written file
     accounting = _account(p, out)
     _check_lease(lease, config.output)  # the last moment before the manifest says "complete"
     timings = {"plan_s": round(t_plan, 2), "run_s": round(t_run, 2),

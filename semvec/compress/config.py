@@ -38,6 +38,7 @@ class CompressConfig:
     # float64 copies of it while fitting, about 0.6 GB there).
     sample_size: int = 50_000  # output-shaping
     seed: int = 0  # output-shaping
+    ray_from_rows: int = 200_000
     overwrite: bool = False
     lease_ttl_s: float = 120.0
 
@@ -51,6 +52,8 @@ class CompressConfig:
                     "distance, top candidates rescored with int8 codes stored beside)",
         "sample_size": "vectors sampled (seeded, uniform over all parts) to fit PCA and the int8 ranges",
         "seed": "seed of the sample",
+        "ray_from_rows": "sources with at least this many vectors are read and compressed by Ray tasks, "
+                         "one per part; smaller ones in this process, part after part",
         "overwrite": "replace an output compressed with other settings or from other vectors "
                      "(else it is refused)",
         "lease_ttl_s": "seconds after which an s3:// output's unrenewed lease counts as stale",
@@ -67,6 +70,7 @@ class CompressConfig:
             require_int("pca", self.pca, 1)
         require_int("sample_size", self.sample_size, 1)
         require_int("seed", self.seed, 0)
+        require_int("ray_from_rows", self.ray_from_rows, 1)
         if self.pca is None and self.quantize == Quantize.NONE:
             raise ConfigError("nothing to compress: give --pca D and/or --quantize "
                               + "|".join(q.value for q in Quantize if q != Quantize.NONE))

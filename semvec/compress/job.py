@@ -1,4 +1,5 @@
-"""The compression job: plan on the driver (all checks, before Ray), then one Ray task per part.
+"""The compression job: plan on the driver (all checks, before Ray), then one Ray task per part
+(a source under `ray_from_rows` vectors: the same steps in this process, without Ray).
 
     plan (checks) -> lease on the output -> what is done (committed parts) -> manifest "running"
     -> codec: the one saved under this config hash, else fitted on a seeded sample (read by
@@ -23,7 +24,7 @@ import numpy as np
 
 from semvec import __version__, crashpoints, storage
 from semvec.backfill.manifest import now
-from semvec.cluster import gather, init_ray, quiet_worker_env
+from semvec.cluster import call_here, gather, init_ray, quiet_worker_env
 from semvec.compress.codec import Codec, bytes_per_vector, fit
 from semvec.compress.config import CompressConfig
 from semvec.compress.output import CODEC, LEASE, CompressedDir
@@ -46,6 +47,10 @@ class Plan:
     @property
     def dim(self) -> int:
         return self.config.pca or self.source.dim
+
+    @property
+    def on_ray(self) -> bool:
+        return self.source.rows >= self.config.ray_from_rows
 
 
 def plan(config: CompressConfig) -> Plan:
@@ -116,7 +121,7 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
         p.done = set()
     todo = [s for s in p.source.parts if s.name not in p.done]
     out.write_manifest(_manifest(p, "running", started))
-    if todo or codec is None:
+    if (todo or codec is None) and p.on_ray:
         init_ray({**quiet_worker_env(), **crashpoints.worker_env()})
     t_plan = time.time() - t0
     try:
@@ -128,6 +133,7 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
     except TaskFailed as exc:
         _record_failure(out, {**_manifest(p, "failed", started), "error": str(exc)})
         raise
+    out.remove_temporaries()  # a writer on a node lost mid-job may have left its half-written file
     parts = _account(p, out)
     if not lease.holds():  # the last moment before the manifest says "complete"
         raise lease.lost_error()
@@ -153,15 +159,20 @@ def _saved_codec(p: Plan, out: CompressedDir) -> Codec | None:
 
 
 def _fit(p: Plan) -> Codec:
-    """The codec fitted on the seeded sample; each part's sampled rows are read by a Ray task."""
-    import ray
-
+    """The codec fitted on the seeded sample; each part's sampled rows are read by a Ray task
+    (or here, for a source under ray_from_rows)."""
     c, s = p.config, p.source
-    read = ray.remote(num_cpus=1)(read_rows)
-    refs = [read.remote(s.uri, part.path, rows)
-            for part, rows in zip(s.parts, sample_plan([x.rows for x in s.parts], c.sample_size, c.seed),
-                                  strict=True) if len(rows)]
-    sample = np.concatenate(gather(refs, "reading the sample"))  # [sample rows, dim_in], in plan order
+    wanted = [(part, rows) for part, rows in
+              zip(s.parts, sample_plan([x.rows for x in s.parts], c.sample_size, c.seed), strict=True)
+              if len(rows)]
+    if p.on_ray:
+        import ray
+
+        read = ray.remote(num_cpus=1)(read_rows)
+        chunks = gather([read.remote(s.uri, part.path, rows) for part, rows in wanted], "reading the sample")
+    else:
+        chunks = [call_here("reading the sample", read_rows, s.uri, part.path, rows) for part, rows in wanted]
+    sample = np.concatenate(chunks)  # [sample rows, dim_in], in plan order
     log.info("fitting on %d sampled vectors of %d", len(sample), s.rows)
     return fit(sample, c.pca, c.quantize)
 
@@ -187,6 +198,8 @@ def _compress(p: Plan, todo: list[SourcePart], codec: Codec, lease: Lease) -> in
     """One task per part; a line of progress every PROGRESS_EVERY_S. Rows written this run."""
     if not todo:
         return 0
+    if not p.on_ray:
+        return _compress_here(p, todo, codec, lease)
     import ray
 
     task = ray.remote(num_cpus=1)(compress_part)
@@ -205,6 +218,17 @@ def _compress(p: Plan, todo: list[SourcePart], codec: Codec, lease: Lease) -> in
             last = time.monotonic()
             log.info("%d of %d parts, %d vectors (%.0f vectors/s)", len(todo) - len(pending),
                      len(todo), rows, rows / max(last - t0, 1e-9))
+    return rows
+
+
+def _compress_here(p: Plan, todo: list[SourcePart], codec: Codec, lease: Lease) -> int:
+    """The parts one after another in this process, the lease checked before each."""
+    rows = 0
+    for s in todo:
+        if lease.lost.is_set() and not lease.holds():
+            raise lease.lost_error()
+        rows += call_here(f"compressing {s.name}", compress_part, p.source.uri, s.path, p.config.output,
+                          s.name, codec)
     return rows
 
 
@@ -237,6 +261,7 @@ def _manifest(p: Plan, status: str, started: str, codec: Codec | None = None,
                         "bytes_per_vector": bytes_per_vector(p.source.dim, p.dim, c.quantize),
                         "explained_variance": codec.explained if codec else None},
         "source": p.source.lineage(),
+        "ran_on": "ray" if p.on_ray else "driver",
         "parts": parts if parts is not None else [{"name": s.name, "rows": None} for s in p.source.parts],
         "totals": {"rows": sum(x["rows"] for x in parts), "parts": len(parts)} if parts else None,
         "started_at": started,

@@ -42,8 +42,10 @@ class Aggregate(str, Enum):
 class DType(str, Enum):
     """Precision of the forward pass. The `-mixed` mode keeps float32 weights, residual stream,
     norms and softmax, and runs the matrix products in bfloat16 (torch autocast): vectors stay
-    within cosine 0.9999 of float32, and it is fast where the hardware has bfloat16 units."""
+    within cosine 0.9999 of float32, and it is fast where the hardware has bfloat16 units. `auto`
+    picks the fastest of float32 and bfloat16-mixed for the device (semvec.precision)."""
 
+    AUTO = "auto"
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
@@ -82,7 +84,7 @@ class EmbedConfig:
     normalize: bool | None = None  # None: the model's own choice (a Normalize module -> True)
     max_length: int | None = None  # None: the model's max_seq_length, else its tokenizer limit
     granularity: Granularity = Granularity.SENTENCE
-    dtype: DType = DType.FLOAT32
+    dtype: DType = DType.AUTO
     trust_remote_code: bool = False
     # Rows longer than this many characters go to quarantine instead of the tokenizer.
     max_chars: int = 200_000
@@ -126,7 +128,8 @@ class EmbedConfig:
         "max_length": "tokens per text; longer texts are truncated and flagged (default: the "
                       "model's max_seq_length)",
         "granularity": "sentence: one vector a row; token: also every token's vector, text and offsets",
-        "dtype": "precision of the forward pass; bfloat16-mixed keeps cosine >= 0.9999 to float32",
+        "dtype": "precision of the forward pass; auto: bfloat16-mixed where the CPU or GPU has "
+                 "bfloat16 units (every vector within cosine 0.9999 of float32), else float32",
         "trust_remote_code": "run model code shipped inside the model directory",
         "max_chars": "rows with more characters go to quarantine (text_too_long)",
         "chunk_tokens": "split texts longer than this many tokens (special tokens included) into "
@@ -212,6 +215,8 @@ class EmbedConfig:
         # the outputs written before it existed keep their hash (and are not refused on rerun).
         shaping = {name: plain(getattr(self, name)) for name in self.HASHED
                    if name not in _HASHED_WHEN_SET or getattr(self, name) != _HASHED_WHEN_SET[name]}
+        if self.dtype in PARITY_DTYPES:  # one class: vectors within cosine 0.9999 of float32
+            shaping["dtype"] = DType.FLOAT32.value
         shaping["model_fingerprint"] = model_fingerprint
         blob = json.dumps(shaping, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -219,6 +224,11 @@ class EmbedConfig:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
+
+# Precisions that hold the parity bar (every vector within cosine 0.9999 of float32) shape an
+# output alike, so an output embedded in one is resumed in another (auto picks per node kind, and
+# outputs written before auto existed, in float32, keep their hash); float16 and bfloat16 do not.
+PARITY_DTYPES = (DType.AUTO, DType.FLOAT32, DType.BFLOAT16_MIXED)
 
 _HASHED_WHEN_SET = {"chunk_tokens": None, "chunk_overlap": 0, "aggregate": Aggregate.NONE}
 

@@ -14,6 +14,7 @@ import torch
 
 from semvec.config import DType, Pooling
 from semvec.models import ModelKind, model_defaults, model_kind
+from semvec.precision import resolve as resolve_dtype
 
 # dtype -> (weights, autocast dtype or None)
 _TORCH_DTYPES = {
@@ -115,7 +116,7 @@ class Encoder:
         pooling: Pooling | str = Pooling.AUTO,
         normalize: bool | None = None,
         max_length: int | None = None,
-        dtype: DType | str = DType.FLOAT32,
+        dtype: DType | str = DType.AUTO,
         device: str | None = None,
         batch_tokens: int | None = None,
         trust_remote_code: bool = False,
@@ -128,7 +129,8 @@ class Encoder:
         self.normalize = defaults.normalize if normalize is None else normalize
         self.max_length = max_length or defaults.max_length
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = DType(dtype)
+        dtype, self.dtype_reason = resolve_dtype(dtype, self.device.type)
+        self.dtype = dtype
         if self.device.type == "cuda":
             default_tokens, self.max_rows = GPU_BATCH
         else:

@@ -12,12 +12,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from semvec import precision
 from semvec.backfill.job import run
 from semvec.config import load_embed_config
 from semvec.encode import Encoder
 from semvec.errors import ConfigError
 from semvec.testing import corpus_sentences
-from tests.conftest import write_jsonl
+from tests.conftest import VECTOR_ATOL, write_jsonl
 
 
 def read_output(out: Path) -> pa.Table:
@@ -99,7 +100,7 @@ def test_formats_embed_every_row_like_the_encoder(ray_local, tiny_models, tmp_pa
                 f"{fmt}-d{i}" for i in range(57)]
             assert rows["id"].to_pylist() == want_ids
             got = np.stack(rows["embedding"].to_numpy(zero_copy_only=False))
-            np.testing.assert_allclose(got, encoder.encode_texts(texts[fmt]), atol=1e-5)
+            np.testing.assert_allclose(got, encoder.encode_texts(texts[fmt]), atol=VECTOR_ATOL)
         except AssertionError as exc:  # every format's failure at once, each under its name
             failed[fmt] = f"{source}: {exc}"
     assert not failed, "formats embedded wrongly: " + "\n\n".join(f"[{k}] {v}" for k, v in failed.items())
@@ -115,9 +116,15 @@ def test_folder_and_glob_inputs_and_manifest(ray_local, tiny_models, tmp_path):
     assert m["status"] == "complete" and m["totals"] == {"rows": 33, "embedded": 33, "quarantined": 0}
     assert [i["rows"] for i in m["inputs"]] == [10, 11, 12]
     assert m["model"]["dim"] == 32 and m["model"]["pooling"] == "mean"
+    # the default precision, as this machine's CPU decides it, and why
+    dtype, why = precision.resolve("auto", "cpu")
+    assert m["config"]["dtype"] == "auto"
+    assert (m["model"]["dtype"], m["model"]["dtype_reason"]) == (dtype.value, why)
     assert all(i["outputs"] for i in m["inputs"])
-    s = embed(str(tmp_path / "in" / "sub*" / "*.jsonl"), tmp_path / "b", tiny_models["bert"])
+    s = embed(str(tmp_path / "in" / "sub*" / "*.jsonl"), tmp_path / "b", tiny_models["bert"], dtype="float32")
     assert s["embedded"] == 33
+    m = manifest(tmp_path / "b")
+    assert (m["model"]["dtype"], m["model"]["dtype_reason"]) == ("float32", "pinned (--dtype)")
 
 
 def test_rerun_skips_finished_work_and_refuses_another_config(ray_local, tiny_models, tmp_path):
@@ -126,6 +133,8 @@ def test_rerun_skips_finished_work_and_refuses_another_config(ray_local, tiny_mo
     parts = sorted(glob.glob(str(tmp_path / "out" / "part-*")))
     again = embed(src, tmp_path / "out", tiny_models["bert"])
     assert again["rows_this_run"] == 0 and again["skipped_inputs"] == 1
+    # nothing embedded this run: the manifest keeps the precision the vectors were embedded in
+    assert manifest(tmp_path / "out")["model"]["dtype_reason"].startswith("auto: ")
     assert again["embedded"] == first["embedded"] == 30
     assert sorted(glob.glob(str(tmp_path / "out" / "part-*"))) == parts
     with pytest.raises(ConfigError, match="another model or config"):
@@ -167,7 +176,7 @@ def test_resume_completes_partial_output_exactly_once(ray_local, tiny_models, tm
     cut = read_output(tmp_path / "cut").sort_by("id")
     assert cut["id"].to_pylist() == full["id"].to_pylist()  # each row once, none missing
     np.testing.assert_allclose(np.stack(cut["embedding"].to_numpy(zero_copy_only=False)),
-                               np.stack(full["embedding"].to_numpy(zero_copy_only=False)), atol=1e-5)
+                               np.stack(full["embedding"].to_numpy(zero_copy_only=False)), atol=VECTOR_ATOL)
 
 
 def test_bad_rows_go_to_quarantine_with_reasons(ray_local, tiny_models, tmp_path):
@@ -234,7 +243,8 @@ def test_token_mode_writes_token_vectors_and_offsets(ray_local, tiny_models, tmp
     for i, row in enumerate(table.to_pylist()):
         real = ~tk.special[i]
         assert len(row["tokens"]) == len(row["offsets"]) == len(row["token_embeddings"]) == real.sum()
-        np.testing.assert_allclose(np.array(row["token_embeddings"]), token_vectors[i][real], atol=1e-5)
+        np.testing.assert_allclose(np.array(row["token_embeddings"]), token_vectors[i][real],
+                                   atol=VECTOR_ATOL)
         for (a, b), token in zip(row["offsets"], row["tokens"], strict=True):
             assert 0 <= a < b <= len(texts[i])
             # WordPiece marks continuations with ##, byte-level BPE marks a space with Ġ

@@ -28,7 +28,7 @@ from semvec.encode import Encoder
 from semvec.errors import JobFailed
 from semvec.lease import Lease, LeaseHeld
 from semvec.storage import list_inputs
-from tests.conftest import REPO, S3Server, write_jsonl
+from tests.conftest import REPO, VECTOR_ATOL, S3Server, write_jsonl
 
 # The tiny BERT's WordPiece vocabulary: 5 special tokens, then every character alone and as
 # "##x" (ids below this), then whole words (see semvec.testing).
@@ -161,7 +161,7 @@ def test_a_row_the_tokenizer_refuses_is_quarantined_and_the_job_goes_on(ray_loca
     assert manifest(tmp_path / "out")["inputs"][0]["quarantine_reasons"] == {"tokenize_failed": 3}
     good = sorted(output_rows(tmp_path / "out"), key=lambda r: r["row"])
     want = Encoder(tiny_models["bert"]).encode_texts([texts[r["row"]] for r in good])
-    np.testing.assert_allclose(np.array([r["embedding"] for r in good]), want, atol=1e-5)
+    np.testing.assert_allclose(np.array([r["embedding"] for r in good]), want, atol=VECTOR_ATOL)
 
 
 # ---------------------------------------------------------------- the store fails under a read
@@ -201,7 +201,7 @@ def test_a_store_that_fails_under_a_read_fails_the_job_and_the_rerun_reads_the_f
     rows = sorted(output_rows(out), key=lambda r: r["row"])
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(texts))]
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows]),
-                               Encoder(tiny_models["bert"]).encode_texts(texts), atol=1e-5)
+                               Encoder(tiny_models["bert"]).encode_texts(texts), atol=VECTOR_ATOL)
 
 
 # ---------------------------------------------------------------- rows missing at the end
@@ -227,7 +227,7 @@ def test_rows_gone_from_the_end_of_a_finished_output_are_embedded_again(ray_loca
     got = sorted(output_rows(out), key=lambda r: r["row"])
     assert [r["id"] for r in got] == [r["id"] for r in want]
     np.testing.assert_allclose(np.array([r["embedding"] for r in got]),
-                               np.array([r["embedding"] for r in want]), atol=1e-6)
+                               np.array([r["embedding"] for r in want]), atol=VECTOR_ATOL)
     assert manifest(out)["status"] == "complete"
 
 

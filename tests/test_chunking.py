@@ -19,7 +19,7 @@ from semvec.encode import Encoder, load_tokenizer
 from semvec.errors import ConfigError
 from semvec.evaluate.retrieval import best_chunk_index
 from semvec.testing import corpus_sentences
-from tests.conftest import cli, write_jsonl
+from tests.conftest import VECTOR_ATOL, cli, write_jsonl
 
 
 def long_and_short_texts(seed: int = 3) -> list[str]:
@@ -163,7 +163,7 @@ def test_a_chunked_backfill_writes_one_row_per_chunk(ray_local, tiny_models, tmp
         assert [[r["start"], r["end"]] for r in rows] == c.spans.tolist()
         assert all(0 <= r["start"] < r["end"] <= len(texts[i]) for r in rows)
         assert [r["n_tokens"] for r in rows] == [len(w) for w in c.ids]
-        np.testing.assert_allclose(vectors[at:at + len(c.ids)], v, atol=1e-5)
+        np.testing.assert_allclose(vectors[at:at + len(c.ids)], v, atol=VECTOR_ATOL)
         at += len(c.ids)
     m = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert m["totals"] == {"rows": len(texts), "embedded": len(texts), "quarantined": 0,
@@ -193,7 +193,7 @@ def test_aggregate_mean_is_the_token_weighted_mean_of_the_chunk_rows(ray_local, 
         want = (n[:, None] * v).sum(0) / n.sum()
         want /= np.linalg.norm(want)  # normalised chunk vectors: the mean is renormalised
         assert doc["chunks"] == len(mine) and not doc["truncated"]
-        np.testing.assert_allclose(doc["embedding"], want, atol=1e-5)
+        np.testing.assert_allclose(doc["embedding"], want, atol=VECTOR_ATOL)
     assert len(glob.glob(str(tmp_path / "mean" / "_quarantine" / "part-*"))) == 1
 
 
@@ -271,3 +271,11 @@ def test_retrieval_over_chunk_rows_and_sts_refused(ray_local, tiny_models, tmp_p
     write_jsonl(tmp_path / "sts.jsonl", [{"sentence1": "a", "sentence2": "b", "score": 1}] * 2)
     with pytest.raises(ConfigError, match="one row per chunk, so a vector per id is ambiguous"):
         evaluate.evaluate("sts", vectors=str(tmp_path / "d"), data=str(tmp_path / "sts.jsonl"))
+
+
+def test_the_precisions_that_hold_the_parity_bar_hash_alike():
+    base = EmbedConfig(input="in", output="out").output_hash("fp0")
+    assert {EmbedConfig(input="in", output="out", dtype=d).output_hash("fp0")
+            for d in ("auto", "float32", "bfloat16-mixed")} == {base}
+    assert len({base} | {EmbedConfig(input="in", output="out", dtype=d).output_hash("fp0")
+                         for d in ("float16", "bfloat16")}) == 3

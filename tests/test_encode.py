@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from semvec.config import Pooling
+from semvec.config import DType, Pooling
 from semvec.encode import Encoder, pack
 from semvec.testing import corpus_sentences
 
@@ -24,7 +24,7 @@ def _reference(encoder: Encoder, text: str, pooling: Pooling) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["bert", "gpt"])
 @pytest.mark.parametrize("pooling", [Pooling.MEAN, Pooling.CLS, Pooling.MAX, Pooling.LAST])
 def test_pooling_matches_unpadded_reference(tiny_models, kind, pooling):
-    encoder = Encoder(tiny_models[kind], pooling=pooling, normalize=False, batch_tokens=256)
+    encoder = Encoder(tiny_models[kind], pooling=pooling, normalize=False, batch_tokens=256, dtype="float32")
     texts = corpus_sentences(40, seed=3)
     got = encoder.encode_texts(texts)
     want = np.stack([_reference(encoder, t, pooling) for t in texts])
@@ -36,14 +36,18 @@ def test_model_defaults_decide_pooling(tiny_models):
     assert Encoder(tiny_models["bert"]).pooling == Pooling.MEAN
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16-mixed"])  # what the default may pick
 @pytest.mark.parametrize("batch_tokens", [16, 97, 4096])
-def test_vectors_do_not_depend_on_batching(tiny_models, batch_tokens):
+def test_vectors_do_not_depend_on_batching(tiny_models, batch_tokens, dtype):
     texts = corpus_sentences(60, seed=5)
-    base = Encoder(tiny_models["bert"], batch_tokens=100_000).encode_texts(texts)
-    other = Encoder(tiny_models["bert"], batch_tokens=batch_tokens)
-    np.testing.assert_allclose(other.encode_texts(texts), base, atol=1e-5)
+    base = Encoder(tiny_models["bert"], batch_tokens=100_000, dtype=dtype).encode_texts(texts)
+    other = Encoder(tiny_models["bert"], batch_tokens=batch_tokens, dtype=dtype)
+    # bfloat16-mixed rounds each matrix product's output to bfloat16 (8 bits of mantissa): a sum
+    # taken in another order by another batch shape can round one unit apart
+    atol = 1e-5 if dtype == "float32" else 1e-4
+    np.testing.assert_allclose(other.encode_texts(texts), base, atol=atol)
     # and not on which other rows share the call
-    np.testing.assert_allclose(other.encode_texts(texts[::-1])[::-1], base, atol=1e-5)
+    np.testing.assert_allclose(other.encode_texts(texts[::-1])[::-1], base, atol=atol)
 
 
 def test_normalize_gives_unit_vectors(tiny_models):
@@ -78,7 +82,7 @@ def test_pack_respects_budget_and_keeps_every_row():
                          [("float16", 0.99), ("bfloat16", 0.99), ("bfloat16-mixed", 0.999)])
 def test_half_precision_is_close_to_float32(tiny_models, dtype, least_cosine):
     texts = corpus_sentences(20)
-    full = Encoder(tiny_models["bert"], normalize=True).encode_texts(texts)
+    full = Encoder(tiny_models["bert"], normalize=True, dtype="float32").encode_texts(texts)
     half = Encoder(tiny_models["bert"], normalize=True, dtype=dtype).encode_texts(texts)
     assert half.dtype == np.float32
     cosine = (full * half).sum(1)
@@ -120,3 +124,25 @@ def test_truncation_is_flagged_by_a_tokenizer_that_reports_no_overflow(tiny_mode
     assert got.truncated.tolist() == want.truncated.tolist() == [True, False]
     assert [i.tolist() for i in got.ids] == [i.tolist() for i in want.ids]
     assert [o.tolist() for o in got.offsets] == [o.tolist() for o in want.offsets]
+
+
+def test_auto_precision_is_the_fastest_that_holds_the_bar_on_the_device(monkeypatch, tiny_models):
+    from semvec import precision
+
+    assert "fpu" in precision.cpu_flags()  # this machine's, from /proc/cpuinfo
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16"})
+    assert precision.resolve("auto", "cpu") == (DType.BFLOAT16_MIXED,
+                                                "auto: the CPU has bfloat16 units (amx_bf16)")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
+    dtype, why = precision.resolve("auto", "cpu")
+    assert dtype == DType.FLOAT32 and "no bfloat16 units" in why
+    assert precision.resolve("auto", "mps")[0] == DType.FLOAT32
+    assert precision.resolve("float32", "cpu") == precision.resolve("float32", "cuda") == \
+        (DType.FLOAT32, "pinned (--dtype)")
+    # the encoder runs what it resolves, with that precision's batch size
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    fast = Encoder(tiny_models["bert"])
+    assert (fast.dtype, fast.autocast, fast.batch_tokens) == (DType.BFLOAT16_MIXED, torch.bfloat16, 2048)
+    monkeypatch.setattr(precision, "cpu_flags", set)
+    plain = Encoder(tiny_models["bert"])
+    assert (plain.dtype, plain.autocast, plain.batch_tokens) == (DType.FLOAT32, None, 1024)

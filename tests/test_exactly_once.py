@@ -21,7 +21,7 @@ from semvec.config import load_embed_config
 from semvec.crashpoints import kill_session
 from semvec.lease import Lease
 from semvec.testing import corpus_sentences
-from tests.conftest import REPO
+from tests.conftest import REPO, VECTOR_ATOL
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def snapshot(out: Path) -> dict:
 
 def assert_same(got: dict, want: dict) -> None:
     assert got["ids"] == want["ids"]  # each row once, none missing
-    np.testing.assert_allclose(got["vectors"], want["vectors"], atol=1e-5)
+    np.testing.assert_allclose(got["vectors"], want["vectors"], atol=VECTOR_ATOL)
     for key in ("quarantine", "totals", "inputs", "status", "leftovers"):
         assert got[key] == want[key], key
 

@@ -25,6 +25,7 @@ from semvec.backfill.store_errors import StoreError
 from semvec.config import InputFormat, load_embed_config
 from semvec.errors import ConfigError
 from semvec.storage import InputFile, list_inputs
+from tests.conftest import VECTOR_ATOL
 
 NONE_DONE = np.empty(0, np.int64)
 
@@ -429,4 +430,4 @@ def test_a_backfill_of_bad_input_ends_normally_with_every_row_once(ray_local, ti
     assert manifest["status"] == "complete"
     nul = next(r for r in out if r["id"] == "s3")
     want = Encoder(tiny_models["bert"]).encode_texts(["a NUL \u0000 inside"])[0]
-    np.testing.assert_allclose(nul["embedding"], want, atol=1e-5)
+    np.testing.assert_allclose(nul["embedding"], want, atol=VECTOR_ATOL)

@@ -12,7 +12,7 @@ import s3fs
 
 from semvec.encode import Encoder
 from semvec.testing import corpus_sentences
-from tests.conftest import cli
+from tests.conftest import VECTOR_ATOL, cli
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_backfill_with_input_model_and_output_on_s3(ray_local, s3_env, tiny_mode
     got = dict(zip(table["id"].to_pylist(), table["embedding"].to_pylist(), strict=True))
     want = Encoder(tiny_models["bert"]).encode_texts(texts)
     ids = [f"p{i // 100}-{i % 100}" for i in range(300)]
-    np.testing.assert_allclose(np.array([got[i] for i in ids]), want, atol=1e-5)
+    np.testing.assert_allclose(np.array([got[i] for i in ids]), want, atol=VECTOR_ATOL)
 
     secret = env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in out + err

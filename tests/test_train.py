@@ -17,7 +17,7 @@ from semvec.heads import PRIMARY, Collator, task_metrics
 from semvec.train.config import Method, load_train_config
 from semvec.train.job import fit, plan
 from semvec.train.loop import build_model
-from tests.conftest import cli, write_jsonl
+from tests.conftest import VECTOR_ATOL, cli, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -209,7 +209,7 @@ def _export_round_trips(out: Path, ray_local, tmp_path: Path) -> None:
 
     stored = load_vectors(str(tmp_path / "v"))
     ours = Encoder(out).encode_texts(texts)
-    np.testing.assert_allclose(np.stack([stored[f"c.jsonl:{i}"] for i in range(3)]), ours, atol=1e-5)
+    np.testing.assert_allclose(np.stack([stored[f"c.jsonl:{i}"] for i in range(3)]), ours, atol=VECTOR_ATOL)
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(out), device="cpu").encode(texts)

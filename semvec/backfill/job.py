@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from semvec import __version__, crashpoints, models, storage
+from semvec import __version__, crashpoints, models, precision, storage
 from semvec.backfill.manifest import LEASE, OutputDir, now
 from semvec.backfill.pipeline import FAILURE_REASONS, Stopped, execute, lease_lost, pool_for, too_many_failed
 from semvec.backfill.read import RowParser, detect_format, has_rows
@@ -42,6 +42,9 @@ class Plan:
     config_hash: str
     done: dict[str, np.ndarray] = field(default_factory=dict)
     skip: set[str] = field(default_factory=set)  # inputs finished by an earlier run
+    # (dtype, why) the encoders run: config.dtype resolved on a node of the pool's kind
+    # (semvec.precision), or an earlier run's when this one has nothing to embed
+    precision: tuple[str, str] | None = None
 
 
 def plan(config: EmbedConfig) -> Plan:
@@ -129,6 +132,9 @@ def _prepare_output(p: Plan) -> None:
     _check_output(p)  # again, under the lease: a run that just ended may have changed it
     out.remove_temporaries()
     manifest = out.read_manifest() or {}
+    earlier = manifest.get("model") or {}
+    if earlier.get("dtype_reason"):
+        p.precision = (earlier["dtype"], earlier["dtype_reason"])
     finished = {i["source"]: i for i in manifest.get("inputs", []) if i.get("complete")}
     known = {i["source"]: i.get("version") for i in manifest.get("inputs", [])}
     for f in p.files:
@@ -175,7 +181,8 @@ def _manifest(p: Plan, status: str, started: str, accounting: dict | None = None
         "config": {k: v for k, v in c.to_dict().items() if k not in ("overwrite",)},
         "model": {"reference": storage.display(c.model), "fingerprint": p.fingerprint,
                   "pooling": p.pooling, "normalize": p.normalize, "max_length": p.max_length,
-                  "dim": p.dim, "dtype": c.dtype.value},
+                  "dim": p.dim, "dtype": p.precision[0] if p.precision else c.dtype.value,
+                  "dtype_reason": p.precision[1] if p.precision else None},
         "granularity": c.granularity.value,
         "chunking": ({"chunk_tokens": c.chunk_tokens, "chunk_overlap": c.chunk_overlap,
                       "aggregate": c.aggregate.value} if c.chunk_tokens is not None else None),
@@ -207,6 +214,8 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
     if todo:
         init_ray({**quiet_worker_env(), **crashpoints.worker_env()})
         pool = pool_for(config)  # may refuse (too few GPUs) before anything is written
+        p.precision = precision.resolve_on_worker(config.dtype, pool[0], config.num_gpus_per_worker)
+        log.info("precision %s (%s)", *p.precision)
     out.write_manifest(_manifest(p, "running", started))
     t_plan = time.time() - t0
     try:

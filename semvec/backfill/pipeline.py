@@ -103,7 +103,7 @@ def execute(p, todo: list[InputFile], pool: tuple[float, int, int], lease) -> in
     threads = c.threads_per_worker or max(1, math.floor(cpus))
     encoder_cfg = {
         "granularity": c.granularity.value, "pooling": p.pooling, "normalize": p.normalize,
-        "max_length": p.max_length, "dtype": c.dtype.value, "batch_tokens": c.batch_tokens,
+        "max_length": p.max_length, "dtype": p.precision[0], "batch_tokens": c.batch_tokens,
         "trust_remote_code": c.trust_remote_code,
         "chunked": c.chunk_tokens is not None, "aggregate": c.aggregate.value,
     }

@@ -46,7 +46,10 @@ def mixed_corpus(rows: int, seed: int = 0) -> list[str]:
         abstracts = [(d["title"] + " " + d["text"]).strip() for d in map(json.loads, f)]
     rng = random.Random(seed)
     n_long = rows // 5
-    texts = rng.sample(sentences, rows - n_long) + rng.sample(abstracts, min(n_long, len(abstracts)))
+    n_short = rows - n_long
+    texts = rng.sample(sentences, min(n_short, len(sentences)))
+    texts += rng.sample(abstracts, min(n_long, len(abstracts)))
+    texts += [rng.choice(sentences) for _ in range(n_short - len(sentences))]  # more than STS-B has: repeat
     while len(texts) < rows:  # more long rows than SciFact has: repeat abstracts
         texts.append(rng.choice(abstracts))
     rng.shuffle(texts)

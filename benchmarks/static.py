@@ -53,8 +53,8 @@ def emit(record: dict, out: str | None) -> None:
 
 def static_embedder(table: np.ndarray, tokenizer):
     from semvec.config import Pooling
-    from semvec.encode import tokenize
     from semvec.static import STATIC_MAX_LENGTH, StaticTable
+    from semvec.tokens import tokenize
 
     lookup = StaticTable(table)
 

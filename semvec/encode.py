@@ -6,7 +6,6 @@ padding, and every row's vector is independent of which rows share its batch (be
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from semvec.config import DType, Pooling
 from semvec.models import ModelKind, model_defaults, model_kind
 from semvec.precision import resolve as resolve_dtype
+from semvec.tokens import Tokenized, load_tokenizer, tokenize
 
 # dtype -> (weights, autocast dtype or None)
 _TORCH_DTYPES = {
@@ -23,62 +23,6 @@ _TORCH_DTYPES = {
     DType.BFLOAT16: (torch.bfloat16, None),
     DType.BFLOAT16_MIXED: (torch.float32, torch.bfloat16),
 }
-
-
-@dataclass
-class Tokenized:
-    """Token ids per row (no padding), and what truncation did."""
-
-    ids: list[np.ndarray]  # each int32 [n_tokens_i]
-    truncated: np.ndarray  # bool [n_rows]
-    special: list[np.ndarray] | None = None  # bool [n_tokens_i], token mode only
-    offsets: list[np.ndarray] | None = None  # int32 [n_tokens_i, 2], token mode only
-
-
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:  # GPT-style tokenizers: padding is masked out, any id will do
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
-
-
-def tokenize(tok, texts: list[str], max_length: int, with_offsets: bool = False) -> Tokenized:
-    """Tokenize with truncation to max_length; a row is 'truncated' when tokens were cut."""
-    if not texts:  # a batch whose every row went to quarantine (tokenizers refuse an empty list)
-        empty = [] if with_offsets else None
-        return Tokenized(ids=[], truncated=np.zeros(0, dtype=bool), special=empty, offsets=empty)
-    enc = tok(
-        texts,
-        truncation=True,
-        max_length=max_length,
-        return_overflowing_tokens=True,  # tells us which rows lost tokens
-        return_offsets_mapping=with_offsets,
-        return_special_tokens_mask=with_offsets,
-        return_attention_mask=False,
-    )
-    mapping = enc.get("overflow_to_sample_mapping")
-    if mapping is None:  # a slow tokenizer returns no overflow: count the untruncated tokens instead
-        full = tok(texts, truncation=False, return_attention_mask=False)["input_ids"]
-        ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
-        return _with_offsets(Tokenized(ids=ids, truncated=np.array([len(f) > max_length for f in full])),
-                             enc, list(range(len(texts))), with_offsets)
-    first: dict[int, int] = {}
-    counts = np.zeros(len(texts), dtype=np.int64)
-    for pos, row in enumerate(mapping):
-        counts[row] += 1
-        first.setdefault(row, pos)
-    order = [first[i] for i in range(len(texts))]
-    ids = [np.asarray(enc["input_ids"][p], dtype=np.int32) for p in order]
-    return _with_offsets(Tokenized(ids=ids, truncated=counts > 1), enc, order, with_offsets)
-
-
-def _with_offsets(out: Tokenized, enc, order: list[int], with_offsets: bool) -> Tokenized:
-    if with_offsets:
-        out.offsets = [np.asarray(enc["offset_mapping"][p], dtype=np.int32).reshape(-1, 2) for p in order]
-        out.special = [np.asarray(enc["special_tokens_mask"][p], dtype=bool) for p in order]
-    return out
 
 
 # (padded tokens, rows) per forward pass. On CPU, bfloat16 matrix products gain from larger

@@ -22,8 +22,9 @@ from torch import nn
 from semvec import metrics, models
 from semvec.config import Pooling
 from semvec.datasets import Task
-from semvec.encode import load_tokenizer, pool
+from semvec.encode import pool
 from semvec.errors import ConfigError
+from semvec.tokens import load_tokenizer
 
 PRIMARY = {Task.STS: "spearman", Task.PAIRS: "mrr@10", Task.CLASSIFICATION: "accuracy", Task.NER: "f1"}
 IGNORE = -100  # label id that cross-entropy skips (special and non-first sub-tokens)

@@ -15,10 +15,11 @@ from semvec.backfill.job import run
 from semvec.chunking import special_tokens, split, tokenize_whole, weighted_mean, windows
 from semvec.cli import main
 from semvec.config import EmbedConfig, load_embed_config
-from semvec.encode import Encoder, load_tokenizer
+from semvec.encode import Encoder
 from semvec.errors import ConfigError
 from semvec.evaluate.retrieval import best_chunk_index
 from semvec.testing import corpus_sentences
+from semvec.tokens import load_tokenizer
 from tests.conftest import VECTOR_ATOL, cli, write_jsonl
 
 

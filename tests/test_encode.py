@@ -106,7 +106,7 @@ def test_tiny_models_are_the_same_in_every_process(tmp_path, kind):
 
 def test_truncation_is_flagged_by_a_tokenizer_that_reports_no_overflow(tiny_models):
     """Some tokenizers ignore return_overflowing_tokens; truncation is then found by counting."""
-    from semvec.encode import load_tokenizer, tokenize
+    from semvec.tokens import load_tokenizer, tokenize
 
     real = load_tokenizer(tiny_models["bert"])
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("tracking", ["semvec.tracking"]),
     ("model directories", ["semvec.models", "semvec.extras"]),
     ("inference", ["semvec.encode", "semvec.heads", "semvec.static", "semvec.chunking",
-                   "semvec.precision"]),
+                   "semvec.precision", "semvec.tokens"]),
     ("backfill and evaluation", ["semvec.backfill", "semvec.evaluate", "semvec.compress",
                                  "semvec.distill", "semvec.words", "semvec.search",
                                  "semvec.plot", "semvec.figures"]),

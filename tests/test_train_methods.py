@@ -8,9 +8,10 @@ import torch
 from transformers import AutoModel
 
 from semvec.config import Pooling
-from semvec.encode import load_tokenizer, pool
+from semvec.encode import pool
 from semvec.errors import ConfigError
 from semvec.extras import load_extras
+from semvec.tokens import load_tokenizer
 from semvec.train.config import Method, MethodConfig
 from semvec.train.methods import (
     apply_method,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from semvec import __version__, crashpoints, models, precision, storage
+from semvec import __version__, crashpoints, models, precision, storage, tokens
 from semvec.backfill.manifest import LEASE, OutputDir, now
 from semvec.backfill.pipeline import FAILURE_REASONS, Stopped, execute, lease_lost, pool_for, too_many_failed
 from semvec.backfill.read import RowParser, detect_format, has_rows
@@ -40,6 +40,7 @@ class Plan:
     max_length: int
     dim: int
     config_hash: str
+    tokenizer: tokens.ModelFacts  # the tokenize tasks' tokenizer, without transformers where it can
     done: dict[str, np.ndarray] = field(default_factory=dict)
     skip: set[str] = field(default_factory=set)  # inputs finished by an earlier run
     # (dtype, why) the encoders run: config.dtype resolved on a node of the pool's kind
@@ -64,7 +65,10 @@ def plan(config: EmbedConfig) -> Plan:
     if all(f.size == 0 for f in files):
         raise ConfigError(f"input {storage.display(config.input)!r} holds only empty files")
     model_dir = models.resolve_model(config.model)
-    dim = _check_loadable(model_dir, config)
+    fingerprint = models.fingerprint(model_dir)
+    static = models.model_kind(model_dir) == models.ModelKind.STATIC  # a token table, no config.json
+    facts = tokens.describe(model_dir, fingerprint, config.model,
+                            models.static_dim(model_dir) if static else None, config.trust_remote_code)
     defaults = models.model_defaults(model_dir)
     pooling = defaults.pooling if config.pooling == Pooling.AUTO else config.pooling.value
     normalize = defaults.normalize if config.normalize is None else config.normalize
@@ -72,34 +76,13 @@ def plan(config: EmbedConfig) -> Plan:
     if max_length > defaults.limit:
         raise ConfigError(f"max_length {max_length} exceeds the model's limit of {defaults.limit}")
     if config.chunk_tokens is not None:  # the window against this model's length and specials
-        from semvec.encode import load_tokenizer
-
-        check_windows(load_tokenizer(model_dir, config.trust_remote_code), config.chunk_tokens,
+        check_windows(facts.tokenizer(model_dir, config.trust_remote_code), config.chunk_tokens,
                       config.chunk_overlap, max_length)
-    fingerprint = models.fingerprint(model_dir)
-    p = Plan(config, files, str(model_dir), fingerprint, pooling, normalize, max_length, dim,
-             config.output_hash(fingerprint))
+    p = Plan(config, files, str(model_dir), fingerprint, pooling, normalize, max_length, facts.dim,
+             config.output_hash(fingerprint), tokenizer=facts)
     storage.check_writable(config.output)
     _check_output(p)
     return p
-
-
-def _check_loadable(model_dir, config: EmbedConfig) -> int:
-    from transformers import AutoConfig
-
-    from semvec.encode import load_tokenizer
-
-    static = models.model_kind(model_dir) == models.ModelKind.STATIC  # a token table, no config.json
-    try:
-        hf = None if static else AutoConfig.from_pretrained(
-            str(model_dir), trust_remote_code=config.trust_remote_code)
-        load_tokenizer(model_dir, config.trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - whatever broke, the model is unusable
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ConfigError(
-            f"model {config.model!r} cannot be loaded ({type(exc).__name__}: {first})"
-        ) from None
-    return models.static_dim(model_dir) if static else int(hf.hidden_size)
 
 
 def _check_output(p: Plan) -> None:

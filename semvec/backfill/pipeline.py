@@ -111,7 +111,7 @@ def execute(p, todo: list[InputFile], pool: tuple[float, int, int], lease) -> in
     io = {"num_cpus": 0, "compute": TaskPoolStrategy(size=max(2, high * IO_TASKS_PER_ACTOR))}
     ds = ray.data.read_datasource(CorpusSource(todo, c, p.done), **io)
     ds = ds.map_batches(
-        Tokenize(p.model_dir, p.max_length, c.granularity.value, c.trust_remote_code,
+        Tokenize(p.model_dir, p.tokenizer, p.max_length, c.granularity.value, c.trust_remote_code,
                  (c.chunk_tokens, c.chunk_overlap) if c.chunk_tokens else None),
         batch_size=c.batch_rows, batch_format="pyarrow", **io,
     )

@@ -23,6 +23,7 @@ from semvec.backfill import chunked
 from semvec.backfill.read import ROW_SCHEMA, Reason, RowParser, detect_format, read_file_chunks
 from semvec.config import EmbedConfig, Granularity
 from semvec.storage import InputFile
+from semvec.tokens import ModelFacts, Tokenized, tokenize
 
 QUARANTINE_DIR = "_quarantine"
 FILE_ROWS_KEY = "semvec.file_rows"  # parquet metadata of the part holding an input's last row
@@ -83,20 +84,20 @@ class CorpusSource(Datasource):
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_dir: str, trust_remote_code: bool):
-    # Cached per worker process: Ray reuses workers across tasks, so this loads once.
-    from semvec.encode import load_tokenizer
-
-    return load_tokenizer(Path(model_dir), trust_remote_code)
+def _tokenizer(model_dir: str, trust_remote_code: bool, facts: ModelFacts):
+    # Cached per worker process: Ray reuses workers across tasks, so this loads once; without
+    # transformers or torch when the plan could serialize the tokenizer (semvec.tokens).
+    return facts.tokenizer(Path(model_dir), trust_remote_code)
 
 
 class Tokenize:
     """Adds input_ids (and tokens/offsets in token mode; the windows of each text when chunking,
     see backfill.chunked); runs as light CPU tasks."""
 
-    def __init__(self, model_dir: str, max_length: int, granularity: str, trust_remote_code: bool,
-                 chunking: tuple[int, int] | None = None):
+    def __init__(self, model_dir: str, facts: ModelFacts, max_length: int, granularity: str,
+                 trust_remote_code: bool, chunking: tuple[int, int] | None = None):
         self.model_dir = model_dir
+        self.facts = facts
         self.max_length = max_length
         self.token_mode = Granularity(granularity) == Granularity.TOKEN
         self.trust_remote_code = trust_remote_code
@@ -104,7 +105,7 @@ class Tokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _require(batch, ("text", "reason"), "tokenize")
-        tok = _tokenizer(self.model_dir, self.trust_remote_code)
+        tok = _tokenizer(self.model_dir, self.trust_remote_code, self.facts)
         ok = np.flatnonzero(batch["reason"].is_null().to_numpy(zero_copy_only=False))
         texts = batch["text"].take(pa.array(ok, pa.int64())).to_pylist()
         if self.chunking:
@@ -150,8 +151,6 @@ def _tokenize_rows(tok, texts: list[str], max_length: int, with_offsets: bool):
     The batch at once; if the tokenizer raises, row by row, so that only the rows it fails on
     go to quarantine (a custom tokenizer can refuse a text) and the job goes on.
     """
-    from semvec.encode import Tokenized, tokenize
-
     try:
         return tokenize(tok, texts, max_length, with_offsets=with_offsets), {}
     except Exception:  # noqa: BLE001 - find the rows at fault, one by one

@@ -53,7 +53,7 @@ def build_model(cfg: TrainConfig, plan: dict) -> tuple[TrainModel, object]:
     """A fresh TrainModel from the base model with the method applied; the same on every worker."""
     from transformers import AutoModel
 
-    from semvec.encode import load_tokenizer
+    from semvec.tokens import load_tokenizer
     from semvec.train.methods import apply_method
 
     torch.manual_seed(cfg.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 
 from semvec.errors import ConfigError, TaskFailed
 
@@ -35,11 +36,25 @@ def init_ray(env_vars: dict[str, str] | None = None) -> bool:
     # No dashboard, so the State API has no HTTP server here. Its address in this cluster's
     # store is set to a port of our own rather than the default 8265, where another Ray's
     # dashboard may be serving (see _local_worker_setup).
+    global _started_here
+    _started_here = True
     ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
              dashboard_port=free_port(), logging_level=logging.WARNING,
              runtime_env={"worker_process_setup_hook": _local_worker_setup,
                           **({"env_vars": env_vars} if env_vars else {})})
     return True
+
+
+_started_here = False  # init_ray started the Ray this process is connected to
+
+
+def on_a_cluster() -> bool:
+    """Whether this process works on a Ray cluster: RAY_ADDRESS is set (also under `ray job
+    submit`), or the caller connected to a Ray that init_ray did not start as a local one."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized() and not _started_here)
 
 
 def gather(refs: list, what: str) -> list:

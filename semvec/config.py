@@ -106,6 +106,10 @@ class EmbedConfig:
     cpus_per_worker: float | None = None
     num_gpus_per_worker: float = 0.0
     threads_per_worker: int | None = None  # torch threads; None: cpus_per_worker
+    # Started without a cluster (no RAY_ADDRESS) and on CPUs, a job of fewer rows runs its stages
+    # in this process, one batch after another: starting Ray and an encoder actor costs more than
+    # such a job gains from them (benchmarks/RESULTS.md, "Small jobs without Ray").
+    ray_from_rows: int = 20_000
     overwrite: bool = False
     # Stop with exit 1 when more than this share of the rows given to the model fail to embed
     # (encode_failed, tokenize_failed): a broken model is a failure, not a success with nothing
@@ -149,6 +153,9 @@ class EmbedConfig:
         "cpus_per_worker": "CPUs per encoder actor (default: 1 with GPUs, else 2 capped by the cluster)",
         "num_gpus_per_worker": "GPUs per encoder actor (1: each actor on its own GPU)",
         "threads_per_worker": "torch threads per encoder actor (default: its CPUs)",
+        "ray_from_rows": "started without a cluster (RAY_ADDRESS unset) and without GPUs, inputs of "
+                         "fewer rows (estimated) are embedded in this process without Ray, one batch "
+                         "after another; the pool options then do not apply",
         "overwrite": "replace an output written with another model or settings (default: refuse)",
         "max_failed_share": "stop with exit 1 when more than this share of the rows given to the model "
                             "fail (encode_failed, tokenize_failed); 1 turns it off",
@@ -170,7 +177,7 @@ class EmbedConfig:
         for name in ("input", "output", "model", "text_field"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        positive = ("max_chars", "batch_rows", "rows_per_file", "min_workers")
+        positive = ("max_chars", "batch_rows", "rows_per_file", "min_workers", "ray_from_rows")
         for name in positive:
             _require_positive_int(name, getattr(self, name))
         for name in ("max_length", "max_workers", "threads_per_worker", "batch_tokens", "chunk_tokens"):

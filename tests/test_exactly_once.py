@@ -79,12 +79,17 @@ def start_cli(*args, env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+@pytest.mark.parametrize("ray_from_rows", [1, 20_000], ids=["on-ray", "without-ray"])
 def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(ray_local, tiny_models,
-                                                                           tmp_path):
-    # two batches, each with good and bad rows: each commits a quarantine part, then its output part
+                                                                           tmp_path, ray_from_rows):
+    # two batches, each with good and bad rows: each commits a quarantine part, then its output part;
+    # the crashed runs on Ray (writer tasks) and in their own process (a job this small, by default)
     src = bad_and_good_corpus(tmp_path / "in.jsonl", 12, every=3)
-    want = crash_after_every_write(src, tmp_path, {"model": str(tiny_models["bert"])})
+    want = crash_after_every_write(src, tmp_path, {"model": str(tiny_models["bert"]),
+                                                   "ray_from_rows": ray_from_rows})
     assert want["totals"] == {"rows": 12, "embedded": 8, "quarantined": 4}
+    manifest = json.loads((tmp_path / "crash8" / "_manifest.json").read_text())
+    assert manifest["ran_on"] == ("ray" if ray_from_rows == 1 else "driver")
 
 
 def test_crash_after_every_write_of_a_chunked_job_then_rerun(ray_local, tiny_models, tmp_path):
@@ -92,7 +97,8 @@ def test_crash_after_every_write_of_a_chunked_job_then_rerun(ray_local, tiny_mod
     # (a quarantine part, then the output part): the writes between batches are the test above's
     # The lease and manifest writes are the same code in every backfill and crashed in the test
     # above; here the crashes come after the chunked job's own writes, its two parts (3 and 4),
-    # and one past the last write (6) counts them.
+    # and one past the last write (6) counts them. The stages are those a Ray job runs; the run
+    # here is without Ray (a job this small), the test above crashes both ways.
     src = bad_and_good_corpus(tmp_path / "in.jsonl", 6, every=3, long=True)
     want = crash_after_every_write(src, tmp_path, {"model": str(tiny_models["bert"]), "chunk_tokens": 32,
                                                    "chunk_overlap": 8}, parts=2, points=(3, 4, 6))
@@ -109,7 +115,7 @@ def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: in
     args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
     writes = 1 + 1 + parts + 1  # lease, manifest "running", each part, manifest "complete"
     # Every crash is its own process with its own output; they run a few at a time (most of each
-    # is starting Python and Ray), then each output is rerun here and compared.
+    # is starting Python, and Ray when it runs on Ray), then each output is rerun here and compared.
     crashes = {n: tmp_path / f"crash{n}" for n in points or range(1, writes + 2)}  # writes + 1: never fires
     assert writes + 1 in crashes
     codes = run_at_most(3, {n: (lambda n=n, out=out: start_cli(str(src), str(out), *args,
@@ -125,7 +131,10 @@ def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: in
     for n, out in crashes.items():
         if n <= writes:
             assert codes[n][0] == -9, f"crash at write {n} did not happen: {codes[n][1][-1500:]}"
-            run(load_embed_config(None, input=str(src), output=str(out), **opts))
+            # rerun the default way (without Ray, for a job this small): resuming does not
+            # depend on how the crashed run ran
+            run(load_embed_config(None, input=str(src), output=str(out),
+                                  **{k: v for k, v in opts.items() if k != "ray_from_rows"}))
             assert_same(snapshot(out), want)
     return want
 
@@ -150,7 +159,8 @@ def test_sigkill_at_several_moments_with_a_rerun_after_each(ray_local, tiny_mode
     src = bad_and_good_corpus(tmp_path / "in.jsonl", n, every=7)
     opts = {"model": str(tiny_models["bert"]), "id_field": "id", "rows_per_file": 500,
             "batch_rows": 250}
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    # the killed runs on Ray; the reference and the last rerun in this process, without Ray
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()] + ["--ray-from-rows=1"]
     run(load_embed_config(None, input=str(src), output=str(tmp_path / "ref"), **opts))
     want = snapshot(tmp_path / "ref")
     out = tmp_path / "killed"

@@ -27,7 +27,10 @@ PARTS = ROWS // OPTS["rows_per_file"]
 
 
 def cli_args(model: Path) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in {"model": str(model), **OPTS}.items()]
+    """The faulted runs' flags: on Ray, however small the corpus (the reference runs in the
+    test's process without Ray: the two ways must agree)."""
+    flags = {"model": str(model), **OPTS, "ray_from_rows": 1}
+    return [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
 
 
 @pytest.fixture(scope="module")

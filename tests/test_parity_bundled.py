@@ -36,8 +36,9 @@ def reference(sentences) -> dict[str, np.ndarray]:
     return dict(zip(sentences, st.encode(sentences, batch_size=32), strict=True))
 
 
-# Small batches over two actors, large ones in one, and the reduced-precision mode the default may
-# pick: vectors must not depend on batching, actor count or that mode beyond the bar. The whole test
+# Small batches over two actors on Ray, large ones in this process without Ray, and the
+# reduced-precision mode the default may pick: vectors must not depend on batching, actor count,
+# the way of running or that mode beyond the bar. The whole test
 # split (2,700 sentences) once, for the Spearman; the other two on a seeded sample of it, enough
 # to cross many batches (the bfloat16 run takes minutes on a CPU without bfloat16 instructions).
 @pytest.mark.parametrize("workers,batch_tokens,batch_rows,dtype,sample", [
@@ -54,6 +55,7 @@ def test_backfill_vectors_match_sentence_transformers(
     summary = run(load_embed_config(
         None, input=str(corpus), output=str(out), id_field="text", max_workers=workers, cpus_per_worker=1,
         batch_tokens=batch_tokens, batch_rows=batch_rows, dtype=dtype,
+        ray_from_rows=1 if workers > 1 else 20_000,  # two actors on Ray; else in this process
     ))
     assert summary["embedded"] == len(sentences)
     stored = evaluate.load_vectors(str(out))

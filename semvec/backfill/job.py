@@ -17,7 +17,17 @@ import numpy as np
 
 from semvec import __version__, crashpoints, models, precision, storage, tokens
 from semvec.backfill.manifest import LEASE, OutputDir, now
-from semvec.backfill.pipeline import FAILURE_REASONS, Stopped, execute, lease_lost, pool_for, too_many_failed
+from semvec.backfill.pipeline import (
+    FAILURE_REASONS,
+    Stopped,
+    execute,
+    execute_here,
+    expected_rows,
+    lease_lost,
+    pool_for,
+    runs_here,
+    too_many_failed,
+)
 from semvec.backfill.read import RowParser, detect_format, has_rows
 from semvec.chunking import check_windows
 from semvec.cluster import check_local_resources, init_ray, quiet_worker_env
@@ -46,6 +56,7 @@ class Plan:
     # (dtype, why) the encoders run: config.dtype resolved on a node of the pool's kind
     # (semvec.precision), or an earlier run's when this one has nothing to embed
     precision: tuple[str, str] | None = None
+    here: bool | None = None  # this run embeds in this process, without Ray (None: nothing to embed)
 
 
 def plan(config: EmbedConfig) -> Plan:
@@ -166,6 +177,7 @@ def _manifest(p: Plan, status: str, started: str, accounting: dict | None = None
                   "pooling": p.pooling, "normalize": p.normalize, "max_length": p.max_length,
                   "dim": p.dim, "dtype": p.precision[0] if p.precision else c.dtype.value,
                   "dtype_reason": p.precision[1] if p.precision else None},
+        "ran_on": None if p.here is None else "driver" if p.here else "ray",
         "granularity": c.granularity.value,
         "chunking": ({"chunk_tokens": c.chunk_tokens, "chunk_overlap": c.chunk_overlap,
                       "aggregate": c.aggregate.value} if c.chunk_tokens is not None else None),
@@ -195,14 +207,20 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
     todo = [f for f in p.files if f.relative not in p.skip]
     pool = None
     if todo:
-        init_ray({**quiet_worker_env(), **crashpoints.worker_env()})
-        pool = pool_for(config)  # may refuse (too few GPUs) before anything is written
-        p.precision = precision.resolve_on_worker(config.dtype, pool[0], config.num_gpus_per_worker)
+        p.here = runs_here(config, expected_rows(p, todo))
+        if p.here:
+            dtype, why = precision.resolve(config.dtype, "cpu")
+            p.precision = (dtype.value, why)
+        else:
+            init_ray({**quiet_worker_env(), **crashpoints.worker_env()})
+            pool = pool_for(config)  # may refuse (too few GPUs) before anything is written
+            p.precision = precision.resolve_on_worker(config.dtype, pool[0], config.num_gpus_per_worker)
         log.info("precision %s (%s)", *p.precision)
     out.write_manifest(_manifest(p, "running", started))
     t_plan = time.time() - t0
     try:
-        rows_this_run = execute(p, todo, pool, lease) if todo else 0
+        rows_this_run = (0 if not todo else execute_here(p, todo, lease) if p.here
+                         else execute(p, todo, pool, lease))
     except Stopped as stop:
         _record_failure(out, {**_manifest(p, "failed", started), "error": str(stop)})
         raise JobFailed(str(stop)) from None

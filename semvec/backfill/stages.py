@@ -68,16 +68,17 @@ class CorpusSource(Datasource):
         return sum(f.size for f in self.files)
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        parser = RowParser(self.config.text_field, self.config.id_field, self.config.max_chars)
-        tasks = []
-        for file in self.files:
-            fmt = detect_format(file.relative, self.config.input_format)
-            done = self.done.get(file.relative, np.empty(0, np.int64))
-            read = functools.partial(read_file_chunks, file, fmt, parser, done, self.chunk_rows)
-            meta = BlockMetadata(num_rows=None, size_bytes=file.size, exec_stats=None,
-                                 input_files=[file.uri])
-            tasks.append(ReadTask(read, meta, schema=ROW_SCHEMA))
-        return tasks
+        return [ReadTask(read, BlockMetadata(num_rows=None, size_bytes=file.size, exec_stats=None,
+                                             input_files=[file.uri]), schema=ROW_SCHEMA)
+                for file, read in zip(self.files, self.readers(), strict=True)]
+
+    def readers(self) -> list:
+        """Per file, a call that yields its rows still to do, in tables of chunk_rows."""
+        c = self.config
+        parser = RowParser(c.text_field, c.id_field, c.max_chars)
+        return [functools.partial(read_file_chunks, f, detect_format(f.relative, c.input_format), parser,
+                                  self.done.get(f.relative, np.empty(0, np.int64)), self.chunk_rows)
+                for f in self.files]
 
 
 # ---------------------------------------------------------------- tokenize
@@ -181,12 +182,13 @@ def _offsets_array(offsets: list) -> pa.Array:
 class EncodeActor:
     """One per pool slot: loads the model once, then embeds batch after batch."""
 
-    def __init__(self, model_dir: str, config: dict, threads: int):
+    def __init__(self, model_dir: str, config: dict, threads: int | None):
         import torch
 
         from semvec.encode import Encoder
 
-        torch.set_num_threads(threads)
+        if threads:  # None: torch's own choice (a job run in the driver's process)
+            torch.set_num_threads(threads)
         self.token_mode = config["granularity"] == Granularity.TOKEN.value
         self.chunked = bool(config.get("chunked"))
         self.aggregate = config.get("aggregate") == "mean"

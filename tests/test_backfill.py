@@ -269,3 +269,28 @@ def test_gpu_pool_waits_for_an_autoscaler_only_when_max_workers_is_given(ray_loc
     assert _pool_size(load_embed_config(None, **base, max_workers=4, min_workers=2), 1.0) == (2, 4)
     with pytest.raises(ConfigError, match="give max_workers"):
         _pool_size(load_embed_config(None, **base), 1.0)
+
+
+def test_a_small_job_runs_without_ray_only_off_a_cluster_on_cpus(tmp_path, monkeypatch):
+    from semvec import cluster
+    from semvec.backfill.pipeline import runs_here
+
+    base = {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "out")}
+    small = load_embed_config(None, **base)  # ray_from_rows 20,000
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster, "_started_here", True)  # a Ray init_ray started, or none at all
+    assert runs_here(small, 19_999)
+    assert not runs_here(small, 20_000)  # as many rows as ray_from_rows: on Ray
+    assert not runs_here(small, None)  # rows that cannot be estimated: on Ray
+    assert not runs_here(load_embed_config(None, **base, ray_from_rows=1), 5)
+    assert not runs_here(load_embed_config(None, **base, num_gpus_per_worker=1), 5)  # GPUs: on Ray
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster (as under `ray job submit`)
+    assert not runs_here(small, 5)
+    monkeypatch.delenv("RAY_ADDRESS")
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # connected by the caller, not init_ray
+    monkeypatch.setattr(cluster, "_started_here", False)
+    assert not runs_here(small, 5)
+    with pytest.raises(ConfigError, match="ray_from_rows"):
+        load_embed_config(None, **base, ray_from_rows=0)

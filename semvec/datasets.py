@@ -109,6 +109,28 @@ def load_examples(task: Task | str, uri: str) -> list[dict]:
     return examples
 
 
+def load_documents(uri: str) -> list[str]:
+    """Documents to rank: jsonl records with "text" (and "title", put before it, as in a BEIR
+    corpus), or txt, one a line; blank ones left out. ConfigError names the file and line."""
+    name = storage.display(uri)
+    text = _decode(_read_bytes(uri, name), name, latin1=False)
+    if _name_without_gz(uri).endswith(".txt"):
+        docs = [line.strip() for line in text.splitlines()]
+    else:
+        docs = []
+        try:
+            for n, record in _jsonl_rows(text):
+                if "text" not in record:
+                    raise _RowError("has no 'text'", n)
+                docs.append((str(record.get("title") or "") + " " + str(record["text"] or "")).strip())
+        except _RowError as exc:
+            raise ConfigError(f"{name} line {exc.row}: {exc}") from None
+    docs = [d for d in docs if d]
+    if not docs:
+        raise ConfigError(f"{name} holds no documents")
+    return docs
+
+
 def read_beir(corpus: str, queries: str, qrels: str) -> tuple[dict, dict, dict]:
     """A BEIR layout: corpus.jsonl ({"_id", "title", "text"}), queries.jsonl ({"_id", "text"}) and a
     qrels .tsv (query-id, corpus-id, score, with a header). Returns (doc id -> "title text", query

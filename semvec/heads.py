@@ -119,9 +119,10 @@ class Collator:
 
 @torch.inference_mode()
 def task_metrics(model: TaskModel, collate: Collator, examples: list[dict], labels: list[str],
-                 batch_size: int = 64, detail: bool = False) -> dict:
+                 batch_size: int = 64, detail: bool = False, corpus: list[str] | None = None) -> dict:
     """Dev metrics for the task; the primary one is PRIMARY[task]. The model's mode is restored.
-    detail: classification and NER add "per_label", "confusion" and a text "report"."""
+    detail: classification and NER add "per_label", "confusion" and a text "report". corpus
+    (pairs): more documents to rank beside the positives."""
     was_training = model.training
     model.eval()
     try:
@@ -131,7 +132,7 @@ def task_metrics(model: TaskModel, collate: Collator, examples: list[dict], labe
                                   for b in map(collate, chunks)])
             return {"spearman": metrics.spearman(cos, [e["score"] for e in examples])}
         if model.task == Task.PAIRS:
-            return _pairs_metrics(model, collate, examples, batch_size)
+            return _pairs_metrics(model, collate, examples, batch_size, corpus or [])
         if model.task == Task.CLASSIFICATION:
             pred = [labels[int(i)] for b in map(collate, chunks)
                     for i in model.head(model.embed(b["a"])).argmax(-1)]
@@ -160,11 +161,12 @@ def also_positive(examples: list[dict], candidates: list[str]) -> torch.Tensor:
 
 
 def _pairs_metrics(model: TaskModel, collate: Collator, examples: list[dict], batch_size: int,
-                   k: int = 10, chunk: int = 1024) -> dict:
-    """Each distinct anchor ranks the distinct positives; all of its positives are relevant.
-    Anchors are scored a chunk at a time, so memory grows with the positives, not their square."""
+                   corpus: list[str], k: int = 10, chunk: int = 1024) -> dict:
+    """Each distinct anchor ranks the distinct positives and corpus documents; all of its
+    positives are relevant. Anchors are scored a chunk at a time, so memory grows with the
+    documents, not their square."""
     anchors = list(dict.fromkeys(e["anchor"] for e in examples))
-    docs = list(dict.fromkeys(e["positive"] for e in examples))
+    docs = list(dict.fromkeys([e["positive"] for e in examples] + corpus))
     doc_index = {d: i for i, d in enumerate(docs)}
     relevant: dict[str, dict[int, float]] = {a: {} for a in anchors}
     for e in examples:

@@ -52,7 +52,7 @@ def _train(cfg) -> tuple[object, Continual, Collator, list[dict], dict]:
     start = Continual(reference, ContinualConfig(l2sp=1, ewc=1, distill=1), batches)
     cfg.epochs, cfg.batch_size, cfg.patience = EPOCHS, 16, EPOCHS
     torch.manual_seed(0)
-    worker = Worker({"config": cfg.to_dict(), "plan": p, "examples": (train, dev), "threads": 1},
+    worker = Worker({"config": cfg.to_dict(), "plan": p, "examples": (train, dev, []), "threads": 1},
                     LocalSession())
     worker.run()
     return worker.model, start, collate, anchor_texts(anchors), p

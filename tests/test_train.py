@@ -137,7 +137,7 @@ def test_every_method_and_task_learns_in_process(tiny_models, tmp_path, task, me
     before = task_metrics(model, collate, dev, p["labels"])[primary]
     session = LocalSession()
     torch.manual_seed(0)
-    Worker({"config": cfg.to_dict(), "plan": p, "examples": (train, dev), "threads": 1}, session).run()
+    Worker({"config": cfg.to_dict(), "plan": p, "examples": (train, dev, []), "threads": 1}, session).run()
     reports = [metrics for metrics, _ in session.reports]
     assert len(reports) == cfg.epochs and all(state for _, state in session.reports)
     losses = [r["train_loss"] for r in reports]
@@ -147,6 +147,31 @@ def test_every_method_and_task_learns_in_process(tiny_models, tmp_path, task, me
     else:
         assert losses[-1] < 0.9 * losses[0], losses
         assert best - before >= MIN_GAIN, (before, best)
+
+
+def test_the_loop_ranks_a_dev_corpus_beside_the_dev_positives(tiny_models, tmp_path):
+    """--dev-corpus reaches the loop's evaluations: the same training (same seed), scored with
+    distractor documents beside the dev positives, can only rank them lower, and does."""
+    import torch
+
+    from semvec.testing import LocalSession, corpus_sentences
+    from semvec.train.loop import Worker
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(corpus_sentences(300, seed=3)) + "\n")
+    scores = {}
+    for corpus in (None, str(docs)):
+        cfg = tiny_config(Task.PAIRS, Method.FULL, tmp_path, tiny_models, workers=1, epochs=1)
+        cfg.dev_corpus = corpus
+        cfg.output = str(tmp_path / f"model-{bool(corpus)}")
+        p, train, dev = plan(cfg)
+        assert len(p["dev_corpus"]) == (300 if corpus else 0)
+        session = LocalSession()
+        torch.manual_seed(0)
+        Worker({"config": cfg.to_dict(), "plan": p, "examples": (train, dev, p.pop("dev_corpus")),
+                "threads": 1}, session).run()
+        scores[corpus] = session.reports[-1][0]["dev_mrr@10"]
+    assert scores[str(docs)] < scores[None], scores
 
 
 # On Ray Train with 2 workers (DDP), through export: a merged method, an adapter-style one whose

@@ -429,6 +429,40 @@ def test_pairs_dev_metric_ranks_distinct_positives_and_counts_each_anchor_once()
     vec["x"] = [1, 0.05, 0]
     m = task_metrics(Texts(), Texts(), examples + [{"anchor": "x", "positive": "e2"}], [])
     assert m["mrr@10"] == pytest.approx((1 + 0.5 + 1 + 1) / 4)
+    # a dev corpus adds documents to rank: one nearer q2 than its entry halves q2's MRR; a
+    # corpus document that is a positive's own text is that positive, not a second copy
+    vec["near q2"] = [1, 0.1, 0]
+    m = task_metrics(Texts(), Texts(), examples, [], corpus=["near q2", "e1", "a1"])
+    assert m["mrr@10"] == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_documents_for_a_dev_corpus_are_read_from_jsonl_beir_and_txt(tmp_path):
+    import gzip
+
+    from semvec.datasets import load_documents
+
+    beir = tmp_path / "corpus.jsonl.gz"
+    beir.write_bytes(gzip.compress(b'{"_id": "1", "title": "A title", "text": "the text"}\n'
+                                   b'{"_id": "2", "text": "no title"}\n{"_id": "3", "text": "  "}\n'))
+    assert load_documents(str(beir)) == ["A title the text", "no title"]
+    txt = tmp_path / "docs.txt"
+    txt.write_text("one\n\ntwo\n")
+    assert load_documents(str(txt)) == ["one", "two"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl line 2: has no 'text'"):
+        load_documents(str(bad))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ConfigError, match="holds no documents"):
+        load_documents(str(tmp_path / "empty.txt"))
+
+
+def test_a_dev_corpus_is_for_the_pairs_task_only(tmp_path):
+    from semvec.train.config import load_train_config
+
+    with pytest.raises(ConfigError, match="dev_corpus ranks documents for the pairs task"):
+        load_train_config(None, task="sts", method="full", train="t.jsonl", output=str(tmp_path / "o"),
+                          dev_corpus="docs.jsonl")
 
 
 # ---------------------------------------------------------------- the real benchmark files

@@ -129,6 +129,9 @@ class TrainConfig:
     train: str
     output: str
     dev: str | None = None  # None: a seeded 10% of train is held out for choosing
+    # pairs: more documents for the dev queries to rank beside the dev positives, as a retrieval
+    # test ranks a whole corpus (a dev of a few dozen positives alone is too easy to choose by)
+    dev_corpus: str | None = None
     model: str = "bundled"
     epochs: int | None = None  # None: TASK_EPOCHS, else DEFAULT_EPOCHS
     workers: int = 1
@@ -167,6 +170,10 @@ class TrainConfig:
                  "columns), local or s3://, optionally .gz",
         "output": "where the model directory goes, local or s3://",
         "dev": "dev data for choosing the checkpoint (default: a seeded 10%% of train)",
+        "dev_corpus": "pairs task: documents the dev anchors rank beside the dev positives, as a "
+                      "retrieval test ranks a corpus (jsonl with text and optional title, as a BEIR "
+                      "corpus.jsonl; or txt, one a line); local or s3://, optionally .gz (default: "
+                      "the dev positives alone)",
         "model": "the model to start from (any model reference)",
         "epochs": "passes over the training data (default: 6 for full and bitfit NER, else 4)",
         "workers": "Ray Train workers (DDP); each sees a different share of every epoch",
@@ -228,6 +235,9 @@ class TrainConfig:
             raise ConfigError("warmup_ratio and dropout must be in [0, 1)")
         for name in ("replay_share", "l2sp", "ewc", "distill"):
             require_non_negative(name, getattr(self, name))
+        if self.dev_corpus is not None and self.task != Task.PAIRS:
+            raise ConfigError(f"dev_corpus ranks documents for the pairs task; task {self.task.value} "
+                              "has no ranking on dev")
         if (self.ewc or self.distill) and not self.replay:
             raise ConfigError("ewc and distill need replay data (past training data of this task): "
                               "set replay")

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from semvec import figures, models, storage
-from semvec.datasets import Task, label_set, load_examples
+from semvec.datasets import Task, label_set, load_documents, load_examples
 from semvec.errors import ConfigError
 from semvec.heads import HEAD_FILE, PRIMARY
 from semvec.redact import redact
@@ -50,7 +50,9 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
     scores = [float(e["score"]) for e in train] if cfg.task == Task.STS else [1.0]
     p = {"model_dir": str(model_dir), "pooling": defaults.pooling, "normalize": defaults.normalize,
          "max_length": max_length, "labels": labels, "score_scale": max(max(scores), 1e-6),
-         "fingerprint": models.fingerprint(model_dir), "anchors": anchors}
+         "fingerprint": models.fingerprint(model_dir), "anchors": anchors,
+         # fit() sends these to the workers with the examples, not inside every worker's config
+         "dev_corpus": load_documents(cfg.dev_corpus) if cfg.dev_corpus else []}
     _check_output(cfg.output)
     return p, train, dev
 
@@ -112,7 +114,8 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     p, train, dev = plan(cfg)
     name = _run_name(cfg)
     tracker = tracking.start_run(experiment, name, {**cfg.to_dict(), "base_fingerprint": p["fingerprint"],
-                                                    "train_examples": len(train), "dev_examples": len(dev)})
+                                                    "train_examples": len(train), "dev_examples": len(dev),
+                                                    "dev_corpus_documents": len(p["dev_corpus"])})
     init_ray()
     import ray
 
@@ -122,11 +125,12 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     if storage_fs is not None:  # with an explicit filesystem, Ray takes the path without s3://
         storage_path = storage.strip(storage_path)
     cpus = _worker_cpus(cfg)
+    dev_corpus = p.pop("dev_corpus")
     trainer = TorchTrainer(
         train_loop,
         # the examples go to the object store once, shared by the workers of a node, instead of
         # inside every worker's pickled config
-        train_loop_config={"config": cfg.to_dict(), "plan": p, "examples": ray.put((train, dev)),
+        train_loop_config={"config": cfg.to_dict(), "plan": p, "examples": ray.put((train, dev, dev_corpus)),
                            "tracker": tracker, "threads": cpus},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),

@@ -117,8 +117,8 @@ class RaySession:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = None  # known once the model is prepared
 
-    def examples(self, ref) -> tuple[list[dict], list[dict]]:
-        """(train, dev) from the object store, where the driver put them once."""
+    def examples(self, ref) -> tuple[list[dict], list[dict], list[str]]:
+        """(train, dev, dev corpus) from the object store, where the driver put them once."""
         import ray
 
         return ray.get(ref)
@@ -176,7 +176,7 @@ class Worker:
         cfg = self.cfg = TrainConfig(**loop_config["config"])
         torch.set_num_threads(loop_config["threads"])
         self.plan = loop_config["plan"]
-        self.train, self.dev = session.examples(loop_config["examples"])
+        self.train, self.dev, self.dev_corpus = session.examples(loop_config["examples"])
         self.tracker = loop_config.get("tracker")
         self.session = session
         self.rank, self.world = session.rank, session.world
@@ -296,7 +296,8 @@ class Worker:
         score = torch.tensor([0.0], dtype=torch.float64, device=self.device)  # float32 would round it
         detail = {}  # classification and NER: the per-label report and confusion matrix on dev
         if self.rank == 0:
-            dev_metrics = task_metrics(self.model, self.collate, self.dev, self.plan["labels"], detail=True)
+            dev_metrics = task_metrics(self.model, self.collate, self.dev, self.plan["labels"], detail=True,
+                                       corpus=self.dev_corpus)
             metrics.update({f"dev_{k}": v for k, v in dev_metrics.items() if isinstance(v, (int, float))})
             if "confusion" in dev_metrics:
                 detail = {"examples": len(self.dev),

@@ -1,7 +1,7 @@
 """Forgetting: tune on task A, then on task B with and without continual learning.
 
     .venv/bin/python benchmarks/forgetting.py [--b cnsd|scifact] [--model-a DIR] [--epochs-a N]
-                                              [--epochs-b N] [--from-bundled] [--out DIR]
+                                              [--epochs-b N] [--from-bundled] [--dev-corpus] [--out DIR]
 
 A = STS-B (English), scored by test Spearman. B, from ../shared/datasets (or SEMVEC_DATASETS):
 - cnsd: CNSD (Chinese STS-B), the sts task, test Spearman; checkpoints chosen on CNSD dev.
@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 from commands import semvec  # benchmarks/commands.py
@@ -99,6 +100,9 @@ def main() -> None:
     ap.add_argument("--domain-only", action="store_true",
                     help="only B tuned from the bundled model (no A, no forgetting runs)")
     ap.add_argument("--no-zero-shot", action="store_true", help="leave the bundled model's row out")
+    ap.add_argument("--dev-corpus", action="store_true",
+                    help="scifact: the dev claims rank the whole SciFact corpus beside their abstracts "
+                         "(train --dev-corpus), as the test claims do; the test split stays unread")
     ap.add_argument("--l2sp", type=float, default=0.0)
     ap.add_argument("--ewc", type=float, default=0.0)
     ap.add_argument("--distill", type=float, default=1.0)
@@ -114,6 +118,10 @@ def main() -> None:
         task, b_data, replay = "pairs", scifact_files(out), sts_as_pairs(out)
     epochs_a = ["--epochs", str(args.epochs_a)] if args.epochs_a else []
     extra = ["--epochs", str(args.epochs_b)] if args.epochs_b else []
+    if args.dev_corpus:
+        if args.b != "scifact":
+            sys.exit("--dev-corpus is for --b scifact (a pairs task)")
+        extra += ["--dev-corpus", str(SCIFACT / "corpus.jsonl")]
     rows = {} if args.no_zero_shot else {"bundled (zero-shot)": scores("bundled", args.b, env)}
     if args.from_bundled or args.domain_only:
         tuned = train(out / "model-b-from-bundled", task, b_data, "bundled", env, extra)

@@ -207,7 +207,8 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
     todo = [f for f in p.files if f.relative not in p.skip]
     pool = None
     if todo:
-        p.here = runs_here(config, expected_rows(p, todo))
+        expected = expected_rows(p, todo)
+        p.here = runs_here(config, expected)
         if p.here:
             dtype, why = precision.resolve(config.dtype, "cpu")
             p.precision = (dtype.value, why)
@@ -219,8 +220,8 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
     out.write_manifest(_manifest(p, "running", started))
     t_plan = time.time() - t0
     try:
-        rows_this_run = (0 if not todo else execute_here(p, todo, lease) if p.here
-                         else execute(p, todo, pool, lease))
+        rows_this_run = (0 if not todo else execute_here(p, todo, lease, expected) if p.here
+                         else execute(p, todo, pool, lease, expected))
     except Stopped as stop:
         _record_failure(out, {**_manifest(p, "failed", started), "error": str(stop)})
         raise JobFailed(str(stop)) from None

@@ -127,8 +127,9 @@ def _stages(p, threads: int | None) -> tuple:
     return tokenize, encoder, writer
 
 
-def execute(p, todo: list[InputFile], pool: tuple[float, int, int], lease) -> int:
-    """Run the pipeline on Ray over the files still to do (p: the job's Plan); returns the rows read.
+def execute(p, todo: list[InputFile], pool: tuple[float, int, int], lease, expected: int | None) -> int:
+    """Run the pipeline on Ray over the files still to do (p: the job's Plan; expected: the rows
+    estimated for the progress line); returns the rows read.
 
     Raises Stopped (too many failed rows, or a store that fails past its retries: what is committed
     stays and a rerun goes on from there) or JobFailed (the lease was lost)."""
@@ -151,7 +152,7 @@ def execute(p, todo: list[InputFile], pool: tuple[float, int, int], lease) -> in
         num_cpus=cpus, num_gpus=c.num_gpus_per_worker or None,
     )
     ds = ds.map_batches(writer, batch_size=c.rows_per_file, batch_format="pyarrow", **io)
-    tally = Tally(c, lease, expected_rows(p, todo))
+    tally = Tally(c, lease, expected)
     log.info("embedding %d input(s)%s with %d-%d encoder actor(s)", len(todo), tally.about(), low, high)
     store_errors.keep_ray_tracebacks_quiet()
     with _stopping_on_store_errors():
@@ -160,7 +161,7 @@ def execute(p, todo: list[InputFile], pool: tuple[float, int, int], lease) -> in
     return tally.progress.rows
 
 
-def execute_here(p, todo: list[InputFile], lease) -> int:
+def execute_here(p, todo: list[InputFile], lease, expected: int | None) -> int:
     """execute()'s stages, one batch after another in this process, without Ray (a small job
     started without a cluster: see runs_here). The same read, tokenize, encode and write code, so
     the same parts and the same commit protocol; the same errors and the same stops."""
@@ -168,7 +169,7 @@ def execute_here(p, todo: list[InputFile], lease) -> int:
 
     c = p.config
     tokenize, encoder, writer = _stages(p, c.threads_per_worker)
-    tally = Tally(c, lease, expected_rows(p, todo))
+    tally = Tally(c, lease, expected)
     log.info("embedding %d input(s)%s in this process (fewer rows than ray_from_rows %d)",
              len(todo), tally.about(), c.ray_from_rows)
     with _stopping_on_store_errors():

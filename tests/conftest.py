@@ -5,6 +5,7 @@ Nothing here reaches a hub: models and tokenizers are made in the test from a fe
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +24,10 @@ import pytest
 from semvec.cluster import free_port  # noqa: F401  (tests import it from here)
 from semvec.testing import build_tiny_model, corpus_sentences  # noqa: F401
 
+# The semvec cache (models fetched from S3, tokenizers described once per model) of this test
+# process and the processes it starts: never the user's, and gone afterwards.
+os.environ["SEMVEC_CACHE"] = tempfile.mkdtemp(prefix="semvec-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SEMVEC_CACHE"], ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

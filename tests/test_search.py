@@ -62,7 +62,17 @@ def test_each_kind_finds_what_exact_search_finds(beir, tmp_path, kind, settings)
     source = json.loads((Path(beir["docs"]) / "_manifest.json").read_text())
     assert record["model"]["fingerprint"] == source["model"]["fingerprint"]
     assert record["model"]["trust_remote_code"] is source["config"]["trust_remote_code"] is False
+    assert record["model"]["dtype"] == source["model"]["dtype"]  # the queries' precision follows it
     assert record["source"]["config_hash"] == source["config_hash"]
+
+
+def test_queries_take_the_precision_of_the_indexed_vectors_when_it_is_outside_the_bar():
+    from semvec.config import DType
+    from semvec.search.index import query_dtype
+
+    # within cosine 0.9999 of float32 all three give the same vectors: the fastest here
+    assert [query_dtype(d) for d in ("float32", "bfloat16-mixed", "auto", None)] == [DType.AUTO] * 4
+    assert query_dtype("bfloat16") == DType.BFLOAT16 and query_dtype("float16") == DType.FLOAT16
 
 
 def test_queries_are_embedded_by_the_index_model_and_another_model_is_refused(beir, tiny_models,

@@ -264,7 +264,7 @@ def _record(p: Plan, index, seconds: float, t_train: float) -> dict:
         "dim": p.source.dim,
         "rows": int(index.ntotal),
         "model": {**{k: model.get(k) for k in ("reference", "fingerprint", "pooling", "normalize",
-                                                "max_length", "dim")},
+                                                "max_length", "dim", "dtype")},
                   # a model with its own code needs the same consent to embed the queries
                   "trust_remote_code": bool(source_config.get("trust_remote_code"))},
         "source": p.source.lineage(),

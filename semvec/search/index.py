@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from semvec import storage
+from semvec.config import PARITY_DTYPES, DType
 from semvec.errors import ConfigError
 from semvec.metrics import unit
 from semvec.search.store import IndexDir, faiss_module
@@ -89,7 +90,7 @@ class SearchIndex:
             self.check_fingerprint(fingerprint(model_dir), f"model {ref!r}")
             m = self.model
             self._encoders[ref] = Encoder(model_dir, pooling=m["pooling"], normalize=m["normalize"],
-                                          max_length=m["max_length"],
+                                          max_length=m["max_length"], dtype=query_dtype(m.get("dtype")),
                                           trust_remote_code=bool(m.get("trust_remote_code")))
         return self._encoders[ref]
 
@@ -114,3 +115,13 @@ def open_index(uri: str) -> SearchIndex:
     record, blob, ids = IndexDir(uri).read()
     index = faiss_module().deserialize_index(np.frombuffer(blob, dtype=np.uint8))
     return SearchIndex(uri, record, index, ids)
+
+
+def query_dtype(stored: str | None) -> DType:
+    """The precision to embed queries in, from the one the indexed vectors were embedded in: any
+    that holds the parity bar (within cosine 0.9999 of float32) gives the same vectors, so the
+    fastest here (auto); a precision outside it (float16, bfloat16) is used again, so that queries
+    and documents carry the same rounding. None (an index built before this was recorded): auto."""
+    if stored is None or DType(stored) in PARITY_DTYPES:
+        return DType.AUTO
+    return DType(stored)

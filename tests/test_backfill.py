@@ -231,11 +231,15 @@ def test_truncated_gzip_keeps_what_was_read(ray_local, tiny_models, tmp_path):
     assert s["embedded"] > 0 and s["rows"] == s["embedded"] + 1
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt"])
-def test_token_mode_writes_token_vectors_and_offsets(ray_local, tiny_models, tmp_path, kind):
+# one way each: the token columns (lists of lists, offsets pairs) also cross Ray Data's blocks
+@pytest.mark.parametrize("kind, ray_from_rows", [("bert", 20_000), ("gpt", 1)],
+                         ids=["bert-without-ray", "gpt-on-ray"])
+def test_token_mode_writes_token_vectors_and_offsets(ray_local, tiny_models, tmp_path, kind, ray_from_rows):
     texts = corpus_sentences(12, seed=8)
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
-    embed(src, tmp_path / "out", tiny_models[kind], granularity="token")
+    embed(src, tmp_path / "out", tiny_models[kind], granularity="token", ray_from_rows=ray_from_rows)
+    ran_on = json.loads((tmp_path / "out" / "_manifest.json").read_text())["ran_on"]
+    assert ran_on == ("ray" if ray_from_rows == 1 else "driver")
     table = read_output(tmp_path / "out").sort_by("row")
     encoder = Encoder(tiny_models[kind])
     tk = encoder.tokenize(texts, with_offsets=True)

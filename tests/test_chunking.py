@@ -141,13 +141,15 @@ def _chunks_by_encoder(model, texts, chunk_tokens, overlap):
             (split(*t, chunk_tokens, overlap) for t in tokenize_whole(encoder.tokenizer, texts))]
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt"])
-def test_a_chunked_backfill_writes_one_row_per_chunk(ray_local, tiny_models, tmp_path, kind):
+@pytest.mark.parametrize("kind, ray_from_rows", [("bert", 20_000), ("gpt", 1)],
+                         ids=["bert-without-ray", "gpt-on-ray"])
+def test_a_chunked_backfill_writes_one_row_per_chunk(ray_local, tiny_models, tmp_path, kind, ray_from_rows):
     texts = long_and_short_texts()
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
     summary = run(load_embed_config(None, input=str(src), output=str(tmp_path / "out"),
                                     model=str(tiny_models[kind]), id_field="id", chunk_tokens=32,
-                                    chunk_overlap=8, batch_rows=3, rows_per_file=4))
+                                    chunk_overlap=8, batch_rows=3, rows_per_file=4,
+                                    ray_from_rows=ray_from_rows))
     table = read_rows(tmp_path / "out").sort_by([("row", "ascending"), ("chunk", "ascending")])
     assert table.column_names == ["id", "chunk", "start", "end", "embedding", "n_tokens", "truncated",
                                   "source", "row"]
@@ -180,8 +182,9 @@ def test_aggregate_mean_is_the_token_weighted_mean_of_the_chunk_rows(ray_local, 
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     kw = {"input": str(src), "model": str(tiny_models["bert"]), "id_field": "id", "chunk_tokens": 40,
           "chunk_overlap": 10, "normalize": True}
-    run(load_embed_config(None, output=str(tmp_path / "chunks"), **kw))
-    summary = run(load_embed_config(None, output=str(tmp_path / "mean"), aggregate="mean", **kw))
+    run(load_embed_config(None, output=str(tmp_path / "chunks"), **kw))  # without Ray (this small)
+    summary = run(load_embed_config(None, output=str(tmp_path / "mean"), aggregate="mean", ray_from_rows=1,
+                                    **kw))  # on Ray: the two ways agree
     chunks, mean = read_rows(tmp_path / "chunks"), read_rows(tmp_path / "mean").sort_by("id")
     assert mean.column_names == ["id", "embedding", "n_tokens", "chunks", "truncated", "source", "row"]
     assert summary["embedded"] == len(texts) and summary["quarantined"] == 1

@@ -4,7 +4,8 @@
     -> read (tasks) -> tokenize (tasks) -> encode (actor pool) -> write (tasks) -> counts to driver
     -> accounting from committed parts -> manifest -> lease released
 
-The commit protocol that makes every row land exactly once is described on `stages.Writer`.
+A small job started without a cluster runs the same stages in this process instead of on Ray
+(`pipeline.runs_here`, `execute_here`). The commit protocol that makes every row land exactly once is described on `stages.Writer`.
 """
 
 from __future__ import annotations

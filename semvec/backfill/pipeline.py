@@ -3,6 +3,9 @@ writers' counts consumed on the driver as they commit (progress, the failure thr
 store failures).
 
     read (tasks) -> tokenize (tasks) -> encode (actor pool) -> write (tasks) -> counts to driver
+
+and the same stages one batch after another in the driver's process, for a job too small to gain
+from Ray (`execute_here`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
     -> accounting from committed parts -> manifest -> lease released
 
 A small job started without a cluster runs the same stages in this process instead of on Ray
-(`pipeline.runs_here`, `execute_here`). The commit protocol that makes every row land exactly once is described on `stages.Writer`.
+(`pipeline.runs_here`, `execute_here`). The commit protocol that makes every row land exactly
+once is described on `stages.Writer`.
 """
 
 from __future__ import annotations

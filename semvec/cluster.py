@@ -36,16 +36,15 @@ def init_ray(env_vars: dict[str, str] | None = None) -> bool:
     # No dashboard, so the State API has no HTTP server here. Its address in this cluster's
     # store is set to a port of our own rather than the default 8265, where another Ray's
     # dashboard may be serving (see _local_worker_setup).
-    global _started_here
-    _started_here = True
     ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
              dashboard_port=free_port(), logging_level=logging.WARNING,
              runtime_env={"worker_process_setup_hook": _local_worker_setup,
                           **({"env_vars": env_vars} if env_vars else {})})
+    _started_here.add(ray.get_runtime_context().gcs_address)
     return True
 
 
-_started_here = False  # init_ray started the Ray this process is connected to
+_started_here: set[str] = set()  # the GCS addresses of the local Rays init_ray started
 
 
 def on_a_cluster() -> bool:
@@ -54,7 +53,9 @@ def on_a_cluster() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         return True
     ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized() and not _started_here)
+    if ray is None or not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().gcs_address not in _started_here
 
 
 def gather(refs: list, what: str) -> list:

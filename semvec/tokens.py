@@ -9,7 +9,8 @@ config and tokenizer with transformers (which also checks that they load), seria
 as transformers built it, and caches that, with the truncation side and the model's width, under
 the semvec cache by the model's fingerprint and the library versions. Later plans read the cache;
 workers get the serialized backend with their task and rebuild it in milliseconds
-(`FastTokenizer`). A tokenizer that is not a fast one, or remote code, gets no backend: its users
+(`FastTokenizer`). A tokenizer that is not a fast one, one that splits special tokens written in
+the text (split_special_tokens), or remote code, gets no backend: its users
 load transformers' tokenizer (`load_tokenizer`) as before. tests/test_tokens.py holds the two to
 the same output.
 """
@@ -100,7 +101,9 @@ def _load(model_dir: Path, ref: str, static_dim: int | None, trust_remote_code: 
     except Exception as exc:  # noqa: BLE001 - whatever broke, the model is unusable
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ConfigError(f"model {ref!r} cannot be loaded ({type(exc).__name__}: {first})") from None
-    fast = getattr(tok, "is_fast", False) and not trust_remote_code
+    # split_special_tokens is a setting transformers applies per call, not part of the backend
+    fast = (getattr(tok, "is_fast", False) and not trust_remote_code
+            and not getattr(tok, "split_special_tokens", False))
     return ModelFacts(dim, tok.backend_tokenizer.to_str() if fast else None,
                       str(getattr(tok, "truncation_side", "right")))
 

@@ -282,7 +282,16 @@ def test_a_small_job_runs_without_ray_only_off_a_cluster_on_cpus(tmp_path, monke
     base = {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "out")}
     small = load_embed_config(None, **base)  # ray_from_rows 20,000
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(cluster, "_started_here", True)  # a Ray init_ray started, or none at all
+    import ray
+
+    class Context:  # the Ray this process is connected to
+        gcs_address = "127.0.0.1:1"
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # none at all
+    assert runs_here(small, 5)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(cluster, "_started_here", {"127.0.0.1:1"})  # one init_ray started here
     assert runs_here(small, 19_999)
     assert not runs_here(small, 20_000)  # as many rows as ray_from_rows: on Ray
     assert not runs_here(small, None)  # rows that cannot be estimated: on Ray
@@ -291,10 +300,8 @@ def test_a_small_job_runs_without_ray_only_off_a_cluster_on_cpus(tmp_path, monke
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster (as under `ray job submit`)
     assert not runs_here(small, 5)
     monkeypatch.delenv("RAY_ADDRESS")
-    import ray
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # connected by the caller, not init_ray
-    monkeypatch.setattr(cluster, "_started_here", False)
+    # connected by the caller to a Ray init_ray did not start (after one it started, shut down)
+    Context.gcs_address = "10.0.0.5:6379"
     assert not runs_here(small, 5)
     with pytest.raises(ConfigError, match="ray_from_rows"):
         load_embed_config(None, **base, ray_from_rows=0)

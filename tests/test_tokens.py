@@ -161,3 +161,19 @@ def test_the_tokenize_stage_matches_with_and_without_a_serialized_backend(tiny_m
         got = Tokenize(str(model_dir), facts, 16, granularity, False, chunking)(batch)
         want = Tokenize(str(model_dir), without, 16, granularity, False, chunking)(batch)
         assert got.equals(want), granularity
+
+
+def test_a_tokenizer_that_splits_special_tokens_keeps_transformers(tiny_models, tmp_path):
+    """split_special_tokens is applied by transformers per call, not stored in the backend: such a
+    model gets no serialized backend, so "[SEP]" written in a text stays text."""
+    model_dir = Path(shutil.copytree(tiny_models["bert"], tmp_path / "split"))
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+    hf = load_tokenizer(model_dir)
+    facts = describe(model_dir, models.fingerprint(model_dir), "split")
+    assert facts.backend is None
+    tok = facts.tokenizer(model_dir)
+    assert not isinstance(tok, FastTokenizer)
+    got = tokenize(tok, ["a [SEP] b"], 16, True)
+    same(got, tokenize(hf, ["a [SEP] b"], 16, True))
+    assert got.special[0].sum() == 2  # [CLS] and [SEP] around the text only

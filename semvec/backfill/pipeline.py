@@ -172,6 +172,8 @@ def execute_here(p, todo: list[InputFile], lease, expected: int | None) -> int:
 
     c = p.config
     tokenize, encoder, writer = _stages(p, c.threads_per_worker)
+    # on the CPU, as an actor that asks for no GPU runs on Ray (its precision was chosen for it)
+    encoder["config"]["device"] = "cpu"
     tally = Tally(c, lease, expected)
     log.info("embedding %d input(s)%s in this process (fewer rows than ray_from_rows %d)",
              len(todo), tally.about(), c.ray_from_rows)

@@ -198,6 +198,7 @@ class EncodeActor:
             normalize=config["normalize"],
             max_length=config["max_length"],
             dtype=config["dtype"],
+            device=config.get("device"),  # None: a GPU if this actor was given one
             batch_tokens=config["batch_tokens"],
             trust_remote_code=config["trust_remote_code"],
         )

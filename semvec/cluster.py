@@ -36,11 +36,11 @@ def init_ray(env_vars: dict[str, str] | None = None) -> bool:
     # No dashboard, so the State API has no HTTP server here. Its address in this cluster's
     # store is set to a port of our own rather than the default 8265, where another Ray's
     # dashboard may be serving (see _local_worker_setup).
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
-             dashboard_port=free_port(), logging_level=logging.WARNING,
-             runtime_env={"worker_process_setup_hook": _local_worker_setup,
-                          **({"env_vars": env_vars} if env_vars else {})})
-    _started_here.add(ray.get_runtime_context().gcs_address)
+    started = ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
+                       dashboard_port=free_port(), logging_level=logging.WARNING,
+                       runtime_env={"worker_process_setup_hook": _local_worker_setup,
+                                    **({"env_vars": env_vars} if env_vars else {})})
+    _started_here.add(started.address_info["gcs_address"])
     return True
 
 

@@ -34,9 +34,16 @@ def test_local_workers_ask_this_cluster_and_never_another_dashboard(ray_local):
 def test_ray_usage_stats_are_off_unless_the_user_turns_them_on(monkeypatch, given, expected):
     import ray
 
+    from semvec import cluster
+
     seen = []
+    monkeypatch.setattr(cluster, "_started_here", set())  # the Rays "started" here are forgotten after
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda *a, **k: seen.append(os.environ.get("RAY_USAGE_STATS_ENABLED")))
+    class Started:  # what ray.init returns: the address of the Ray it started
+        address_info = {"gcs_address": "127.0.0.1:1"}
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: seen.append(os.environ.get("RAY_USAGE_STATS_ENABLED"))
+                        or Started)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", given or "-")  # recorded, so restored afterwards
     if given is None:

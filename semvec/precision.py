@@ -52,13 +52,14 @@ def resolve_on_worker(requested: DType | str, cpus: float, gpus: float) -> tuple
     """resolve() on a node where an encoder actor of these resources would run (a Ray task with
     them), as (value, why): the driver may run on a node of another kind."""
     if DType(requested) != DType.AUTO:
-        return _resolve_here(DType(requested).value, "pinned")
+        return resolved(DType(requested).value, "pinned")
     import ray
 
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus or None)(_resolve_here)
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus or None)(resolved)
     return ray.get(task.remote(DType(requested).value, "cuda" if gpus else "cpu"))
 
 
-def _resolve_here(requested: str, device: str) -> tuple[str, str]:
+def resolved(requested: DType | str, device: str) -> tuple[str, str]:
+    """resolve() as (value, why), as a manifest records it; run where the encoding runs."""
     dtype, why = resolve(requested, device)
     return dtype.value, why

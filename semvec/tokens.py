@@ -17,11 +17,12 @@ the same output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -47,8 +48,15 @@ class ModelFacts:
     """What planning needs from loading a model once."""
 
     dim: int  # the vectors' width
-    backend: str | None  # transformers' tokenizer backend, serialized; None: load transformers'
+    # transformers' tokenizer backend, serialized (None: load transformers'); hundreds of KB, so
+    # equality and hashing look at its digest instead (tokenize tasks cache tokenizers by facts)
+    backend: str | None = field(compare=False)
     truncation_side: str = "right"
+    digest: str = field(init=False, default="")  # sha256 of backend
+
+    def __post_init__(self):
+        object.__setattr__(self, "digest", hashlib.sha256(self.backend.encode()).hexdigest()
+                           if self.backend else "")
 
     def tokenizer(self, model_dir: Path, trust_remote_code: bool = False):
         return (FastTokenizer(self.backend, self.truncation_side) if self.backend
@@ -114,7 +122,8 @@ def _save(path: Path, facts: ModelFacts) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(facts.__dict__))
+        tmp.write_text(json.dumps({"dim": facts.dim, "backend": facts.backend,
+                                   "truncation_side": facts.truncation_side}))
         os.replace(tmp, path)
     except OSError as exc:
         log.debug("the model description was not cached at %s (%s)", path, exc)

@@ -91,6 +91,9 @@ def test_the_description_is_cached_by_fingerprint_and_a_bad_cache_is_rebuilt(tin
     (cached,) = (tmp_path / "cache" / "tokenizers").iterdir()
     assert cached.name.startswith(fingerprint)
     assert describe(model_dir, fingerprint, "bert") == first
+    # facts compare (and hash, for the tokenize tasks' cache) by the backend's digest
+    assert first != tokens.ModelFacts(first.dim, first.backend + " ")
+    assert first == tokens.ModelFacts(first.dim, str(first.backend)) and first.digest
     # a cache cut short (or edited) is described again and rewritten, not trusted
     for bad in ('{"dim": 32, "backe', '{"dim": 32}', "[]"):
         cached.write_text(bad)

@@ -212,8 +212,7 @@ def _run_held(p: Plan, lease: Lease, t0: float) -> dict:
         expected = expected_rows(p, todo)
         p.here = runs_here(config, expected)
         if p.here:
-            dtype, why = precision.resolve(config.dtype, "cpu")
-            p.precision = (dtype.value, why)
+            p.precision = precision.resolved(config.dtype, "cpu")
         else:
             init_ray({**quiet_worker_env(), **crashpoints.worker_env()})
             pool = pool_for(config)  # may refuse (too few GPUs) before anything is written

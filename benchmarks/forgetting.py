@@ -24,6 +24,7 @@ import csv
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -37,8 +38,9 @@ CNSD = {s: DATASETS / "zh_similarity" / "cnsd_stsb" / f"cnsd-sts-{s}.txt" for s 
 SCIFACT = DATASETS / "beir_scifact"
 
 
-def scifact_files(out: Path) -> dict:
-    """Pairs of train claims and cited abstracts, split by claim (seeded 10% to dev)."""
+def scifact_files(out: Path, env: dict, negatives_depth: int = 0) -> dict:
+    """Pairs of train claims and cited abstracts, split by claim (seeded 10% to dev). With
+    negatives_depth, each train pair also gets a mined hard negative (mine_negatives)."""
     with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as f:
         docs = {str(d["_id"]): (str(d.get("title") or "") + " " + str(d.get("text") or "")).strip()
                 for d in map(json.loads, f)}
@@ -52,12 +54,46 @@ def scifact_files(out: Path) -> dict:
             cited.setdefault(qid, []).append(doc)
     ids = sorted(cited)
     dev_ids = set(random.Random(0).sample(ids, round(0.1 * len(ids))))
+    train_ids = [q for q in ids if q not in dev_ids]
+    negatives = (mine_negatives(out, docs, {q: claims[q] for q in train_ids}, cited, negatives_depth, env)
+                 if negatives_depth else {})
     files = {}
-    for split, keep in (("train", lambda q: q not in dev_ids), ("dev", lambda q: q in dev_ids)):
-        rows = [{"anchor": claims[q], "positive": docs[d]} for q in ids if keep(q) for d in cited[q]]
+    for split, chosen in (("train", train_ids), ("dev", sorted(dev_ids))):
+        rows = []
+        for q in chosen:
+            for d in cited[q]:
+                rows.append({"anchor": claims[q], "positive": docs[d]})
+                if (q, d) in negatives:
+                    rows[-1]["negative"] = docs[negatives[q, d]]
         files[split] = out / f"scifact-{split}-pairs.jsonl"
         files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return files
+
+
+def mine_negatives(out: Path, docs: dict, claims: dict, cited: dict, depth: int, env: dict) -> dict:
+    """One hard negative per (train claim, cited document): a seeded pick among the bundled model's
+    top `depth` documents for the claim that the claim does not cite. Mined with semvec itself
+    (embed the corpus, an exact index, a batch search); only train claims and the corpus are read."""
+    mine = out / "mining"
+    shutil.rmtree(mine, ignore_errors=True)
+    mine.mkdir(parents=True)
+    for name, texts in (("docs", docs), ("claims", claims)):
+        (mine / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                                                    for i, t in texts.items()))
+    semvec("embed", str(mine / "docs.jsonl"), str(mine / "vectors"), "--id-field", "id", env=env)
+    semvec("index", str(mine / "vectors"), str(mine / "index"), "--kind", "exact", env=env)
+    semvec("search", str(mine / "index"), "--queries", str(mine / "claims.jsonl"), "--id-field", "id",
+           "--output", str(mine / "hits.jsonl"), "-k", str(depth), env=env)
+    rng = random.Random(0)
+    negatives = {}
+    with open(mine / "hits.jsonl", encoding="utf-8") as f:
+        hits = {str(h["query_id"]): [str(i) for i in h["ids"]] for h in map(json.loads, f)}
+    for q in sorted(claims):
+        pool = [d for d in hits[q] if d not in cited[q]]
+        for d in cited[q]:
+            if pool:
+                negatives[q, d] = rng.choice(pool)
+    return negatives
 
 
 def sts_as_pairs(out: Path, least: float = 4.0) -> Path:
@@ -71,14 +107,21 @@ def sts_as_pairs(out: Path, least: float = 4.0) -> Path:
 
 
 def train(out: Path, task: str, data: dict, model: str, env: dict, extra: list[str]) -> str:
+    """Train one model to `out`; its summary (with the chosen checkpoint's dev metrics under "best")
+    goes to out/../NAME.summary.json beside it."""
     for stale in (out, Path(f"{out}-checkpoints")):  # a same-named run would resume
         shutil.rmtree(stale, ignore_errors=True)
-    semvec("train", "--task", task, "--method", "full", "--train", str(data["train"]), "--dev",
+    summary = semvec("train", "--task", task, "--method", "full", "--train", str(data["train"]), "--dev",
            str(data["dev"]), "--output", str(out), "--model", model, "--name", out.name, *extra, env=env)
+    print(f"{out.name}: dev {summary['best']}", flush=True)
+    Path(f"{out}.summary.json").write_text(json.dumps(summary, indent=2))
     return str(out)
 
 
-def scores(model: str, b: str, env: dict) -> dict:
+def scores(model: str, b: str, env: dict, dev_only: bool = False) -> dict:
+    if dev_only:
+        summary = Path(f"{model}.summary.json")
+        return json.loads(summary.read_text())["best"] if summary.exists() else {}
     a = semvec("evaluate", "sts", "--model", model, "--data", str(A["test"]), env=env)["spearman"]
     if b == "cnsd":
         b = semvec("evaluate", "sts", "--model", model, "--data", str(CNSD["test"]), env=env)
@@ -103,6 +146,16 @@ def main() -> None:
     ap.add_argument("--dev-corpus", action="store_true",
                     help="scifact: the dev claims rank the whole SciFact corpus beside their abstracts "
                          "(train --dev-corpus), as the test claims do; the test split stays unread")
+    ap.add_argument("--hard-negatives", type=int, default=0, metavar="DEPTH",
+                    help="scifact: give each train pair a negative picked (seeded) among the bundled "
+                         "model's top DEPTH documents for its claim that the claim does not cite")
+    ap.add_argument("--train-args", default="", help="more `semvec train` flags for the B runs, "
+                    "e.g. \"--lr 5e-5 --batch-size 32\"")
+    ap.add_argument("--dev-only", action="store_true",
+                    help="train and print the dev metrics only: no test split is scored (for choosing "
+                         "settings; score the chosen model once afterwards)")
+    ap.add_argument("--score", metavar="MODEL", help="only score this model on both test splits "
+                    "(the once-at-the-end test of a model chosen with --dev-only)")
     ap.add_argument("--l2sp", type=float, default=0.0)
     ap.add_argument("--ewc", type=float, default=0.0)
     ap.add_argument("--distill", type=float, default=1.0)
@@ -115,28 +168,35 @@ def main() -> None:
     if args.b == "cnsd":
         task, b_data, replay = "sts", CNSD, A["train"]
     else:
-        task, b_data, replay = "pairs", scifact_files(out), sts_as_pairs(out)
+        task, b_data, replay = "pairs", scifact_files(out, env, args.hard_negatives), sts_as_pairs(out)
     epochs_a = ["--epochs", str(args.epochs_a)] if args.epochs_a else []
-    extra = ["--epochs", str(args.epochs_b)] if args.epochs_b else []
+    extra = (["--epochs", str(args.epochs_b)] if args.epochs_b else []) + shlex.split(args.train_args)
     if args.dev_corpus:
         if args.b != "scifact":
             sys.exit("--dev-corpus is for --b scifact (a pairs task)")
         extra += ["--dev-corpus", str(SCIFACT / "corpus.jsonl")]
-    rows = {} if args.no_zero_shot else {"bundled (zero-shot)": scores("bundled", args.b, env)}
+    if args.score:
+        print(json.dumps({args.score: scores(args.score, args.b, env)}))
+        return
+    zero_shot = args.no_zero_shot or args.dev_only
+    rows = {} if zero_shot else {"bundled (zero-shot)": scores("bundled", args.b, env)}
     if args.from_bundled or args.domain_only:
         tuned = train(out / "model-b-from-bundled", task, b_data, "bundled", env, extra)
-        rows["bundled then B (domain tuning)"] = scores(tuned, args.b, env)
+        rows["bundled then B (domain tuning)"] = scores(tuned, args.b, env, args.dev_only)
     if not args.domain_only:
         model_a = args.model_a or train(out / "model-a", "sts", A, "bundled", env, epochs_a)
-        rows["A: tuned on STS-B"] = scores(model_a, args.b, env)
+        rows["A: tuned on STS-B"] = scores(model_a, args.b, env, args.dev_only)
         plain = train(out / "model-b-plain", task, b_data, model_a, env, extra)
-        rows["A then B, plain"] = scores(plain, args.b, env)
+        rows["A then B, plain"] = scores(plain, args.b, env, args.dev_only)
         continual = train(out / "model-b-continual", task, b_data, model_a, env, extra + [
             "--replay", str(replay), "--replay-share", str(args.replay_share), "--distill",
             str(args.distill), "--l2sp", str(args.l2sp), "--ewc", str(args.ewc)])
-        rows["A then B, continual"] = scores(continual, args.b, env)
+        rows["A then B, continual"] = scores(continual, args.b, env, args.dev_only)
     result = {"rows": rows, "settings": vars(args)}
     (out / "forgetting.json").write_text(json.dumps(result, indent=2))
+    if args.dev_only:
+        print(json.dumps(rows, indent=2))
+        return
     b_name = "CNSD test Spearman" if args.b == "cnsd" else "SciFact test nDCG@10"
     print(f"| model | STS-B test Spearman (A) | {b_name} (B) |\n| --- | --- | --- |")
     for name, s in rows.items():

@@ -6,6 +6,7 @@ padding, and every row's vector is independent of which rows share its batch (be
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from semvec.config import DType, Pooling
 from semvec.models import ModelKind, model_defaults, model_kind
 from semvec.precision import resolve as resolve_dtype
 from semvec.tokens import Tokenized, load_tokenizer, tokenize
+
+log = logging.getLogger(__name__)
 
 # dtype -> (weights, autocast dtype or None)
 _TORCH_DTYPES = {
@@ -99,6 +102,10 @@ class Encoder:
         ).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self.extras = _method_extras(model_dir, self.model)
+        mapped = mapped_weights(self.model)
+        if mapped is not None:
+            log.info("weights: %.1f of %.1f MB read in place from the memory-mapped model files "
+                     "(one copy per node, shared by its actors)", mapped[0] / 1e6, mapped[1] / 1e6)
 
     def tokenize(self, texts: list[str], with_offsets: bool = False) -> Tokenized:
         return tokenize(self.tokenizer, texts, self.max_length, with_offsets)
@@ -157,6 +164,29 @@ class Encoder:
         if self.normalize:
             hidden = torch.nn.functional.normalize(hidden, p=2, dim=-1)
         return hidden.cpu().numpy(), pooled.cpu().numpy()
+
+
+def mapped_weights(model: torch.nn.Module) -> tuple[int, int] | None:
+    """(bytes of the model's parameters that lie in a memory-mapped .safetensors file, all their
+    bytes); None where the process's mappings cannot be read (not Linux).
+
+    transformers maps safetensors files and, when the file's dtype is the one asked for and the
+    device is the CPU, leaves parameters in place in that mapping: the operating system then holds
+    one copy of the weights per node, whatever the number of actors there (float32 weights, under
+    bfloat16 autocast too). A cast (pinned float16 or bfloat16) or a GPU makes a copy per actor."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            spans = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+                     for line in f if line.rstrip().endswith(".safetensors")]
+    except OSError:
+        return None
+    inside = total = 0
+    for p in model.parameters():
+        size = p.numel() * p.element_size()
+        total += size
+        if p.device.type == "cpu" and any(a <= p.data_ptr() < b for a, b in spans):
+            inside += size
+    return inside, total
 
 
 def _method_extras(model_dir: Path, model):

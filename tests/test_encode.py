@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from semvec.config import DType, Pooling
-from semvec.encode import Encoder, pack
+from semvec.encode import Encoder, mapped_weights, pack
 from semvec.testing import corpus_sentences
 
 
@@ -146,3 +146,11 @@ def test_auto_precision_is_the_fastest_that_holds_the_bar_on_the_device(monkeypa
     monkeypatch.setattr(precision, "cpu_flags", set)
     plain = Encoder(tiny_models["bert"])
     assert (plain.dtype, plain.autocast, plain.batch_tokens) == (DType.FLOAT32, None, 1024)
+
+
+@pytest.mark.parametrize("dtype,mapped", [("float32", True), ("bfloat16-mixed", True), ("float16", False)])
+def test_weights_stay_in_the_memory_mapped_file_unless_cast(tiny_models, dtype, mapped):
+    # Actors on one node then share one copy of the weights (the page cache); a cast copies them.
+    enc = Encoder(tiny_models["bert"], dtype=dtype, device="cpu")
+    inside, total = mapped_weights(enc.model)
+    assert total > 0 and inside == (total if mapped else 0)

@@ -1,6 +1,13 @@
 """Precision candidates for the CPU fast path, in-process: seconds and least cosine to float32.
 
     .venv/bin/python benchmarks/int8.py [--rows 1000] [--out FILE]
+    .venv/bin/python benchmarks/int8.py --kernels
+
+--kernels times only the bare matrix product of the model's feed-forward layer (4,096 tokens x
+384 -> 1,536), two threads, median of 30: float32, bfloat16 (AMX where the CPU has it), int8 x int8
+-> int32 (`torch._int_mm`, the oneDNN kernel), and int8 with each token's activations quantised
+and the product scaled back (what a per-token W8A8 layer would add): the ceiling of any int8 path
+built on torch here, before accuracy.
 
 Encodes the same rows of the mixed corpus (benchmarks/throughput.py) with the bundled model, two
 threads, after a warm-up batch, in:
@@ -115,12 +122,47 @@ def onnx_encoders(enc: Encoder, folder: Path) -> dict:
     return {"onnx float32": encoder_for(fp32), "onnx int8 (dynamic, per-channel)": encoder_for(int8)}
 
 
+def kernels(m: int = 4096, k: int = 384, n: int = 1536, repeat: int = 30) -> list[dict]:
+    """Milliseconds per product (median of `repeat`) for each kernel, and its speed vs float32."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    a16, w16 = a.bfloat16(), w.bfloat16()
+    w_scale = w.abs().amax(1) / 127  # per output channel
+    w8 = torch.round(w / w_scale[:, None]).to(torch.int8).T.contiguous()  # [k, n]
+    a8 = torch.round(a / (a.abs().amax() / 127)).to(torch.int8)
+
+    def per_token():
+        scale = a.abs().amax(1, keepdim=True) / 127
+        q = torch.round(a / scale).clamp(-127, 127).to(torch.int8)
+        return torch._int_mm(q, w8).float() * scale * w_scale
+
+    runs = {"float32": lambda: a @ w.T, "bfloat16": lambda: a16 @ w16.T,
+            "int8 x int8 -> int32 (torch._int_mm)": lambda: torch._int_mm(a8, w8),
+            "int8 with per-token quantisation and rescale": per_token}
+    out = []
+    for name, f in runs.items():
+        f()
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        out.append({"kernel": name, "ms": round(1e3 * float(np.median(times)), 3)})
+    for r in out:
+        r["vs_float32"] = round(out[0]["ms"] / r["ms"], 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--kernels", action="store_true", help="time the bare matrix products only")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.kernels:
+        print(json.dumps(kernels(), indent=2))
+        return
     model_dir = resolve_model("bundled")
     base = Encoder(model_dir, dtype="float32")
     ids = base.tokenize(mixed_corpus(args.rows)).ids

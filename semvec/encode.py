@@ -133,6 +133,11 @@ class Encoder:
 
     def _encode_packed(self, ids, lengths, out: np.ndarray, tokens: list | None) -> None:
         # One autocast region around all batches: its cast of the weights is made once, not per batch.
+        # On a GPU the loop runs one batch ahead: batch i+1 is padded (on the CPU) and copied in from
+        # pinned memory while batch i computes; batch i's vectors are copied out asynchronously and
+        # read once batch i+1 is queued. On a CPU every step is synchronous (the same order).
+        cuda = self.device.type == "cuda"
+        pending = None
         for batch in pack(lengths, self.batch_tokens, self.max_rows):
             width = int(lengths[batch].max())
             input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
@@ -140,17 +145,45 @@ class Encoder:
             for j, i in enumerate(batch):
                 input_ids[j, : lengths[i]] = ids[i]
                 mask[j, : lengths[i]] = 1
-            hidden, pooled = self._forward(torch.from_numpy(input_ids), torch.from_numpy(mask),
-                                           with_tokens=tokens is not None)
-            out[batch] = pooled
-            if tokens is not None:
-                for j, i in enumerate(batch):
-                    tokens[i] = hidden[j, : lengths[i]]
+            flight = self._launch(torch.from_numpy(input_ids), torch.from_numpy(mask),
+                                  with_tokens=tokens is not None, cuda=cuda)
+            if pending is not None:
+                self._collect(*pending, lengths, out, tokens)
+            pending = (batch, *flight)
+        if pending is not None:
+            self._collect(*pending, lengths, out, tokens)
+
+    def _launch(self, input_ids: torch.Tensor, mask: torch.Tensor, with_tokens: bool, cuda: bool):
+        """Queue one batch: (pooled [b, d], hidden [b, t, d] or None, an event marking when both are
+        on the host, or None when they already are)."""
+        if cuda:
+            input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
+            mask_dev = mask.pin_memory().to(self.device, non_blocking=True)
+        else:
+            mask_dev = mask
+        hidden, pooled = self._forward(input_ids, mask_dev, with_tokens)
+        if not cuda:
+            return pooled.cpu().numpy(), None if hidden is None else hidden.cpu().numpy(), None
+        pooled = pooled.to("cpu", non_blocking=True)  # pinned host memory, read after the event
+        hidden = None if hidden is None else hidden.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return pooled, hidden, done
+
+    @staticmethod
+    def _collect(batch, pooled, hidden, done, lengths, out: np.ndarray, tokens: list | None) -> None:
+        if done is not None:
+            done.synchronize()
+            pooled, hidden = pooled.numpy(), None if hidden is None else hidden.numpy()
+        out[batch] = pooled
+        if tokens is not None:
+            for j, i in enumerate(batch):
+                tokens[i] = hidden[j, : lengths[i]]
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor,
-                 with_tokens: bool) -> tuple[np.ndarray | None, np.ndarray]:
-        """Pooled vectors float32 [b, d]; with_tokens also the per-token vectors [b, t, d]."""
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+                 with_tokens: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(per-token vectors float32 [b, t, d] when with_tokens, else None; pooled vectors float32
+        [b, d]) on the model's device, normalised when the model normalises."""
         if self.extras is not None:  # adapters or a learned prompt that could not be merged
             hidden, _ = self.extras(input_ids, mask)
         else:
@@ -160,10 +193,10 @@ class Encoder:
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         if not with_tokens:
-            return None, pooled.cpu().numpy()
+            return None, pooled
         if self.normalize:
             hidden = torch.nn.functional.normalize(hidden, p=2, dim=-1)
-        return hidden.cpu().numpy(), pooled.cpu().numpy()
+        return hidden, pooled
 
 
 def mapped_weights(model: torch.nn.Module) -> tuple[int, int] | None:

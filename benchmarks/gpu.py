@@ -50,8 +50,23 @@ def peak_tflops(name: str, given: float | None) -> float | None:
     return None
 
 
-def model_flops(model_dir: Path, texts: list[str]) -> tuple[int, float]:
-    """(tokens, forward FLOPs) of the corpus, each text at its own truncated length."""
+def padding_share(lengths: np.ndarray) -> float:
+    """Share of the token slots that semvec's GPU forward passes spend on padding for texts of
+    these lengths: each Ray batch (a GPU actor's default of GPU_BATCH_ROWS rows, in corpus order)
+    sorted by length and cut into GPU_BATCH budgets, as an encoder actor does."""
+    from semvec.config import GPU_BATCH_ROWS as rows
+    from semvec.encode import GPU_BATCH, pack
+
+    padded = 0
+    for start in range(0, len(lengths), rows):
+        part = lengths[start:start + rows]
+        padded += sum(len(b) * int(part[b].max()) for b in pack(part, *GPU_BATCH))
+    return 1.0 - float(lengths.sum()) / padded
+
+
+def model_flops(model_dir: Path, texts: list[str]) -> tuple[int, float, float]:
+    """(tokens, forward FLOPs, padding share of semvec's GPU batches) of the corpus, each text at
+    its own truncated length."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from semvec.models import model_defaults
@@ -65,7 +80,7 @@ def model_flops(model_dir: Path, texts: list[str]) -> tuple[int, float]:
     lengths = np.array([len(ids) for ids in tok(texts, truncation=True, max_length=limit)["input_ids"]])
     layers, hidden = config.num_hidden_layers, config.hidden_size
     flops = 2.0 * dense * lengths.sum() + 4.0 * layers * hidden * float((lengths ** 2).sum())
-    return int(lengths.sum()), flops
+    return int(lengths.sum()), flops, padding_share(lengths)
 
 
 def sentence_transformers_fp16(model_dir: Path, texts: list[str], batch_sizes: list[int],
@@ -117,8 +132,9 @@ def main() -> None:
     corpus = out / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
     model_dir = resolve_model(args.model)
-    tokens, flops = model_flops(model_dir, texts)
+    tokens, flops, padding = model_flops(model_dir, texts)
     header = {"gpu": gpu, "peak_tflops": peak, "rows": len(texts), "tokens": tokens,
+              "semvec_gpu_batch_padding_share": round(padding, 4),
               "gflops_per_token": round(flops / tokens / 1e9, 4), "torch": torch.__version__}
     print(json.dumps(header), flush=True)
 

@@ -70,6 +70,9 @@ def parse_enum(enum: type[Enum], what: str, value: Any) -> Enum:
         raise choice_error(what, value, list(enum)) from None
 
 
+CPU_BATCH_ROWS, GPU_BATCH_ROWS = 2048, 8192  # EmbedConfig.batch_rows by default
+
+
 @dataclass
 class EmbedConfig:
     """One backfill job. Fields marked 'output-shaping' enter the config hash."""
@@ -97,7 +100,11 @@ class EmbedConfig:
     # cache and run fastest, and 2048 for reduced precision (benchmarks/RESULTS.md); 16384 on a
     # GPU, which wants big ones.
     batch_tokens: int | None = None
-    batch_rows: int = 2048  # rows per Ray Data batch handed to one encoder actor (sorted within)
+    # Rows per Ray Data batch handed to one encoder actor, sorted by length within and cut into
+    # forward passes. None: 2048 on CPUs; 8192 with GPUs, whose big forward passes would otherwise
+    # span a wider range of lengths and pad more (the mixed benchmark corpus: 4.3% of the token
+    # slots padding at 8192 rows, 13.7% at 2048; benchmarks/gpu.py prints it).
+    batch_rows: int | None = None
     rows_per_file: int = 50_000
     min_workers: int = 1
     max_workers: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
@@ -145,7 +152,8 @@ class EmbedConfig:
                      "(the token-weighted mean of its chunk vectors, renormalised)",
         "batch_tokens": "padded tokens per forward pass (default: 1024 on CPU for float32, 2048 for "
                         "reduced precision, 16384 on a GPU)",
-        "batch_rows": "rows per Ray Data batch handed to one encoder actor",
+        "batch_rows": "rows per Ray Data batch handed to one encoder actor (default: 2048 on CPUs, "
+                      "8192 with GPUs)",
         "rows_per_file": "rows per output parquet part at most (with chunk_tokens: documents, each "
                          "with all its chunks)",
         "min_workers": "encoder actors to start with",
@@ -177,10 +185,11 @@ class EmbedConfig:
         for name in ("input", "output", "model", "text_field"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        positive = ("max_chars", "batch_rows", "rows_per_file", "min_workers", "ray_from_rows")
+        positive = ("max_chars", "rows_per_file", "min_workers", "ray_from_rows")
         for name in positive:
             _require_positive_int(name, getattr(self, name))
-        for name in ("max_length", "max_workers", "threads_per_worker", "batch_tokens", "chunk_tokens"):
+        for name in ("max_length", "max_workers", "threads_per_worker", "batch_tokens", "chunk_tokens",
+                     "batch_rows"):
             if getattr(self, name) is not None:
                 _require_positive_int(name, getattr(self, name))
         self._check_chunking()
@@ -215,6 +224,11 @@ class EmbedConfig:
         if self.chunk_overlap >= self.chunk_tokens:
             raise ConfigError(f"chunk_overlap {self.chunk_overlap} must be below chunk_tokens "
                               f"{self.chunk_tokens}")
+
+    @property
+    def rows_per_batch(self) -> int:
+        """batch_rows, or its default for where the encoders run."""
+        return self.batch_rows or (GPU_BATCH_ROWS if self.num_gpus_per_worker else CPU_BATCH_ROWS)
 
     def output_hash(self, model_fingerprint: str) -> str:
         """Hash of everything that shapes the output: a rerun with another hash is refused."""

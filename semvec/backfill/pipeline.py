@@ -146,11 +146,11 @@ def execute(p, todo: list[InputFile], pool: tuple[float, int, int], lease, expec
     quiet_ray_data()
     io = {"num_cpus": 0, "compute": TaskPoolStrategy(size=max(2, high * IO_TASKS_PER_ACTOR))}
     ds = ray.data.read_datasource(CorpusSource(todo, c, p.done), **io)
-    ds = ds.map_batches(tokenize, batch_size=c.batch_rows, batch_format="pyarrow", **io)
+    ds = ds.map_batches(tokenize, batch_size=c.rows_per_batch, batch_format="pyarrow", **io)
     ds = ds.map_batches(
         EncodeActor, fn_constructor_kwargs=encoder,
         compute=ActorPoolStrategy(min_size=low, max_size=high),
-        batch_size=c.batch_rows, batch_format="pyarrow",
+        batch_size=c.rows_per_batch, batch_format="pyarrow",
         num_cpus=cpus, num_gpus=c.num_gpus_per_worker or None,
     )
     ds = ds.map_batches(writer, batch_size=c.rows_per_file, batch_format="pyarrow", **io)
@@ -179,7 +179,7 @@ def execute_here(p, todo: list[InputFile], lease, expected: int | None) -> int:
     with _stopping_on_store_errors():
         encode = EncodeActor(**encoder)
         read = (block for reader in CorpusSource(todo, c, p.done).readers() for block in reader())
-        encoded = (encode(tokenize(batch)) for batch in _rebatch(read, c.batch_rows))
+        encoded = (encode(tokenize(batch)) for batch in _rebatch(read, c.rows_per_batch))
         for batch in _rebatch(encoded, c.rows_per_file):
             tally.add(writer(batch))
     return tally.progress.rows

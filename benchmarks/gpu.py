@@ -50,12 +50,14 @@ def peak_tflops(name: str, given: float | None) -> float | None:
     return None
 
 
-def padding_share(lengths: np.ndarray) -> float:
+def padding_share(lengths: np.ndarray, rows: int | None = None) -> float:
     """Share of the token slots that semvec's GPU forward passes spend on padding for texts of
-    these lengths: each Ray batch (a GPU actor's default of GPU_BATCH_ROWS rows, in corpus order)
-    sorted by length and cut into GPU_BATCH budgets, as an encoder actor does."""
-    from semvec.config import GPU_BATCH_ROWS as rows
+    these lengths: each Ray batch (`rows` rows, default a GPU actor's GPU_BATCH_ROWS, in corpus
+    order) sorted by length and cut into GPU_BATCH budgets, as an encoder actor does."""
+    from semvec.config import GPU_BATCH_ROWS
     from semvec.encode import GPU_BATCH, pack
+
+    rows = rows or GPU_BATCH_ROWS
 
     padded = 0
     for start in range(0, len(lengths), rows):
@@ -64,20 +66,27 @@ def padding_share(lengths: np.ndarray) -> float:
     return 1.0 - float(lengths.sum()) / padded
 
 
+def token_lengths(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """Each text's tokens, truncated at the model's limit."""
+    from transformers import AutoTokenizer
+
+    from semvec.models import model_defaults
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    limit = model_defaults(model_dir).max_length
+    return np.array([len(ids) for ids in tok(texts, truncation=True, max_length=limit)["input_ids"]])
+
+
 def model_flops(model_dir: Path, texts: list[str]) -> tuple[int, float, float]:
     """(tokens, forward FLOPs, padding share of semvec's GPU batches) of the corpus, each text at
     its own truncated length."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from semvec.models import model_defaults
+    from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(str(model_dir))
     model = AutoModel.from_pretrained(str(model_dir))
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     dense = sum(p.numel() for p in model.parameters()) - embedding
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    limit = model_defaults(model_dir).max_length
-    lengths = np.array([len(ids) for ids in tok(texts, truncation=True, max_length=limit)["input_ids"]])
+    lengths = token_lengths(model_dir, texts)
     layers, hidden = config.num_hidden_layers, config.hidden_size
     flops = 2.0 * dense * lengths.sum() + 4.0 * layers * hidden * float((lengths ** 2).sum())
     return int(lengths.sum()), flops, padding_share(lengths)
@@ -118,6 +127,9 @@ def main() -> None:
                     help='one semvec run per value, e.g. --semvec-args="--dtype bfloat16"')
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by its name)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--padding-only", action="store_true",
+                    help="print the padding share of GPU forward passes for Ray batches of 2,048 to "
+                         "16,384 rows (no GPU needed) and stop")
     args = ap.parse_args()
     import torch
 
@@ -129,6 +141,11 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="semvec-gpu-"))
     out.mkdir(parents=True, exist_ok=True)
     texts = mixed_corpus(args.rows)
+    if args.padding_only:
+        lengths = token_lengths(resolve_model(args.model), texts)
+        shares = {rows: round(padding_share(lengths, rows), 4) for rows in (2048, 4096, 8192, 16384)}
+        print(json.dumps(shares))
+        return
     corpus = out / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
     model_dir = resolve_model(args.model)

@@ -146,6 +146,8 @@ def champion(auth_server, tiny_models, tmp_path_factory) -> dict:
                 if p.is_file() and p.suffix in (".log", ".out", ".err")]
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert trained.returncode == 0, trained.stderr[-3000:]
+    # the worker's progress line reaches the user once (Ray Train's print patch had doubled it)
+    assert (trained.stdout + trained.stderr).count("semvec train: epoch 1.00 ") == 1
     assert ray_logs, "no Ray log was read"
     _assert_no_password(auth_server, trained.stdout, trained.stderr, *ray_logs)
     summary = json.loads(trained.stdout)

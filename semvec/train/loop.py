@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -216,8 +217,8 @@ class Worker:
         self.progress = state["progress"]
         if self.rank == 0:
             p = self.progress
-            print(f"semvec train: resumed from the checkpoint at step {p['step']} "
-                  f"(epoch {p['epoch']}, batch {p['batch']})", flush=True)
+            say(f"semvec train: resumed from the checkpoint at step {p['step']} "
+                f"(epoch {p['epoch']}, batch {p['batch']})")
             if self.tracker:
                 self.tracker.log_metrics({"resumed_from_step": p["step"]}, step=p["step"])
 
@@ -313,10 +314,9 @@ class Worker:
         if self.rank != 0:
             self.session.report(metrics)
             return progress["bad"] >= self.cfg.patience
-        print(f"semvec train: epoch {metrics['epoch']:.2f} step {metrics['step']} train_loss "
-              f"{metrics['train_loss']:.4f} {self.primary} {score.item():.4f}"
-              + (" (best so far)" if improved else f" (no gain {progress['bad']}/{self.cfg.patience})"),
-              flush=True)
+        say(f"semvec train: epoch {metrics['epoch']:.2f} step {metrics['step']} train_loss "
+            f"{metrics['train_loss']:.4f} {self.primary} {score.item():.4f}"
+            + (" (best so far)" if improved else f" (no gain {progress['bad']}/{self.cfg.patience})"))
         if self.tracker:  # MLflow's train_loss is the 10-step series: this mean has its own name
             logged = {("train_loss_since_eval" if k == "train_loss" else k): v
                       for k, v in metrics.items() if k != "epoch"}
@@ -325,6 +325,13 @@ class Worker:
                                       "scheduler": self.sched.state_dict(), "progress": dict(progress),
                                       "metrics": metrics, "dev_detail": detail})
         return progress["bad"] >= self.cfg.patience
+
+
+def say(line: str) -> None:
+    """One progress line on the worker's stdout, which Ray shows on the driver's once. Not print():
+    Ray Train patches it on workers to log as well as print, so every line came twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _to(batch: dict, device: torch.device) -> dict:

@@ -36,12 +36,27 @@ def init_ray(env_vars: dict[str, str] | None = None) -> bool:
     # No dashboard, so the State API has no HTTP server here. Its address in this cluster's
     # store is set to a port of our own rather than the default 8265, where another Ray's
     # dashboard may be serving (see _local_worker_setup).
+    _quiet_auth_notice()
     started = ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
                        dashboard_port=free_port(), logging_level=logging.WARNING,
                        runtime_env={"worker_process_setup_hook": _local_worker_setup,
                                     **({"env_vars": env_vars} if env_vars else {})})
     _started_here.add(started.address_info["gcs_address"])
     return True
+
+
+def _quiet_auth_notice() -> None:
+    """A local Ray turns token authentication on and says so with a WARNING that suggests turning
+    it off. semvec keeps it on (README, "Cluster"), so that notice is dropped; every other message
+    of that logger (a missing token, authentication off) still shows."""
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _AuthNoticeFilter) for f in notice.filters):
+        notice.addFilter(_AuthNoticeFilter())
+
+
+class _AuthNoticeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
 
 
 _started_here: set[str] = set()  # the GCS addresses of the local Rays init_ray started

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from semvec import cluster
 from semvec.cluster import _PG_CLEANER_LOGGER, init_ray
 
 
@@ -50,3 +51,16 @@ def test_ray_usage_stats_are_off_unless_the_user_turns_them_on(monkeypatch, give
         monkeypatch.delenv("RAY_USAGE_STATS_ENABLED")
     init_ray()
     assert seen == [expected]
+
+
+def test_the_notice_that_suggests_turning_token_auth_off_is_dropped_and_nothing_else():
+    cluster._quiet_auth_notice()
+    cluster._quiet_auth_notice()  # once, however often Ray is started
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    assert sum(isinstance(f, cluster._AuthNoticeFilter) for f in notice.filters) == 1
+
+    def shown(msg: str) -> bool:
+        return notice.filter(logging.LogRecord(notice.name, logging.WARNING, __file__, 1, msg, None, None))
+
+    assert not shown("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=...")
+    assert shown("Token authentication is disabled for this Ray cluster. Anyone with network access")

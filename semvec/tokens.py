@@ -59,8 +59,16 @@ class ModelFacts:
                            if self.backend else "")
 
     def tokenizer(self, model_dir: Path, trust_remote_code: bool = False):
-        return (FastTokenizer(self.backend, self.truncation_side) if self.backend
-                else load_tokenizer(model_dir, trust_remote_code))
+        """The tokenizer without transformers when there is a backend; transformers' where there is
+        none, or where this process's `tokenizers` cannot read it (a cluster worker with another
+        version than the driver that serialized it)."""
+        if self.backend:
+            try:
+                return FastTokenizer(self.backend, self.truncation_side)
+            except Exception as exc:  # noqa: BLE001 - any failure to read it: transformers' way
+                log.warning("the serialized tokenizer does not load here (%s: %s); using transformers'",
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return load_tokenizer(model_dir, trust_remote_code)
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):

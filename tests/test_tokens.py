@@ -166,6 +166,18 @@ def test_the_tokenize_stage_matches_with_and_without_a_serialized_backend(tiny_m
         assert got.equals(want), granularity
 
 
+def test_a_backend_this_process_cannot_read_falls_back_to_transformers(tiny_models, caplog):
+    # e.g. serialized by a newer `tokenizers` on the driver than a cluster worker runs
+    model_dir = tiny_models["bert"]
+    facts = describe(model_dir, models.fingerprint(model_dir), "bert")
+    unreadable = tokens.ModelFacts(facts.dim, facts.backend.replace('"model"', '"modell"', 1))
+    with caplog.at_level("WARNING", logger="semvec.tokens"):
+        tok = unreadable.tokenizer(model_dir)
+    assert not isinstance(tok, FastTokenizer)
+    assert "does not load here" in caplog.text
+    same(tokenize(tok, TEXTS, 12, True), tokenize(facts.tokenizer(model_dir), TEXTS, 12, True))
+
+
 def test_a_tokenizer_that_splits_special_tokens_keeps_transformers(tiny_models, tmp_path):
     """split_special_tokens is applied by transformers per call, not stored in the backend: such a
     model gets no serialized backend, so "[SEP]" written in a text stays text."""

@@ -105,7 +105,8 @@ class Encoder:
         mapped = mapped_weights(self.model)
         if mapped is not None:
             log.info("weights: %.1f of %.1f MB read in place from the memory-mapped model files "
-                     "(one copy per node, shared by its actors)", mapped[0] / 1e6, mapped[1] / 1e6)
+                     "(one copy per node, shared by its actors; the rest is this process's own)",
+                     mapped[0] / 1e6, mapped[1] / 1e6)
 
     def tokenize(self, texts: list[str], with_offsets: bool = False) -> Tokenized:
         return tokenize(self.tokenizer, texts, self.max_length, with_offsets)

@@ -104,7 +104,7 @@ class Encoder:
         self.extras = _method_extras(model_dir, self.model)
         mapped = mapped_weights(self.model)
         if mapped is not None:
-            log.info("weights: %.1f of %.1f MB read in place from the memory-mapped model files "
+            log.debug("weights: %.1f of %.1f MB read in place from the memory-mapped model files "
                      "(one copy per node, shared by its actors; the rest is this process's own)",
                      mapped[0] / 1e6, mapped[1] / 1e6)
 

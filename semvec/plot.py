@@ -129,7 +129,7 @@ def _colours(s: PlotSettings, ids: list[str], columns: dict[str, list]) -> list[
 
     label_of: dict[str, str] = {}
     for _source, _row, rid, value, reason in read_all_rows(s.labels, s.color_by, s.id_field, 10_000,
-                                                           "labels file"):
+                                                           "labels file", "--color-by"):
         if reason is None:
             label_of.setdefault(rid, value)
     found = [label_of.get(i) for i in ids]

@@ -431,3 +431,26 @@ def test_a_backfill_of_bad_input_ends_normally_with_every_row_once(ray_local, ti
     nul = next(r for r in out if r["id"] == "s3")
     want = Encoder(tiny_models["bert"]).encode_texts(["a NUL \u0000 inside"])[0]
     np.testing.assert_allclose(nul["embedding"], want, atol=VECTOR_ATOL)
+
+
+@pytest.mark.parametrize("name", ["q.csv", "q.tsv.gz", "q.parquet"])
+def test_a_table_without_the_text_column_is_refused_before_work(tmp_path, tiny_models, name):
+    # every row would go to quarantine as missing_text_field: a wrong --text-field, one line instead
+    from semvec.backfill.job import plan
+
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({"question": ["where is my card"], "category": ["card_arrival"]}), path)
+    else:
+        sep = "\t" if ".tsv" in name else ","
+        data = f"\ufeffquestion{sep}category\nwhere is my card{sep}card_arrival\n".encode()
+        path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    want = (rf"^input '{name}' has no column 'text' \(its columns: 'question', 'category'\); "
+            "name the column with --text-field$")
+    settings = {"input": str(path), "output": str(tmp_path / "out"), "model": str(tiny_models["bert"])}
+    with pytest.raises(ConfigError, match=want):
+        plan(load_embed_config(None, **settings))
+    assert not (tmp_path / "out").exists()
+    plan(load_embed_config(None, **settings, text_field="question"))  # the right column: planned
+    with pytest.raises(ConfigError, match=rf"^queries file '{name}' has no column 'text'"):  # semvec search
+        read.read_all_rows(str(path), "text", None, 1000, "queries file")

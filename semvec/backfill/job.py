@@ -30,7 +30,7 @@ from semvec.backfill.pipeline import (
     runs_here,
     too_many_failed,
 )
-from semvec.backfill.read import RowParser, detect_format, has_rows
+from semvec.backfill.read import RowParser, detect_format, has_rows, require_text_column
 from semvec.chunking import check_windows
 from semvec.cluster import check_local_resources, init_ray, quiet_worker_env
 from semvec.config import EmbedConfig, InputFormat, Pooling
@@ -77,6 +77,8 @@ def plan(config: EmbedConfig) -> Plan:
             )
     if all(f.size == 0 for f in files):
         raise ConfigError(f"input {storage.display(config.input)!r} holds only empty files")
+    first = next(f for f in files if f.size)  # the file the row estimate samples too
+    require_text_column(first, detect_format(first.relative, config.input_format), config.text_field, "input")
     model_dir = models.resolve_model(config.model)
     fingerprint = models.fingerprint(model_dir)
     static = models.model_kind(model_dir) == models.ModelKind.STATIC  # a token table, no config.json

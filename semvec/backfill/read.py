@@ -286,10 +286,38 @@ def iter_rows(file: InputFile, fmt: InputFormat, parser: RowParser) -> Iterator[
             raise ValueError(f"no parser for {fmt}")
 
 
+def columns(file: InputFile, fmt: InputFormat) -> list[str] | None:
+    """A table's columns (a csv/tsv header, a parquet schema), read before its rows; None for
+    formats without one (jsonl rows name their own fields, txt has none) or an unreadable file
+    (the job itself reports that, as a quarantine reason)."""
+    if fmt not in (InputFormat.CSV, InputFormat.TSV, InputFormat.PARQUET) or file.size == 0:
+        return None
+    try:
+        with _open(storage.filesystem(file.uri), file) as handle:
+            if fmt == InputFormat.PARQUET:
+                return list(pq.ParquetFile(handle).schema_arrow.names)
+            text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
+            return next(csv.reader(text, delimiter="\t" if fmt == InputFormat.TSV else ","), None)
+    except Exception:  # noqa: BLE001 - unreadable here is reported by the job with its reason
+        return None
+
+
+def require_text_column(file: InputFile, fmt: InputFormat, text_field: str, what: str,
+                        flag: str = "--text-field") -> None:
+    """ConfigError, one line, when a table has no column `text_field`: every row of it would
+    otherwise go to quarantine as missing_text_field (a wrong `flag`, almost always)."""
+    names = columns(file, fmt)
+    if names is not None and text_field not in names:
+        shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
+        raise ConfigError(f"{what} {file.relative!r} has no column {text_field!r} (its columns: {shown}); "
+                          f"name the column with {flag}")
+
+
 def read_all_rows(uri: str, text_field: str, id_field: str | None, max_chars: int,
-                  what: str) -> list[tuple]:
+                  what: str, flag: str = "--text-field") -> list[tuple]:
     """(source, row, id, text, reason) of every row of a small input (a query set, a labels
-    file), read in this process as the backfill reads a corpus; `what` names it in errors."""
+    file), read in this process as the backfill reads a corpus; `what` names it in errors, and
+    `flag` the option that names text_field (a table without that column is refused)."""
     parser = RowParser(text_field, id_field, max_chars)
     rows = []
     for file in storage.list_inputs(uri):
@@ -297,6 +325,7 @@ def read_all_rows(uri: str, text_field: str, id_field: str | None, max_chars: in
         if fmt is None:
             raise ConfigError(f"{what} {file.relative!r} has no known extension (.jsonl, .parquet, "
                               ".csv, .tsv, .txt, each optionally .gz)")
+        require_text_column(file, fmt, text_field, what, flag)
         rows += [(file.relative, row, rid, text, reason)
                  for row, rid, text, reason, _raw in iter_rows(file, fmt, parser)]
     return rows

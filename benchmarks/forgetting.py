@@ -15,6 +15,13 @@ defaults; --l2sp/--ewc add those terms). The replay data must be of B's task: fo
 train; for scifact, STS-B train pairs scored 4 or more, as anchor/positive pairs. --from-bundled
 adds B tuned from the bundled model (domain tuning without A); --domain-only runs that alone.
 Every model is scored once on both test splits. The table goes to stdout and DIR/forgetting.json.
+
+For choosing settings on dev (scifact): --dev-only trains and prints each run's dev metrics (its
+chosen checkpoint's, from `semvec train`) and scores no test split; --score MODEL then scores the
+one chosen model on both test splits, once. --hard-negatives DEPTH gives each train pair a mined
+negative: a seeded pick among the bundled model's top DEPTH corpus documents for its claim that
+the claim does not cite (semvec embed, index and search; train claims and the corpus only).
+--train-args passes more `semvec train` flags to the B runs (e.g. "--lr 5e-5").
 """
 
 from __future__ import annotations
@@ -165,6 +172,9 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    if args.score:
+        print(json.dumps({args.score: scores(args.score, args.b, env)}))
+        return
     if args.b == "cnsd":
         task, b_data, replay = "sts", CNSD, A["train"]
     else:
@@ -175,9 +185,6 @@ def main() -> None:
         if args.b != "scifact":
             sys.exit("--dev-corpus is for --b scifact (a pairs task)")
         extra += ["--dev-corpus", str(SCIFACT / "corpus.jsonl")]
-    if args.score:
-        print(json.dumps({args.score: scores(args.score, args.b, env)}))
-        return
     zero_shot = args.no_zero_shot or args.dev_only
     rows = {} if zero_shot else {"bundled (zero-shot)": scores("bundled", args.b, env)}
     if args.from_bundled or args.domain_only:

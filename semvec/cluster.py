@@ -73,12 +73,6 @@ def on_a_cluster() -> bool:
     return ray.get_runtime_context().gcs_address not in _started_here
 
 
-def use_ray(rows: int | None, ray_from_rows: int) -> bool:
-    """Whether a job of about `rows` rows (None: unknown) runs on Ray: always on a cluster (the
-    work belongs on its workers), else from ray_from_rows rows on."""
-    return on_a_cluster() or rows is None or rows >= ray_from_rows
-
-
 def gather(refs: list, what: str) -> list:
     """ray.get(refs), or TaskFailed in one line naming `what` and the task's own error."""
     import ray

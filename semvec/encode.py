@@ -134,9 +134,11 @@ class Encoder:
 
     def _encode_packed(self, ids, lengths, out: np.ndarray, tokens: list | None) -> None:
         # One autocast region around all batches: its cast of the weights is made once, not per batch.
-        # On a GPU the loop runs one batch ahead: batch i+1 is padded (on the CPU) and copied in from
-        # pinned memory while batch i computes; batch i's vectors are copied out asynchronously and
-        # read once batch i+1 is queued. On a CPU every step is synchronous (the same order).
+        # On a GPU the loop runs one batch ahead: batch i's vectors are read only after batch i+1 is
+        # padded and pinned on the CPU and queued, so that CPU work overlaps batch i's compute. The
+        # copies (non-blocking, from and to pinned memory) run on the compute stream, so they do not
+        # overlap compute themselves; and transformers' mask code may wait for the GPU inside a
+        # forward pass. On a CPU every step is synchronous (the same order).
         cuda = self.device.type == "cuda"
         pending = None
         for batch in pack(lengths, self.batch_tokens, self.max_rows):
@@ -161,14 +163,14 @@ class Encoder:
             input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
             mask_dev = mask.pin_memory().to(self.device, non_blocking=True)
         else:
-            mask_dev = mask
+            input_ids, mask_dev = input_ids.to(self.device), mask.to(self.device)
         hidden, pooled = self._forward(input_ids, mask_dev, with_tokens)
         if not cuda:
             return pooled.cpu().numpy(), None if hidden is None else hidden.cpu().numpy(), None
         pooled = pooled.to("cpu", non_blocking=True)  # pinned host memory, read after the event
         hidden = None if hidden is None else hidden.to("cpu", non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))
         return pooled, hidden, done
 
     @staticmethod
@@ -179,7 +181,8 @@ class Encoder:
         out[batch] = pooled
         if tokens is not None:
             for j, i in enumerate(batch):
-                tokens[i] = hidden[j, : lengths[i]]
+                # from a GPU, a copy: a view would keep the whole padded, page-locked batch alive
+                tokens[i] = hidden[j, : lengths[i]] if done is None else hidden[j, : lengths[i]].copy()
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor,
                  with_tokens: bool) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -92,7 +92,7 @@ def describe(model_dir: Path, fingerprint: str, ref: str, static_dim: int | None
     if path is not None and path.is_file():
         try:
             return ModelFacts(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as exc:  # unreadable: described again, rewritten
+        except (OSError, ValueError, TypeError, AttributeError) as exc:  # unreadable: described again
             log.debug("ignoring the cached description %s (%s)", path, exc)
     facts = _load(model_dir, ref, static_dim, trust_remote_code)
     if path is not None:

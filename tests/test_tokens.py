@@ -95,7 +95,7 @@ def test_the_description_is_cached_by_fingerprint_and_a_bad_cache_is_rebuilt(tin
     assert first != tokens.ModelFacts(first.dim, first.backend + " ")
     assert first == tokens.ModelFacts(first.dim, str(first.backend)) and first.digest
     # a cache cut short (or edited) is described again and rewritten, not trusted
-    for bad in ('{"dim": 32, "backe', '{"dim": 32}', "[]"):
+    for bad in ('{"dim": 32, "backe', '{"dim": 32}', "[]", '{"dim": 32, "backend": 5}'):
         cached.write_text(bad)
         assert describe(model_dir, fingerprint, "bert") == first
         assert json.loads(cached.read_text())["dim"] == 32

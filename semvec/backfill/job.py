@@ -77,7 +77,7 @@ def plan(config: EmbedConfig) -> Plan:
             )
     if all(f.size == 0 for f in files):
         raise ConfigError(f"input {storage.display(config.input)!r} holds only empty files")
-    first = next(f for f in files if f.size)  # the file the row estimate samples too
+    first = next(f for f in files if f.size)
     require_text_column(first, detect_format(first.relative, config.input_format), config.text_field, "input")
     model_dir = models.resolve_model(config.model)
     fingerprint = models.fingerprint(model_dir)

@@ -20,7 +20,7 @@ import pyarrow as pa
 from semvec.backfill import store_errors
 from semvec.backfill.progress import Progress, estimate_rows
 from semvec.backfill.read import detect_format
-from semvec.cluster import quiet_ray_data, use_ray
+from semvec.cluster import on_a_cluster, quiet_ray_data
 from semvec.config import Aggregate, EmbedConfig, Granularity
 from semvec.errors import ConfigError, JobFailed
 from semvec.storage import InputFile, display
@@ -106,7 +106,8 @@ def expected_rows(p, todo: list[InputFile]) -> int | None:
 def runs_here(c: EmbedConfig, expected: int | None) -> bool:
     """Whether the job runs in this process without Ray (see EmbedConfig.ray_from_rows): not on a
     cluster, on CPUs, and fewer rows than ray_from_rows (as estimated)."""
-    return not c.num_gpus_per_worker and not use_ray(expected, c.ray_from_rows)
+    return (not on_a_cluster() and not c.num_gpus_per_worker
+            and expected is not None and expected < c.ray_from_rows)
 
 
 def _stages(p, threads: int | None) -> tuple:

@@ -297,7 +297,7 @@ def columns(file: InputFile, fmt: InputFormat) -> list[str] | None:
             if fmt == InputFormat.PARQUET:
                 return list(pq.ParquetFile(handle).schema_arrow.names)
             text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
-            return next(csv.reader(text, delimiter="\t" if fmt == InputFormat.TSV else ","), None)
+            return next(csv.reader(text, delimiter="\t" if fmt == InputFormat.TSV else ","), None) or None
     except Exception:  # noqa: BLE001 - unreadable here is reported by the job with its reason
         return None
 

@@ -52,9 +52,8 @@ class CompressConfig:
                     "distance, top candidates rescored with int8 codes stored beside)",
         "sample_size": "vectors sampled (seeded, uniform over all parts) to fit PCA and the int8 ranges",
         "seed": "seed of the sample",
-        "ray_from_rows": "sources with at least this many vectors (or any, on a cluster: RAY_ADDRESS "
-                         "set) are read and compressed by Ray tasks, one per part; smaller ones in "
-                         "this process, part after part",
+        "ray_from_rows": "sources with at least this many vectors are read and compressed by Ray tasks, "
+                         "one per part; smaller ones in this process, part after part",
         "overwrite": "replace an output compressed with other settings or from other vectors "
                      "(else it is refused)",
         "lease_ttl_s": "seconds after which an s3:// output's unrenewed lease counts as stale",

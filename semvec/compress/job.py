@@ -24,7 +24,7 @@ import numpy as np
 
 from semvec import __version__, crashpoints, storage
 from semvec.backfill.manifest import now
-from semvec.cluster import call_here, gather, init_ray, quiet_worker_env, use_ray
+from semvec.cluster import call_here, gather, init_ray, quiet_worker_env
 from semvec.compress.codec import Codec, bytes_per_vector, fit
 from semvec.compress.config import CompressConfig
 from semvec.compress.output import CODEC, LEASE, CompressedDir
@@ -50,7 +50,7 @@ class Plan:
 
     @property
     def on_ray(self) -> bool:
-        return use_ray(self.source.rows, self.config.ray_from_rows)
+        return self.source.rows >= self.config.ray_from_rows
 
 
 def plan(config: CompressConfig) -> Plan:

@@ -24,7 +24,7 @@ import numpy as np
 
 from semvec import __version__, crashpoints, storage
 from semvec.backfill.manifest import now
-from semvec.cluster import gather, init_ray, quiet_worker_env, use_ray
+from semvec.cluster import gather, init_ray, quiet_worker_env
 from semvec.compress.source import Source, open_source, read_part, read_rows, sample_plan
 from semvec.errors import ConfigError, OutputMismatch
 from semvec.lease import Lease
@@ -47,7 +47,7 @@ class Plan:
 
     @property
     def on_ray(self) -> bool:
-        return use_ray(self.source.rows, self.config.ray_from_rows)
+        return self.source.rows >= self.config.ray_from_rows
 
 
 def plan(config: IndexConfig) -> Plan:

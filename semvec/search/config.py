@@ -57,9 +57,8 @@ class IndexConfig:
                   "20, at least 16: recall@10 about 0.9 on real vectors, see benchmarks/RESULTS.md)",
         "train_size": "ivf: vectors sampled (seeded, uniform over all parts) to train the lists on",
         "seed": "seed of the ivf sample and k-means",
-        "ray_from_rows": "sources with at least this many vectors (or any, on a cluster: RAY_ADDRESS "
-                         "set) are read (and ivf shards added) by Ray tasks; smaller ones in this "
-                         "process",
+        "ray_from_rows": "sources with at least this many vectors are read (and ivf shards added) "
+                         "by Ray tasks; smaller ones in this process",
         "overwrite": "replace an index built with other settings or from other vectors (else refused)",
         "lease_ttl_s": "seconds after which an s3:// index's unrenewed lease counts as stale",
     }

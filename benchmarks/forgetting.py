@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/forgetting.py [--b cnsd|scifact] [--model-a DIR] [--epochs-a N]
                                               [--epochs-b N] [--from-bundled] [--dev-corpus] [--out DIR]
+                                              [--hard-negatives DEPTH] [--train-args ARGS] [--dev-only]
+                                              [--score MODEL]
 
 A = STS-B (English), scored by test Spearman. B, from ../shared/datasets (or SEMVEC_DATASETS):
 - cnsd: CNSD (Chinese STS-B), the sts task, test Spearman; checkpoints chosen on CNSD dev.

@@ -47,6 +47,17 @@ CNSD = {s: DATASETS / "zh_similarity" / "cnsd_stsb" / f"cnsd-sts-{s}.txt" for s 
 SCIFACT = DATASETS / "beir_scifact"
 
 
+def scifact_qrels(split: str) -> dict[str, list[tuple[str, str]]]:
+    """query id -> its (document id, score) judgements, in the file's order."""
+    judged: dict[str, list[tuple[str, str]]] = {}
+    with open(SCIFACT / "qrels" / f"{split}.tsv", encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            qid, doc, score = line.rstrip("\n").split("\t")
+            judged.setdefault(qid, []).append((doc, score))
+    return judged
+
+
 def scifact_files(out: Path, env: dict, negatives_depth: int = 0) -> dict:
     """Pairs of train claims and cited abstracts, split by claim (seeded 10% to dev). With
     negatives_depth, each train pair also gets a mined hard negative (mine_negatives)."""
@@ -55,12 +66,7 @@ def scifact_files(out: Path, env: dict, negatives_depth: int = 0) -> dict:
                 for d in map(json.loads, f)}
     with open(SCIFACT / "queries.jsonl", encoding="utf-8") as f:
         claims = {str(q["_id"]): q["text"] for q in map(json.loads, f)}
-    cited: dict[str, list[str]] = {}
-    with open(SCIFACT / "qrels" / "train.tsv", encoding="utf-8") as f:
-        next(f)
-        for line in f:
-            qid, doc, _ = line.rstrip("\n").split("\t")
-            cited.setdefault(qid, []).append(doc)
+    cited = {q: [d for d, _ in judged] for q, judged in scifact_qrels("train").items()}
     ids = sorted(cited)
     dev_ids = set(random.Random(0).sample(ids, round(0.1 * len(ids))))
     train_ids = [q for q in ids if q not in dev_ids]
@@ -146,16 +152,8 @@ def scifact_seen_split(model: str, out: Path, env: dict) -> dict:
     """SciFact test nDCG@10 over two sets of test claims: those citing only documents that no
     train claim cites, and those citing at least one that a train claim cites (tuning on train
     pairs has then seen that document as a positive). Most test documents are cited in train too."""
-    def qrels(split: str) -> dict:
-        rows: dict[str, list[tuple[str, str]]] = {}
-        with open(SCIFACT / "qrels" / f"{split}.tsv", encoding="utf-8") as f:
-            next(f)
-            for line in f:
-                qid, doc, score = line.rstrip("\n").split("\t")
-                rows.setdefault(qid, []).append((doc, score))
-        return rows
-    seen = {doc for cited in qrels("train").values() for doc, _ in cited}
-    test = qrels("test")
+    seen = {doc for cited in scifact_qrels("train").values() for doc, _ in cited}
+    test = scifact_qrels("test")
     groups = {"cites_only_unseen_documents": [q for q, c in test.items() if not any(d in seen for d, _ in c)],
               "cites_a_train_cited_document": [q for q, c in test.items() if any(d in seen for d, _ in c)]}
     result = {}

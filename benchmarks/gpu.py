@@ -58,7 +58,6 @@ def padding_share(lengths: np.ndarray, rows: int | None = None) -> float:
     from semvec.encode import GPU_BATCH, pack
 
     rows = rows or GPU_BATCH_ROWS
-
     padded = 0
     for start in range(0, len(lengths), rows):
         part = lengths[start:start + rows]

@@ -102,7 +102,7 @@ class Encoder:
         ).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self.extras = _method_extras(model_dir, self.model)
-        mapped = mapped_weights(self.model)
+        mapped = mapped_weights(self.model) if log.isEnabledFor(logging.DEBUG) else None
         if mapped is not None:
             log.debug("weights: %.1f of %.1f MB read in place from the memory-mapped model files "
                      "(one copy per node, shared by its actors; the rest is this process's own)",

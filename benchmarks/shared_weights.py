@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import ray
 
@@ -32,25 +33,15 @@ from semvec.testing import corpus_sentences
 from semvec.tokens import load_tokenizer, tokenize
 
 
-def smaps(pid: int, file_name: str) -> dict:
-    """kB: the resident size (RSS) and PSS of the mappings of `file_name`, and the process's PSS
-    and private memory."""
-    out = {"file_rss_kb": 0, "file_pss_kb": 0, "pss_kb": 0, "private_kb": 0}
-    in_file = False
-    with open(f"/proc/{pid}/smaps", encoding="utf-8") as f:
-        for line in f:
-            head = line.split()
-            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
-                in_file = line.rstrip().endswith(file_name)
-            elif head[0] == "Rss:" and in_file:
-                out["file_rss_kb"] += int(head[1])
-            elif head[0] == "Pss:":
-                out["pss_kb"] += int(head[1])
-                if in_file:
-                    out["file_pss_kb"] += int(head[1])
-            elif head[0] in ("Private_Clean:", "Private_Dirty:"):
-                out["private_kb"] += int(head[1])
-    return out
+def memory(pid: int, file_name: str) -> dict:
+    """kB: the resident size (RSS) and PSS of the process's mappings of `file_name`, and its whole
+    PSS and private memory (USS), as psutil reads them from /proc/PID/smaps."""
+    proc = psutil.Process(pid)
+    mapped = [m for m in proc.memory_maps(grouped=True) if m.path.endswith(file_name)]
+    whole = proc.memory_full_info()
+    return {"file_rss_kb": sum(m.rss for m in mapped) // 1024,
+            "file_pss_kb": sum(m.pss for m in mapped) // 1024,
+            "pss_kb": whole.pss // 1024, "private_kb": whole.uss // 1024}
 
 
 def measure(model_dir: Path, dtype: str, actors: int, batch: pa.Table) -> dict:
@@ -62,7 +53,7 @@ def measure(model_dir: Path, dtype: str, actors: int, batch: pa.Table) -> dict:
     pool = [cls.remote(str(model_dir), config, 1) for _ in range(actors)]
     ray.get([a.__call__.remote(batch) for a in pool])  # every actor loaded and has encoded
     pids = ray.get([a.__ray_call__.remote(lambda self: __import__("os").getpid()) for a in pool])
-    per = [smaps(pid, "model.safetensors") for pid in pids]
+    per = [memory(pid, "model.safetensors") for pid in pids]
     for a in pool:
         ray.kill(a)
     size = (model_dir / "model.safetensors").stat().st_size

@@ -14,7 +14,7 @@ import pytest
 
 from semvec import precision
 from semvec.backfill.job import run
-from semvec.config import load_embed_config
+from semvec.config import CPU_BATCH_ROWS, load_embed_config
 from semvec.encode import Encoder
 from semvec.errors import ConfigError
 from semvec.testing import corpus_sentences
@@ -120,11 +120,14 @@ def test_folder_and_glob_inputs_and_manifest(ray_local, tiny_models, tmp_path):
     dtype, why = precision.resolve("auto", "cpu")
     assert m["config"]["dtype"] == "auto"
     assert (m["model"]["dtype"], m["model"]["dtype_reason"]) == (dtype.value, why)
+    assert (m["config"]["batch_rows"], m["rows_per_batch"]) == (None, CPU_BATCH_ROWS)  # the default, as run
     assert all(i["outputs"] for i in m["inputs"])
-    s = embed(str(tmp_path / "in" / "sub*" / "*.jsonl"), tmp_path / "b", tiny_models["bert"], dtype="float32")
+    s = embed(str(tmp_path / "in" / "sub*" / "*.jsonl"), tmp_path / "b", tiny_models["bert"], dtype="float32",
+              batch_rows=16)
     assert s["embedded"] == 33
     m = manifest(tmp_path / "b")
     assert (m["model"]["dtype"], m["model"]["dtype_reason"]) == ("float32", "pinned (--dtype)")
+    assert (m["config"]["batch_rows"], m["rows_per_batch"]) == (16, 16)
 
 
 def test_rerun_skips_finished_work_and_refuses_another_config(ray_local, tiny_models, tmp_path):

@@ -182,6 +182,7 @@ def _manifest(p: Plan, status: str, started: str, accounting: dict | None = None
                   "dim": p.dim, "dtype": p.precision[0] if p.precision else c.dtype.value,
                   "dtype_reason": p.precision[1] if p.precision else None},
         "ran_on": None if p.here is None else "driver" if p.here else "ray",
+        "rows_per_batch": c.rows_per_batch,  # what ran, where config.batch_rows says null (the default)
         "granularity": c.granularity.value,
         "chunking": ({"chunk_tokens": c.chunk_tokens, "chunk_overlap": c.chunk_overlap,
                       "aggregate": c.aggregate.value} if c.chunk_tokens is not None else None),

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from semvec.config import DType, Pooling
-from semvec.models import ModelKind, model_defaults, model_kind
+from semvec.models import ModelKind, load_options, model_defaults, model_kind
 from semvec.precision import resolve as resolve_dtype
 from semvec.tokens import Tokenized, load_tokenizer, tokenize
 
@@ -97,8 +97,8 @@ class Encoder:
         self.model = AutoModel.from_pretrained(
             str(model_dir),
             dtype=weights,
-            use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            **load_options(),
         ).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self.extras = _method_extras(model_dir, self.model)

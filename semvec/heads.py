@@ -65,7 +65,7 @@ def load_task_model(model_dir: Path, ref: str) -> tuple[TaskModel, Collator, mod
         raise ConfigError(f"model {ref!r} has no {models.SEMVEC_JSON} with a task: "
                           "it was not trained by semvec")
     task = Task(card.task)
-    base = AutoModel.from_pretrained(str(model_dir), use_safetensors=True)
+    base = AutoModel.from_pretrained(str(model_dir), **models.load_options())
     encoder = load_extras(model_dir, base, card.method)
     model = TaskModel(encoder, task, Pooling(card.pooling), int(base.config.hidden_size), len(card.labels))
     head = Path(model_dir) / HEAD_FILE

@@ -36,6 +36,19 @@ class ModelKind(str, Enum):
     STATIC = "static"  # a vector per vocabulary token: a text is the mean of its tokens' vectors
 
 
+def load_options() -> dict:
+    """Keyword arguments for every `from_pretrained` of a model's weights: safetensors only, and no
+    kernels from the Hugging Face Hub. transformers 5 swaps some layers for Hub kernels by default
+    (`use_kernels`), downloading code at load time; semvec runs what the model directory and
+    PyTorch hold, the same offline as online (earlier versions default to off and take no flag)."""
+    import transformers
+
+    options = {"use_safetensors": True}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        options["use_kernels"] = False
+    return options
+
+
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "semvec")
 

@@ -154,3 +154,13 @@ def test_weights_stay_in_the_memory_mapped_file_unless_cast(tiny_models, dtype, 
     enc = Encoder(tiny_models["bert"], dtype=dtype, device="cpu")
     inside, total = mapped_weights(enc.model)
     assert total > 0 and inside == (total if mapped else 0)
+
+
+def test_models_load_without_kernels_from_the_hub(tiny_models):
+    """transformers 5 replaces some layers with kernels it downloads from the Hugging Face Hub
+    unless `use_kernels=False`: semvec runs only what the model directory and PyTorch hold."""
+    import transformers
+
+    encoder = Encoder(tiny_models["bert"])
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert encoder.model.use_kernels is False

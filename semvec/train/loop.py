@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semvec import models
 from semvec.config import Pooling
 from semvec.datasets import Task
 from semvec.heads import HEAD_FILE, PRIMARY, Collator, task_metrics
@@ -58,8 +59,8 @@ def build_model(cfg: TrainConfig, plan: dict) -> tuple[TrainModel, object]:
     from semvec.train.methods import apply_method
 
     torch.manual_seed(cfg.seed)
-    base = AutoModel.from_pretrained(plan["model_dir"], use_safetensors=True,
-                                     trust_remote_code=cfg.trust_remote_code)
+    base = AutoModel.from_pretrained(plan["model_dir"], trust_remote_code=cfg.trust_remote_code,
+                                     **models.load_options())
     encoder = apply_method(base, cfg.method, cfg.method_config())
     model = TrainModel(encoder, cfg.task, Pooling(plan["pooling"]), int(base.config.hidden_size),
                       len(plan["labels"]), resolve_loss(cfg.task, cfg.loss), cfg.symmetric,

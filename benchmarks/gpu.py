@@ -8,14 +8,18 @@ benchmarks/throughput.py (80% STS-B sentences, 20% SciFact abstracts, seed 0):
 - sentence-transformers `encode` in fp16 (`model.half()`), model loaded once, at each batch size
   (the best kept): the reference;
 - `semvec embed` as a user runs it, a fresh process (Ray start, model load, jsonl read, parquet
-  written), once per --semvec-args (repeatable; none: the defaults and `--dtype bfloat16`).
+  written), once per --semvec-args (repeatable; none: the defaults and `--dtype bfloat16`, and on
+  a GPU also two actors sharing it; on a GPU each run asks for `--num-gpus-per-worker 1` unless
+  its flags say otherwise, since Ray hides the GPU from actors that do not ask).
 Each run reports rows/s and tokens/s (the corpus's tokens after truncation at the model's limit, no
 padding), the model's FLOPs over the corpus (forward only: 2 x the non-embedding parameters per
 token plus attention's 4 x layers x length x hidden per token, each text at its own length), hence
 achieved TFLOP/s and MFU against the GPU's dense bf16/fp16 peak (--peak-tflops, or the table below
 for a known GPU). The least cosine of semvec's vectors to the fp16 reference is printed beside.
 
-It runs on CPU too (no MFU without --peak-tflops): the smoke test in tests/test_benchmarks.py runs
+On a lent GPU machine (no network, no Ray, 64 MiB a call), benchmarks/device_kit.py packs what it
+lacks and says which calls run it (benchmarks/device_gpu.sh). It runs on CPU too (no MFU without
+--peak-tflops): the smoke test in tests/test_benchmarks.py runs
 it with a tiny model on a few rows. Prints one JSON line per run and a markdown table; the
 numbers go to RESULTS.md only from a real GPU.
 """
@@ -81,8 +85,10 @@ def model_flops(model_dir: Path, texts: list[str]) -> tuple[int, float, float]:
     its own truncated length."""
     from transformers import AutoConfig, AutoModel
 
+    from semvec.models import load_options
+
     config = AutoConfig.from_pretrained(str(model_dir))
-    model = AutoModel.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir), **load_options())
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     dense = sum(p.numel() for p in model.parameters()) - embedding
     lengths = token_lengths(model_dir, texts)
@@ -115,6 +121,17 @@ def sentence_transformers_fp16(model_dir: Path, texts: list[str], batch_sizes: l
         if best is None or seconds < best[0]:
             best = (seconds, size, vectors.astype(np.float32))
     return best
+
+
+def semvec_runs(given: list[str] | None, device: str) -> list[str]:
+    """The `semvec embed` flags of each run. Encoder actors get a GPU only when asked
+    (--num-gpus-per-worker; Ray hides the GPU from an actor that did not ask), so on a GPU every run
+    asks for one unless its flags say how much: by default one actor per GPU with `auto`
+    (bfloat16-mixed there) and with `--dtype bfloat16`, and two actors sharing the GPU."""
+    if device != "cuda":
+        return given or ["", "--dtype bfloat16"]
+    runs = given or ["", "--dtype bfloat16", "--num-gpus-per-worker 0.5 --max-workers 2"]
+    return [r if "--num-gpus-per-worker" in r else f"--num-gpus-per-worker 1 {r}".strip() for r in runs]
 
 
 def main() -> None:
@@ -166,7 +183,7 @@ def main() -> None:
     st_seconds, st_batch, reference = sentence_transformers_fp16(model_dir, texts, batches, device)
     rows = [row(f"sentence-transformers {'fp16' if device == 'cuda' else 'fp32'} encode (batch {st_batch})",
                 st_seconds)]
-    for extra in args.semvec_args or ["", "--dtype bfloat16"]:
+    for extra in semvec_runs(args.semvec_args, device):
         target = out / f"vectors-{len(rows)}"
         seconds, summary = time_semvec(corpus, target, ["--model", args.model, *shlex.split(extra)])
         rows.append(row(f"semvec embed {extra or '(defaults)'}", seconds, embedded=summary["embedded"],

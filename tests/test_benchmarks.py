@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,3 +31,51 @@ def test_gpu_benchmark_runs_end_to_end_on_cpu(tiny_models, tmp_path):
         assert r["mfu"] == pytest.approx(r["tflops"] / 1.0, abs=1e-3) and r["tokens_per_s"] > 0
     assert "| semvec embed (defaults) |" in done.stdout
 
+
+
+def test_gpu_runs_ask_for_the_gpu():
+    """Ray hides the GPU from an actor that does not ask for one: on a GPU every semvec run of the
+    benchmark asks, unless its flags say how much."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu import semvec_runs
+
+    assert all("--num-gpus-per-worker" in r for r in semvec_runs(None, "cuda"))
+    assert semvec_runs(["--dtype float32", "--num-gpus-per-worker 0.25"], "cuda") == [
+        "--num-gpus-per-worker 1 --dtype float32", "--num-gpus-per-worker 0.25"]
+    assert semvec_runs(None, "cpu") == ["", "--dtype bfloat16"]
+
+
+def test_device_kit_parts_gather_over_calls_then_the_benchmark_runs(tiny_models, tmp_path):
+    """The lent GPU machine gets the kit one part per call (64 MiB each): each call keeps its part,
+    the last one checks the joined archive and runs gpu.py on the kit's model and datasets. Here
+    without wheels (Ray is installed) and with a tiny model, in parts of 4 MB."""
+    from benchmarks.device_kit import build
+
+    kit = build(tmp_path / "kit", 4_000_000, "3.11", model=tiny_models["bert"], wheels=False)
+    assert kit["parts"] >= 2
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEMVEC_KIT_PYTHON": sys.executable,
+           "SEMVEC_KIT_DIR": str(tmp_path / "carried"), "OUT": str(tmp_path / "out")}
+
+    def call(part: int, store: str) -> subprocess.CompletedProcess:
+        shutil.rmtree(tmp_path / "carried", ignore_errors=True)
+        shutil.copytree(tmp_path / "kit" / str(part), tmp_path / "carried" / str(part))
+        return subprocess.run(["bash", "benchmarks/device_gpu.sh", "--rows", "40", "--st-batch-sizes", "8",
+                               "--semvec-args="], capture_output=True, text=True, cwd=REPO, timeout=600,
+                              env={**env, "SEMVEC_KIT_STORE": str(tmp_path / store)})
+
+    for part in range(1, kit["parts"]):
+        done = call(part, "store")
+        assert done.returncode == 0 and f"{part} of {kit['parts']} parts here" in done.stdout, done.stderr
+    done = call(kit["parts"], "store")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| semvec embed (defaults) |" in done.stdout
+    assert "| semvec embed (defaults) |" in (tmp_path / "out" / "gpu.log").read_text()
+    # a part damaged on the way: refused before anything runs, and nothing half-made is kept
+    last = next((tmp_path / "kit" / str(kit["parts"])).glob("kit.tar.*"))
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    for part in range(1, kit["parts"] + 1):
+        done = call(part, "store2")
+    assert done.returncode == 1 and "do not match the kit's sha256" in done.stderr
+    assert not (tmp_path / "store2" / kit["sha256"]).exists()

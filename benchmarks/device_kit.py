@@ -97,7 +97,8 @@ def archive_size(out: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / ".devkit")
-    ap.add_argument("--part-mb", type=int, default=62, help="each call carries 64 MiB (67.1 MB) with the checkout")
+    ap.add_argument("--part-mb", type=int, default=62,
+                    help="each call carries 64 MiB (67.1 MB) with the checkout")
     ap.add_argument("--python", default="3.12", help="the lent machine's Python (KINDS.md)")
     args = ap.parse_args()
     kit = build(args.out, args.part_mb * 1_000_000, args.python)

@@ -8,25 +8,34 @@ cd "$(dirname "$0")/.."
 kit_dir=${SEMVEC_KIT_DIR:-.devkit}  # where this call's part was carried
 root=${SEMVEC_KIT_STORE:-/tmp/semvec-kit}  # where the parts gather, outside the checkout
 out=${OUT:-$root/out}
-described=$(find "$kit_dir" -mindepth 2 -maxdepth 2 -name kit.json 2>/dev/null | head -1)
-if [ -z "$described" ]; then
+python=${SEMVEC_KIT_PYTHON:-python3}  # the lent machines: the python3 that holds PyTorch
+if ! compgen -G "$kit_dir/*/kit.json" >/dev/null; then
   echo "device_gpu: no kit part in $kit_dir; carry .devkit/N (made by benchmarks/device_kit.py)" >&2
   exit 2
 fi
-read -r parts sha < <(python3 -c 'import json,sys; k=json.load(open(sys.argv[1])); print(k["parts"], k["sha256"])' \
-  "$described")
-store="$root/$sha"  # one folder per kit: parts of another kit never mix in
-mkdir -p "$store/parts" "$out"
-find "$kit_dir" -mindepth 2 -maxdepth 2 -name 'kit.tar.*' -exec cp {} "$store/parts/" \;
-have=$(find "$store/parts" -name 'kit.tar.*' | wc -l)
-if [ "$have" -lt "$parts" ]; then
-  echo "device_gpu: $have of $parts parts here; carry the next one"
+# each carried folder holds one part and its kit's kit.json: parts gather per kit (by its sha256),
+# so a part of an older kit left on a warm machine never mixes into a newer one
+store=""
+for described in "$kit_dir"/*/kit.json; do
+  read -r parts sha < <("$python" -c 'import json,sys; k=json.load(open(sys.argv[1])); print(k["parts"], k["sha256"])' \
+    "$described")
+  mkdir -p "$root/$sha/parts"
+  cp "$(dirname "$described")"/kit.tar.* "$root/$sha/parts/"
+  have=$(find "$root/$sha/parts" -name 'kit.tar.*' | wc -l)
+  echo "device_gpu: kit ${sha:0:12}: $have of $parts parts here"
+  if [ "$have" -ge "$parts" ]; then
+    store="$root/$sha"  # complete: this is the kit to run
+  fi
+done
+if [ -z "$store" ]; then
+  echo "device_gpu: carry the next part (within the machine's warm time, or the parts are lost)"
   exit 0
 fi
+mkdir -p "$out"
 if [ ! -d "$store/site" ]; then
-  find "$store/parts" -name 'kit.tar.*' | sort | xargs cat > "$store/kit.tar"
+  cat "$store"/parts/kit.tar.* > "$store/kit.tar"  # the glob sorts: kit.tar.01, kit.tar.02, ...
   if ! echo "$sha  $store/kit.tar" | sha256sum -c --quiet - >/dev/null 2>&1; then
-    echo "device_gpu: the joined parts do not match the kit's sha256; carry them again" >&2
+    echo "device_gpu: the joined parts do not match the kit's sha256; carry them all again" >&2
     rm -rf "$store"
     exit 1
   fi
@@ -35,16 +44,16 @@ if [ ! -d "$store/site" ]; then
   rm "$store/kit.tar"
   shopt -s nullglob
   wheels=("$store"/kit/wheels/*.whl)
+  rm -rf "$store/site.tmp"  # a half-made install of an earlier call is not kept
   mkdir -p "$store/site.tmp"
   if [ ${#wheels[@]} -gt 0 ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$store/site.tmp" \
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$store/site.tmp" \
       "${wheels[@]}"
   fi
   mv "$store/site.tmp" "$store/site"
 fi
 export PYTHONPATH="$store/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" SEMVEC_DATASETS="$store/kit/datasets"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python=${SEMVEC_KIT_PYTHON:-python3}  # the lent machines: the python3 that holds PyTorch
 (nvidia-smi || true) > "$out/nvidia-smi.txt" 2>&1
 "$python" benchmarks/gpu.py --model "$store/kit/model" --out "$store/run-$(date +%s%N)" "$@" 2>&1 \
   | tee "$out/gpu.log"

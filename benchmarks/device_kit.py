@@ -10,11 +10,13 @@ own), built for --python; the bundled model's directory; and the two dataset fil
 corpus is drawn from (STS-B, SciFact's corpus). The archive is cut into parts of at most --part-mb
 MB, one folder each (OUT/1, OUT/2, ...), each with kit.json (the archive's sha256 and parts).
 
-On the device, one call per part, back to back (a warm machine keeps what earlier calls left):
+On the device, one call per part, back to back: a machine stays warm only about 30 s after a call
+and a fresh one starts bare, so each call must follow the last at once (each prints "kit ...: N of
+3 parts here"; if a later one says fewer than it should, the machine was replaced: start over):
 
     run(carry=[".devkit/1"], command="bash benchmarks/device_gpu.sh")
     run(carry=[".devkit/2"], command="bash benchmarks/device_gpu.sh")
-    run(carry=[".devkit/3"], command="bash benchmarks/device_gpu.sh --rows 100000")
+    run(carry=[".devkit/3"], command="bash benchmarks/device_gpu.sh --rows 300000", timeout_s=540)
 
 benchmarks/device_gpu.sh stores each part outside the checkout and, once all are there, checks the
 archive, installs the wheels into a folder of their own and runs gpu.py on the model and datasets
@@ -65,6 +67,8 @@ def build(out: Path, part_bytes: int, python: str, model: Path | None = None, wh
     missing = [str(p) for p in datasets if not p.exists()]
     if missing:
         sys.exit(f"device_kit: dataset files not found: {', '.join(missing)} (set SEMVEC_DATASETS)")
+    if out.exists() and any(out.iterdir()) and not (out / "1" / "kit.json").exists():
+        sys.exit(f"device_kit: {out} holds something that is not a kit; choose another --out")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -103,7 +103,10 @@ def sentence_transformers_fp16(model_dir: Path, texts: list[str], batch_sizes: l
     import torch
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(model_dir), device=device)
+    from semvec.models import load_options
+
+    # loaded as semvec loads it (no Hub kernels), so both run the same layers
+    model = SentenceTransformer(str(model_dir), device=device, model_kwargs=load_options())
     if device == "cuda":
         model.half()
     model.encode(texts[:256], batch_size=64)  # warm-up: kernels, allocator
@@ -130,7 +133,7 @@ def semvec_runs(given: list[str] | None, device: str) -> list[str]:
     (bfloat16-mixed there) and with `--dtype bfloat16`, and two actors sharing the GPU."""
     if device != "cuda":
         return given or ["", "--dtype bfloat16"]
-    runs = given or ["", "--dtype bfloat16", "--num-gpus-per-worker 0.5 --max-workers 2"]
+    runs = given or ["", "--dtype bfloat16", "--num-gpus-per-worker 0.5 --min-workers 2 --max-workers 2"]
     return [r if "--num-gpus-per-worker" in r else f"--num-gpus-per-worker 1 {r}".strip() for r in runs]
 
 

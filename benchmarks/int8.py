@@ -280,7 +280,7 @@ def onnx_encoders(enc: Encoder, folder: Path, calibration: list, alphas: tuple =
               **{f"onnx int8 dynamic, fused, smoothed (alpha {a})": folder / f"smoothed-int8-{a}.onnx"
                  for a in alphas},
               "onnx int8 per token, attention float32": folder / "per-token.onnx",
-              "onnx int8 per token, every product": folder / "per-token-all.onnx"}
+              "onnx int8 per token, every weight product": folder / "per-token-all.onnx"}
     return {name: ort_encoder(path, enc) for name, path in graphs.items()}
 
 

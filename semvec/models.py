@@ -40,7 +40,7 @@ def load_options() -> dict:
     """Keyword arguments for every `from_pretrained` of a model's weights: safetensors only, and no
     kernels from the Hugging Face Hub. transformers 5 swaps some layers for Hub kernels by default
     (`use_kernels`), downloading code at load time; semvec runs what the model directory and
-    PyTorch hold, the same offline as online (earlier versions default to off and take no flag)."""
+    PyTorch hold, the same offline as online (4.x defaults to off; from 4.54 it takes the flag)."""
     import transformers
 
     options = {"use_safetensors": True}

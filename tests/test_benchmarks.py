@@ -66,6 +66,7 @@ def test_device_kit_parts_gather_over_calls_then_the_benchmark_runs(tiny_models,
     for part in range(1, kit["parts"]):
         done = call(part, "store")
         assert done.returncode == 0 and f"{part} of {kit['parts']} parts here" in done.stdout, done.stderr
+        assert "carry the next part" in done.stdout
     done = call(kit["parts"], "store")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| semvec embed (defaults) |" in done.stdout
@@ -79,3 +80,8 @@ def test_device_kit_parts_gather_over_calls_then_the_benchmark_runs(tiny_models,
         done = call(part, "store2")
     assert done.returncode == 1 and "do not match the kit's sha256" in done.stderr
     assert not (tmp_path / "store2" / kit["sha256"]).exists()
+    # no part carried: said so, in one line
+    shutil.rmtree(tmp_path / "carried")
+    done = subprocess.run(["bash", "benchmarks/device_gpu.sh"], capture_output=True, text=True, cwd=REPO,
+                          env={**env, "SEMVEC_KIT_STORE": str(tmp_path / "store3")}, timeout=60)
+    assert done.returncode == 2 and "no kit part in" in done.stderr

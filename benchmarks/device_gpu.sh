@@ -29,6 +29,10 @@ for described in "$kit_dir"/*/kit.json; do
 done
 if [ -z "$store" ]; then
   echo "device_gpu: carry the next part (within the machine's warm time, or the parts are lost)"
+  # meanwhile, what the machine offers (cheap, and what to look at first if the last call fails)
+  "$python" -c 'import sys, torch, transformers; print("device_gpu: python", sys.version.split()[0],
+    "torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)' \
+    || true
   exit 0
 fi
 mkdir -p "$out"

@@ -16,8 +16,8 @@ and a fresh one starts bare, so each call must follow the last at once (each pri
 
     run(carry=[".devkit/1"], command="bash benchmarks/device_gpu.sh")
     run(carry=[".devkit/2"], command="bash benchmarks/device_gpu.sh")
-    run(carry=[".devkit/3"], command="bash benchmarks/device_gpu.sh --rows 200000 --st-batch-sizes 128,256,512",
-        timeout_s=540)
+    run(carry=[".devkit/3"], timeout_s=540,
+        command="bash benchmarks/device_gpu.sh --rows 200000 --st-batch-sizes 128,256,512")
 
 benchmarks/device_gpu.sh stores each part outside the checkout and, once all are there, checks the
 archive, installs the wheels into a folder of their own and runs gpu.py on the model and datasets

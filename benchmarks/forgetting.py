@@ -67,13 +67,11 @@ def scifact_files(out: Path, env: dict, negatives_depth: int = 0) -> dict:
     with open(SCIFACT / "queries.jsonl", encoding="utf-8") as f:
         claims = {str(q["_id"]): q["text"] for q in map(json.loads, f)}
     cited = {q: [d for d, _ in judged] for q, judged in scifact_qrels("train").items()}
-    ids = sorted(cited)
-    dev_ids = set(random.Random(0).sample(ids, round(0.1 * len(ids))))
-    train_ids = [q for q in ids if q not in dev_ids]
+    train_ids, dev_ids = scifact_dev_claims(cited)
     negatives = (mine_negatives(out, docs, {q: claims[q] for q in train_ids}, cited, negatives_depth, env)
                  if negatives_depth else {})
     files = {}
-    for split, chosen in (("train", train_ids), ("dev", sorted(dev_ids))):
+    for split, chosen in (("train", train_ids), ("dev", dev_ids)):
         rows = []
         for q in chosen:
             for d in cited[q]:
@@ -83,6 +81,13 @@ def scifact_files(out: Path, env: dict, negatives_depth: int = 0) -> dict:
         files[split] = out / f"scifact-{split}-pairs.jsonl"
         files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return files
+
+
+def scifact_dev_claims(cited: dict) -> tuple[list[str], list[str]]:
+    """(train, dev) claim ids of SciFact's train split: a seeded 10% of the claims held out as dev."""
+    ids = sorted(cited)
+    dev = set(random.Random(0).sample(ids, round(0.1 * len(ids))))
+    return [q for q in ids if q not in dev], sorted(dev)
 
 
 def mine_negatives(out: Path, docs: dict, claims: dict, cited: dict, depth: int, env: dict) -> dict:
@@ -148,22 +153,33 @@ def scores(model: str, b: str, env: dict, dev_only: bool = False) -> dict:
     return {"A": round(a, 4), "B": round(b_score, 4)}
 
 
-def scifact_seen_split(model: str, out: Path, env: dict) -> dict:
-    """SciFact test nDCG@10 over two sets of test claims: those citing only documents that no
-    train claim cites, and those citing at least one that a train claim cites (tuning on train
-    pairs has then seen that document as a positive). Most test documents are cited in train too."""
-    seen = {doc for cited in scifact_qrels("train").values() for doc, _ in cited}
-    test = scifact_qrels("test")
-    groups = {"cites_only_unseen_documents": [q for q, c in test.items() if not any(d in seen for d, _ in c)],
-              "cites_a_train_cited_document": [q for q, c in test.items() if any(d in seen for d, _ in c)]}
+def scifact_seen_split(model: str, out: Path, env: dict, split: str = "test") -> dict:
+    """SciFact nDCG@10 over two sets of claims: those citing only documents that no tuning claim
+    cites, and those citing at least one that a tuning claim cites (tuning on its pairs has then
+    seen that document as a positive). split "test": the test claims, against every train claim's
+    documents (most test documents are cited in train too); split "dev": the held-out 10% of the
+    train claims (scifact_dev_claims), against the other 90%'s documents, so that a choice can be
+    made on dev without reading test."""
+    if split == "test":
+        judged = scifact_qrels("test")
+        seen = {doc for cited in scifact_qrels("train").values() for doc, _ in cited}
+    else:
+        train = scifact_qrels("train")
+        tuning, dev = scifact_dev_claims(train)
+        judged = {q: train[q] for q in dev}
+        seen = {doc for q in tuning for doc, _ in train[q]}
+    cites_seen = {q: any(d in seen for d, _ in c) for q, c in judged.items()}
+    groups = {"cites_only_unseen_documents": [q for q in judged if not cites_seen[q]],
+              "cites_a_train_cited_document": [q for q in judged if cites_seen[q]]}
     result = {}
     for name, claims in groups.items():
-        path = out / f"qrels-test-{name}.tsv"
+        path = out / f"qrels-{split}-{name}.tsv"
         path.write_text("query-id\tcorpus-id\tscore\n" + "".join(
-            f"{q}\t{d}\t{score}\n" for q in claims for d, score in test[q]))
-        ndcg = semvec("evaluate", "retrieval", "--model", model, "--corpus", str(SCIFACT / "corpus.jsonl"),
-                      "--queries", str(SCIFACT / "queries.jsonl"), "--qrels", str(path), env=env)["ndcg@10"]
-        result[name] = {"claims": len(claims), "ndcg@10": round(ndcg, 4)}
+            f"{q}\t{d}\t{score}\n" for q in claims for d, score in judged[q]))
+        metrics = semvec("evaluate", "retrieval", "--model", model, "--corpus", str(SCIFACT / "corpus.jsonl"),
+                         "--queries", str(SCIFACT / "queries.jsonl"), "--qrels", str(path), env=env)
+        result[name] = {"claims": len(claims), "ndcg@10": round(metrics["ndcg@10"], 4),
+                        "mrr@10": round(metrics["mrr@10"], 4)}
     return result
 
 
@@ -190,6 +206,8 @@ def main() -> None:
                          "settings; score the chosen model once afterwards)")
     ap.add_argument("--score", metavar="MODEL", help="only score this model on both test splits "
                     "(the once-at-the-end test of a model chosen with --dev-only)")
+    ap.add_argument("--dev-split", metavar="MODEL", help="only score this model on the SciFact dev claims, "
+                    "split by whether they cite a document the tuning claims cite (no test split read)")
     ap.add_argument("--l2sp", type=float, default=0.0)
     ap.add_argument("--ewc", type=float, default=0.0)
     ap.add_argument("--distill", type=float, default=1.0)
@@ -199,6 +217,9 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    if args.dev_split:
+        print(json.dumps({args.dev_split: scifact_seen_split(args.dev_split, out, env, "dev")}))
+        return
     if args.score:
         result = scores(args.score, args.b, env)
         if args.b == "scifact":

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/forgetting.py [--b cnsd|scifact] [--model-a DIR] [--epochs-a N]
                                               [--epochs-b N] [--from-bundled] [--dev-corpus] [--out DIR]
                                               [--hard-negatives DEPTH] [--train-args ARGS] [--dev-only]
-                                              [--score MODEL]
+                                              [--score MODEL] [--dev-split MODEL]
 
 A = STS-B (English), scored by test Spearman. B, from ../shared/datasets (or SEMVEC_DATASETS):
 - cnsd: CNSD (Chinese STS-B), the sts task, test Spearman; checkpoints chosen on CNSD dev.
@@ -24,6 +24,8 @@ one chosen model on both test splits, once. --hard-negatives DEPTH gives each tr
 negative: a seeded pick among the bundled model's top DEPTH corpus documents for its claim that
 the claim does not cite (semvec embed, index and search; train claims and the corpus only).
 --train-args passes more `semvec train` flags to the B runs (e.g. "--lr 5e-5").
+--dev-split MODEL scores MODEL on the dev claims in two groups: those citing only documents that no
+tuning claim cites, and the rest (what tuning does to documents it never saw, without test).
 """
 
 from __future__ import annotations

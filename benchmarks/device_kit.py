@@ -81,22 +81,18 @@ def build(out: Path, part_bytes: int, python: str, model: Path | None = None, wh
             tar.add(model, "model")
             for path in datasets:
                 tar.add(path, f"datasets/{path.relative_to(DATASETS)}")
-        digest, parts = hashlib.sha256(), 0
+        digest, parts, size = hashlib.sha256(), 0, archive.stat().st_size
         with open(archive, "rb") as f:
             while chunk := f.read(part_bytes):
                 parts += 1
                 digest.update(chunk)
                 (out / str(parts)).mkdir()
                 (out / str(parts) / f"kit.tar.{parts:02d}").write_bytes(chunk)
-    kit = {"sha256": digest.hexdigest(), "parts": parts, "bytes": archive_size(out),
+    kit = {"sha256": digest.hexdigest(), "parts": parts, "bytes": size,
            "wheels": [w.name for w in wheel_files], "python": python}
     for part in range(1, parts + 1):  # each call's part says what the whole is
         (out / str(part) / "kit.json").write_text(json.dumps(kit, indent=1))
     return kit
-
-
-def archive_size(out: Path) -> int:
-    return sum(p.stat().st_size for p in out.glob("*/kit.tar.*"))
 
 
 def main() -> None:

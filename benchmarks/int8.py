@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.throughput import mixed_corpus  # noqa: E402
-from semvec.encode import Encoder, pack, pool  # noqa: E402
+from semvec.encode import Encoder, pack, padded, pool  # noqa: E402
 from semvec.models import resolve_model  # noqa: E402
 
 
@@ -111,15 +111,6 @@ def ort_encoder(path: Path, enc: Encoder):
             out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
         return out
     return encode
-
-
-def padded(rows: list, lengths: np.ndarray, batch: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = int(lengths[batch].max())
-    input_ids = np.full((len(batch), width), pad_id, np.int64)
-    attention = np.zeros((len(batch), width), np.int64)
-    for j, i in enumerate(batch):
-        input_ids[j, :lengths[i]], attention[j, :lengths[i]] = rows[i], 1
-    return input_ids, attention
 
 
 def export(model, path: Path) -> None:

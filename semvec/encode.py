@@ -51,6 +51,17 @@ def pack(lengths: np.ndarray, batch_tokens: int, max_rows: int = 256) -> list[np
     return batches
 
 
+def padded(ids: list, lengths: np.ndarray, batch: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids, attention mask), int64 [len(batch), longest]: the rows `batch` of `ids`, padded."""
+    width = int(lengths[batch].max())
+    input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    for j, i in enumerate(batch):
+        input_ids[j, : lengths[i]] = ids[i]
+        mask[j, : lengths[i]] = 1
+    return input_ids, mask
+
+
 class Encoder:
     """A loaded model plus the pooling rules for it. Build one per worker, reuse it.
 
@@ -142,12 +153,7 @@ class Encoder:
         cuda = self.device.type == "cuda"
         pending = None
         for batch in pack(lengths, self.batch_tokens, self.max_rows):
-            width = int(lengths[batch].max())
-            input_ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(batch), width), dtype=np.int64)
-            for j, i in enumerate(batch):
-                input_ids[j, : lengths[i]] = ids[i]
-                mask[j, : lengths[i]] = 1
+            input_ids, mask = padded(ids, lengths, batch, self.pad_id)
             flight = self._launch(torch.from_numpy(input_ids), torch.from_numpy(mask),
                                   with_tokens=tokens is not None, cuda=cuda)
             if pending is not None:

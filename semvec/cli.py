@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -450,23 +451,38 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
                              "and MLflow's info lines")
 
 
-def error_line(exc: BaseException) -> str:
+def error_line(exc: BaseException, flags: dict[str, str] | None = None) -> str:
     """The one line an error ends a command with, redacted: a ConfigError's message (it names the
-    bad value), else the exception's type and the first line of its message."""
+    bad value), else the exception's type and the first line of its message. A setting the
+    message names (`batch_rows`) gets the command's flag for it beside it (`flags`, from
+    setting_flags)."""
     if isinstance(exc, KeyboardInterrupt):
         return "semvec: interrupted"
     text = redact(str(exc)).strip()
     if isinstance(exc, ConfigError):
         text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+        for name, flag in (flags or {}).items():
+            if flag not in text:
+                text = re.sub(rf"(?<![\w-]){name}(?![\w-])", f"{name} ({flag})", text, count=1)
     else:
         first = text.splitlines()[0] if text else ""
         text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return f"semvec: error: {text}"
 
 
-def run_guarded(call: Callable[[], T], verbose: bool) -> tuple[int, T | None]:
+def setting_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """The command's settings whose names have an underscore (the names its errors use, as a
+    config file does) -> the flag that sets each (`batch_rows` -> `--batch-rows`)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: max(a.option_strings, key=len) for a in sub.choices[command]._actions
+            if "_" in a.dest and a.option_strings}
+
+
+def run_guarded(call: Callable[[], T], verbose: bool,
+                flags: dict[str, str] | None = None) -> tuple[int, T | None]:
     """(0, call()), or (exit code, None) after one redacted line on stderr: a ConfigError's code
-    (2, or 3 for a held lock), else the exception's exit_code or 1, 130 for an interrupt."""
+    (2, or 3 for a held lock), else the exception's exit_code or 1, 130 for an interrupt. `flags`:
+    see error_line."""
     had_ray = _ray_is_up()
     try:
         return 0, call()
@@ -478,7 +494,7 @@ def run_guarded(call: Callable[[], T], verbose: bool) -> tuple[int, T | None]:
         # can no longer kill, ...) until it is shut down: shut it first, so ours is the last line.
         if _ray_is_up() and not had_ray:
             _shutdown_ray()
-        print(error_line(exc), file=sys.stderr)
+        print(error_line(exc, flags), file=sys.stderr)
         if isinstance(exc, KeyboardInterrupt):
             return 130, None
         code = getattr(exc, "exit_code", 1)
@@ -506,16 +522,18 @@ def _shutdown_ray() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    flags = setting_flags(parser, args.command)
     if not getattr(args, "json", False):
-        return run_guarded(lambda: COMMANDS[args.command](args), args.verbose)[0]
+        return run_guarded(lambda: COMMANDS[args.command](args), args.verbose, flags)[0]
     # stdout holds the JSON line alone. Ray forwards its workers' and raylets' lines to whatever
     # sys.stdout is when they arrive, until it shuts down: they go to stderr meanwhile.
     out, sys.stdout = sys.stdout, sys.stderr
     try:
         had_ray = _ray_is_up()
-        code, result = run_guarded(lambda: COMMANDS[args.command](args), args.verbose)
+        code, result = run_guarded(lambda: COMMANDS[args.command](args), args.verbose, flags)
         if _ray_is_up() and not had_ray:  # this command's Ray: done with it
             _shutdown_ray()
     finally:

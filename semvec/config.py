@@ -164,7 +164,8 @@ class EmbedConfig:
         "ray_from_rows": "started without a cluster (RAY_ADDRESS unset) and without GPUs, inputs of "
                          "fewer rows (estimated) are embedded in this process without Ray, one batch "
                          "after another; the pool options then do not apply",
-        "overwrite": "replace an output written with another model or settings (default: refuse)",
+        "overwrite": "replace an output written with another model, settings or input (else it is "
+                     "refused)",
         "max_failed_share": "stop with exit 1 when more than this share of the rows given to the model "
                             "fail (encode_failed, tokenize_failed); 1 turns it off",
         "lease_ttl_s": "seconds after which an s3:// output's unrenewed lease counts as stale",

@@ -141,6 +141,13 @@ def check_writable(uri: str) -> None:
     """Write and delete a probe object under the output prefix, or fail with one line."""
     fs = filesystem(uri)
     probe = join(strip(uri), f"_probe-{uuid.uuid4().hex}")
+    if not is_remote(uri):
+        path = Path(strip(uri))
+        file = next((q for q in (path, *path.parents) if q.exists() and not q.is_dir()), None)
+        if file is not None:
+            where = "is a file" if file == path else f"lies beneath the file {str(file)!r}"
+            raise ConfigError(f"output {display(uri)!r} {where}; an output is a folder (or s3:// "
+                              "prefix) of its own")
     try:
         if not is_remote(uri):
             Path(strip(uri)).mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from semvec import precision
 from semvec.backfill.job import run
 from semvec.config import CPU_BATCH_ROWS, load_embed_config
 from semvec.encode import Encoder
-from semvec.errors import ConfigError
+from semvec.errors import ConfigError, OutputMismatch
 from semvec.testing import corpus_sentences
 from tests.conftest import VECTOR_ATOL, write_jsonl
 
@@ -156,6 +156,27 @@ def test_a_new_file_in_the_input_folder_is_embedded_on_rerun(ray_local, tiny_mod
     assert s["rows_this_run"] == 7 and s["embedded"] == 12
 
 
+
+def test_another_input_or_a_file_gone_from_the_input_is_refused_not_mixed_in(ray_local, tiny_models,
+                                                                               tmp_path):
+    """An output holds one input's vectors: parts of files this run does not list would stay
+    uncounted beside its own (an index would serve both corpora)."""
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in corpus_sentences(5)])
+    write_jsonl(tmp_path / "in" / "b.jsonl", [{"text": t} for t in corpus_sentences(7)])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": t} for t in corpus_sentences(3)])
+    out = tmp_path / "out"
+    embed(tmp_path / "in", out, tiny_models["bert"])
+    parts = sorted(glob.glob(str(out / "part-*")))
+    with pytest.raises(OutputMismatch, match=r"holds vectors of 2 input file\(s\) that are not in input .*"
+                                             r"other\.jsonl.*e\.g\. 'a\.jsonl'.*--overwrite"):
+        embed(other, out, tiny_models["bert"])
+    (tmp_path / "in" / "b.jsonl").unlink()
+    with pytest.raises(OutputMismatch, match=r"1 input file\(s\).*'b\.jsonl'"):
+        embed(tmp_path / "in", out, tiny_models["bert"])
+    assert sorted(glob.glob(str(out / "part-*"))) == parts and manifest(out)["totals"]["rows"] == 12
+    replaced = embed(other, out, tiny_models["bert"], overwrite=True)
+    assert replaced["embedded"] == 3 and len(read_output(out)) == 3
+
 def test_resume_completes_partial_output_exactly_once(ray_local, tiny_models, tmp_path):
     """Parts of an interrupted run stay; the rerun embeds only the rows they lack."""
     texts = corpus_sentences(200, seed=2)
@@ -207,6 +228,9 @@ def test_bad_rows_go_to_quarantine_with_reasons(ray_local, tiny_models, tmp_path
     q = read_quarantine(tmp_path / "out")
     assert sorted(r["reason"] for r in q) == sorted(bad.values())
     assert all(r["source"] == "bad.jsonl" and r["row"] >= 3 for r in q)
+    # a row whose id could be read keeps it in quarantine, whatever is wrong with its text (m1 and
+    # m7's lines do not parse, the list has no id)
+    assert sorted(r["id"] for r in q if r["id"] is not None) == ["m2", "m3", "m4", "m5", "m6", "m8"]
     assert max(len(r["raw"]) for r in q) <= 1000
     m = manifest(tmp_path / "out")
     assert m["duplicates"]["examples"] == ["g0"]
@@ -216,11 +240,11 @@ def test_bad_rows_go_to_quarantine_with_reasons(ray_local, tiny_models, tmp_path
 @pytest.mark.parametrize("granularity", ["sentence", "token"])
 def test_a_file_of_only_bad_rows_is_all_quarantined(ray_local, tiny_models, tmp_path, granularity):
     # every row of a batch in quarantine once crashed the tokenize stage (an empty list)
-    rows = [{"id": f"b{i}", "body": "the text is under another field"} for i in range(5)]
+    rows = [{"id": f"b{i}", "text": " " * i} for i in range(5)]
     write_jsonl(tmp_path / "bad.jsonl", rows)
     s = embed(tmp_path / "bad.jsonl", tmp_path / "out", tiny_models["bert"], granularity=granularity)
     assert s["rows"] == 5 and s["embedded"] == 0 and s["quarantined"] == 5
-    assert {r["reason"] for r in read_quarantine(tmp_path / "out")} == {"missing_text_field"}
+    assert {r["reason"] for r in read_quarantine(tmp_path / "out")} == {"empty_text"}
     assert manifest(tmp_path / "out")["status"] == "complete"
 
 

@@ -45,9 +45,18 @@ def _cases(tmp_path: Path, corpus: Path, model: Path) -> dict:
         "unknown granularity": ([str(corpus), out, "--granularity", "word"], "unknown granularity"),
         "missing model": ([str(corpus), out, "--model", str(tmp_path / "none")], "is not a directory"),
         "unreadable model": ([str(corpus), out, "--model", str(broken)], "cannot be loaded"),
-        "output not writable": ([str(corpus), str(blocked / "out"), "--model", str(model)], "not writable"),
-        "bad number": ([str(corpus), out, "--batch-rows", "0"], "batch_rows must be a positive integer"),
-        "bad share": ([str(corpus), out, "--max-failed-share", "1.5"], "max_failed_share must be a number"),
+        "output beneath a file": ([str(corpus), str(blocked / "out"), "--model", str(model)],
+                                  f"output '{blocked / 'out'}' lies beneath the file '{blocked}'"),
+        "output is a file": ([str(corpus), str(corpus), "--model", str(model)],
+                             "is a file; an output is a folder"),
+        # the setting's name (as in a config file) and the flag this command sets it with
+        "bad number": ([str(corpus), out, "--batch-rows", "0"],
+                       "batch_rows (--batch-rows) must be a positive integer"),
+        "bad share": ([str(corpus), out, "--max-failed-share", "1.5"],
+                      "max_failed_share (--max-failed-share) must be a number"),
+        "jsonl field typo": ([str(corpus), out, "--text-field", "body", "--model", str(model)],
+                             "has no field 'body' in its first 5 object(s) (their fields: 'text'); "
+                             "name the field with --text-field"),
         "unknown scheme": ([str(corpus), "gs://bucket/x", "--model", str(model)], "unsupported URI scheme"),
     }
 
@@ -132,7 +141,8 @@ def test_train_flags_reach_the_config_and_foreign_method_options_are_refused(tmp
     code = main(["train", "--task", "sts", "--method", "full", "--train", "t.jsonl", "--output",
                  str(tmp_path / "o"), "--prompt-tokens", "4"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["semvec: error: method option(s) prompt_tokens do not apply to method full"]
+    assert code == 2 and err == [
+        "semvec: error: method option(s) prompt_tokens (--prompt-tokens) do not apply to method full"]
 
 
 def test_yaml_config_and_overrides(tmp_path):

@@ -24,8 +24,17 @@ def test_the_row_estimate_is_close_for_jsonl_gzip_and_exact_for_parquet(tmp_path
         estimate = estimate_rows(files + files, fmt)  # two files of the same kind
         assert abs(estimate - 40_000) < 0.2 * 40_000, (name, estimate)
     assert estimate_rows([], InputFormat.JSONL) is None
+    # a whole file read, its last row without a line end, counts that row (None sent a one-row
+    # job to Ray); a row longer than the sample tells nothing
     (tmp_path / "one-line.txt").write_bytes(b"no newline at all")
-    assert estimate_rows(list_inputs(str(tmp_path / "one-line.txt")), InputFormat.TXT) is None
+    assert estimate_rows(list_inputs(str(tmp_path / "one-line.txt")), InputFormat.TXT) == 1
+    (tmp_path / "long.txt").write_bytes(b"x" * 300_000)
+    assert estimate_rows(list_inputs(str(tmp_path / "long.txt")), InputFormat.TXT) is None
+    # an empty first file: the sample is the first file with bytes
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "0-empty.jsonl").write_bytes(b"")
+    (tmp_path / "folder" / "1.jsonl").write_bytes(b'{"text": "a"}\n{"text": "b"}\n')
+    assert estimate_rows(list_inputs(str(tmp_path / "folder")), InputFormat.JSONL) == 2
 
 
 def test_the_progress_line_has_counts_rate_and_eta(caplog):

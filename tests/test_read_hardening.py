@@ -454,3 +454,64 @@ def test_a_table_without_the_text_column_is_refused_before_work(tmp_path, tiny_m
     plan(load_embed_config(None, **settings, text_field="question"))  # the right column: planned
     with pytest.raises(ConfigError, match=rf"^queries file '{name}' has no column 'text'"):  # semvec search
         read.read_all_rows(str(path), "text", None, 1000, "queries file")
+
+
+@pytest.mark.parametrize("name, data, settings, want", [
+    ("q.jsonl", b'{"id": "1", "text": "where is my card"}\n' * 3, {"text_field": "body"},
+     r"^input 'q.jsonl' has no field 'body' in its first 3 object\(s\) \(their fields: 'id', 'text'\); "
+     "name the field with --text-field$"),
+    ("q.jsonl.gz", gzip.compress(b'{"id": "1", "text": "where is my card"}\n', mtime=0),
+     {"id_field": "doc"},
+     r"^input 'q.jsonl.gz' has no field 'doc' in its first 1 object\(s\) .*name the field with --id-field$"),
+    ("q.csv", b"text,category\nwhere is my card,card_arrival\n", {"id_field": "id"},
+     r"^input 'q.csv' has no column 'id' \(its columns: 'text', 'category'\); "
+     "name the column with --id-field$"),
+    ("categories.json", b'[\n  "card_arrival",\n  "card_linking"\n]\n', {},
+     r"^input 'categories.json' holds no JSON object in its first 4 line\(s\): jsonl inputs "
+     r"\(.jsonl/.json/.ndjson\) hold one object a line \(it looks like one JSON array: write one element "
+     r"a line, e.g. jq -c '.\[\]'\)$"),
+    ("one-line.json", b'[{"text": "a"}, {"text": "b"}]', {},
+     r"holds no JSON object in its first 1 line.*JSON array"),
+    ("broken.jsonl", b'{"text": "a"\n{"text": "b"\n', {}, r"holds no JSON object in its first 2 line\(s\)"),
+])
+def test_jsonl_that_would_all_go_to_quarantine_is_refused_before_work(tmp_path, tiny_models, name, data,
+                                                                      settings, want):
+    # a typo in --text-field or --id-field, or a JSON array named .json: every row would be
+    # quarantined and the job "succeed"; csv and parquet were refused this way already
+    from semvec.backfill.job import plan
+
+    (tmp_path / name).write_bytes(data)
+    config = load_embed_config(None, input=str(tmp_path / name), output=str(tmp_path / "out"),
+                               model=str(tiny_models["bert"]), **settings)
+    with pytest.raises(ConfigError, match=want):
+        plan(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_jsonl_sample_tells_nothing_when_its_first_row_is_longer_than_the_sample(tmp_path):
+    # the first row alone exceeds the sample: no refusal from a cut line; one bad row among good
+    # ones is the job's to quarantine
+    long = json.dumps({"text": "x" * (read.SAMPLE_BYTES + 10)}).encode()
+    (tmp_path / "long.jsonl").write_bytes(long + b"\n")
+    (tmp_path / "mixed.jsonl").write_bytes(b'not json\n{"text": "a"}\n')
+    for name in ("long.jsonl", "mixed.jsonl"):
+        file = storage.list_inputs(str(tmp_path / name))[0]
+        read.require_fields(file, InputFormat.JSONL, "text", "input")
+
+
+@pytest.mark.parametrize("name, data, settings", [
+    ("fake.parquet", b"not parquet\n", {}),
+    ("rows.jsonl", b'{"text": "a"}\n', {"input_format": "parquet"}),
+])
+def test_a_first_input_that_is_not_parquet_is_refused_before_work(tmp_path, tiny_models, name, data,
+                                                                   settings):
+    # it went to Ray (no row estimate) and ended "complete" with one unreadable_file row
+    from semvec.backfill.job import plan
+
+    (tmp_path / name).write_bytes(data)
+    config = load_embed_config(None, input=str(tmp_path / name), output=str(tmp_path / "out"),
+                               model=str(tiny_models["bert"]), **settings)
+    with pytest.raises(ConfigError, match=rf"^input '{name}' is not readable as parquet \(\w+: .*\); "
+                                          r"check the file, or its format \(--input-format\)$"):
+        plan(config)
+    assert not (tmp_path / "out").exists()

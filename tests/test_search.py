@@ -202,6 +202,11 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
     assert index(beir["docs"], tmp_path / "ix")["built"] is True
     code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x", "--nprobe", "0")
     assert code == 2 and "nprobe must be an integer >= 1" in error_line(err)
+    # tuning another kind's search, or an empty query, was answered as if nothing were wrong
+    code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x", "--nprobe", "5")
+    assert code == 2 and "nprobe tunes ivf indexes; the index at" in error_line(err) and "is exact" in err
+    code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x", "--query", "  ")
+    assert code == 2 and "query 2 of 2 is empty" in error_line(err) and not out
     with pytest.raises(ConfigError, match="hnsw_m must be an integer >= 2"):
         IndexConfig("a", "b", hnsw_m=1)
 

@@ -30,7 +30,8 @@ from semvec.backfill.pipeline import (
     runs_here,
     too_many_failed,
 )
-from semvec.backfill.read import RowParser, detect_format, has_rows, require_text_column
+from semvec.backfill.read import RowParser, detect_format, has_rows, require_fields
+from semvec.backfill.stages import source_key
 from semvec.chunking import check_windows
 from semvec.cluster import check_local_resources, init_ray, quiet_worker_env
 from semvec.config import EmbedConfig, InputFormat, Pooling
@@ -78,7 +79,8 @@ def plan(config: EmbedConfig) -> Plan:
     if all(f.size == 0 for f in files):
         raise ConfigError(f"input {storage.display(config.input)!r} holds only empty files")
     first = next(f for f in files if f.size)
-    require_text_column(first, detect_format(first.relative, config.input_format), config.text_field, "input")
+    require_fields(first, detect_format(first.relative, config.input_format), config.text_field, "input",
+                   id_field=config.id_field)
     model_dir = models.resolve_model(config.model)
     fingerprint = models.fingerprint(model_dir)
     static = models.model_kind(model_dir) == models.ModelKind.STATIC  # a token table, no config.json
@@ -119,6 +121,23 @@ def _check_output(p: Plan) -> None:
             f"config (hash {manifest.get('config_hash')} != {p.config_hash}); pass --overwrite "
             "to replace it, or choose another output"
         )
+    _refuse_other_inputs(p, out, manifest)
+
+
+def _refuse_other_inputs(p: Plan, out: OutputDir, manifest: dict) -> None:
+    """Parts of inputs that this run does not list (another input, or files gone from it) would
+    stay in the output uncounted, mixed with this input's vectors: refused, nothing removed."""
+    listed = {source_key(f.relative) for f in p.files}
+    others = out.part_sources() - listed
+    if not others:
+        return
+    named = sorted(i["source"] for i in manifest.get("inputs", []) if source_key(i["source"]) in others)
+    example = f" (e.g. {named[0]!r})" if named else ""
+    raise OutputMismatch(
+        f"output {storage.display(p.config.output)!r} holds vectors of {len(others)} input file(s) "
+        f"that are not in input {storage.display(p.config.input)!r}{example}; an output holds one "
+        "input's vectors: pass --overwrite to replace them, or choose another output"
+    )
 
 
 def _prepare_output(p: Plan) -> None:

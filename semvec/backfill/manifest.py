@@ -82,6 +82,11 @@ class OutputDir(storage.Prefix):
                     if storage.TEMP_MARK in p.rsplit("/", 1)[-1]:
                         self.fs.rm(p)
 
+    def part_sources(self) -> set[str]:
+        """The source keys (stages.source_key) of every committed part, quarantine's included."""
+        parts = self.list_parts() + self.list_parts(quarantine=True)
+        return {p.rsplit("/", 1)[-1].split("-")[1] for p in parts}
+
     def parts_of(self, relative: str) -> list[str]:
         prefix = f"part-{source_key(relative)}-"
         return [p for p in self.list_parts() + self.list_parts(quarantine=True)

@@ -25,7 +25,10 @@ def estimate_rows(files: list[InputFile], fmt: InputFormat | None) -> int | None
     """Rows in files, estimated from a sample of the first; None when it cannot be told."""
     if not files or fmt is None:
         return None
-    first, total = files[0], sum(f.size for f in files)
+    total = sum(f.size for f in files)
+    first = next((f for f in files if f.size), None)
+    if first is None:
+        return 0
     try:
         per_byte = _rows_per_byte(first, fmt)
     except Exception:  # noqa: BLE001 - an estimate only: the job itself reports real errors
@@ -45,6 +48,8 @@ def _rows_per_byte(file: InputFile, fmt: InputFormat) -> float | None:
         raw = f.read(SAMPLE_BYTES)
     text = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw) if path.endswith(".gz") else raw
     lines = text.count(b"\n")
+    if len(raw) == file.size and text and not text.endswith(b"\n"):
+        lines += 1  # the whole file, its last row without a line end
     return lines / len(raw) if lines else None  # rows per byte as stored (compressed or not)
 
 

@@ -106,8 +106,6 @@ class RowParser:
         """Validate one parsed record (a mapping) into the output tuple."""
         if not isinstance(record, dict):
             return self.bad(row, Reason.NOT_AN_OBJECT, raw)
-        if self.text_field not in record:
-            return self.bad(row, Reason.MISSING_FIELD, raw)
         rid = f"{source}:{row}"
         if self.id_field is not None:
             value = record.get(self.id_field)
@@ -116,6 +114,8 @@ class RowParser:
             rid = str(value)
             if not _encodable(rid):
                 return self.bad(row, Reason.INVALID_UTF8, raw, rid)
+        if self.text_field not in record:  # quarantined under its id, as any other bad text
+            return self.bad(row, Reason.MISSING_FIELD, raw, rid)
         return self.check_text(row, rid, record[self.text_field], raw)
 
     def check_text(self, row: int, rid: str, text, raw) -> tuple:
@@ -286,10 +286,10 @@ def iter_rows(file: InputFile, fmt: InputFormat, parser: RowParser) -> Iterator[
             raise ValueError(f"no parser for {fmt}")
 
 
-def columns(file: InputFile, fmt: InputFormat) -> list[str] | None:
+def columns(file: InputFile, fmt: InputFormat, what: str = "input") -> list[str] | None:
     """A table's columns (a csv/tsv header, a parquet schema), read before its rows; None for
-    formats without one (jsonl rows name their own fields, txt has none) or an unreadable file
-    (the job itself reports that, as a quarantine reason)."""
+    formats without one (jsonl rows name their own fields, txt has none), or when the store fails
+    (the job reports that). A file that is not parquet at all is a ConfigError naming `what`."""
     if fmt not in (InputFormat.CSV, InputFormat.TSV, InputFormat.PARQUET) or file.size == 0:
         return None
     try:
@@ -298,19 +298,77 @@ def columns(file: InputFile, fmt: InputFormat) -> list[str] | None:
                 return list(pq.ParquetFile(handle).schema_arrow.names)
             text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
             return next(csv.reader(text, delimiter="\t" if fmt == InputFormat.TSV else ","), None) or None
+    except StoreError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - a later file's would be quarantined as unreadable_file
+        if fmt != InputFormat.PARQUET:
+            return None
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        hint = ", or its format (--input-format)" if what == "input" else ""
+        raise ConfigError(f"{what} {file.relative!r} is not readable as parquet ({type(exc).__name__}: "
+                          f"{redact(detail)}); check the file{hint}") from None
+
+
+SAMPLE_BYTES = 1 << 20  # of a jsonl input read to check its field names before work
+SAMPLE_ROWS = 100
+
+
+def require_fields(file: InputFile, fmt: InputFormat, text_field: str, what: str,
+                   flag: str = "--text-field", id_field: str | None = None) -> None:
+    """ConfigError, one line, when the first input file shows that every row would go to
+    quarantine (a wrong `flag` or --id-field, almost always; or not JSON Lines at all): a table
+    without the column, or jsonl whose first rows are no objects or none has the field."""
+    names = columns(file, fmt, what)
+    kind, where = "column", ""
+    if names is None:
+        records = sample_records(file, fmt)
+        if records is None:
+            return
+        objects = [r for r in records if isinstance(r, dict)]
+        if not objects:
+            array = " (it looks like one JSON array: write one element a line, e.g. jq -c '.[]')" \
+                if records and (records[0] is _ARRAY_START or isinstance(records[0], list)) else ""
+            raise ConfigError(f"{what} {file.relative!r} holds no JSON object in its first "
+                              f"{len(records)} line(s): jsonl inputs (.jsonl/.json/.ndjson) hold one "
+                              f"object a line{array}")
+        names = list(dict.fromkeys(k for r in objects for k in r))
+        kind, where = "field", f" in its first {len(objects)} object(s)"
+    for field, option in ((text_field, flag), (id_field, "--id-field")):
+        if field is not None and field not in names:
+            shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
+            theirs = "its columns" if kind == "column" else "their fields"
+            raise ConfigError(f"{what} {file.relative!r} has no {kind} {field!r}{where} ({theirs}: "
+                              f"{shown}); name the {kind} with {option}")
+
+
+class _ArrayStart:
+    """A first line that opens a JSON array: a .json file that is not JSON Lines."""
+
+
+_ARRAY_START = _ArrayStart()
+
+
+def sample_records(file: InputFile, fmt: InputFormat) -> list | None:
+    """The first rows of a jsonl file as parsed (a broken line as None), read from its first
+    SAMPLE_BYTES; None for other formats, an empty or unreadable file, or a first row longer
+    than the sample (nothing can be told)."""
+    if fmt != InputFormat.JSONL or file.size == 0:
+        return None
+    try:
+        with _open(storage.filesystem(file.uri), file) as handle:
+            raw = handle.read(SAMPLE_BYTES)
     except Exception:  # noqa: BLE001 - unreadable here is reported by the job with its reason
         return None
-
-
-def require_text_column(file: InputFile, fmt: InputFormat, text_field: str, what: str,
-                        flag: str = "--text-field") -> None:
-    """ConfigError, one line, when a table has no column `text_field`: every row of it would
-    otherwise go to quarantine as missing_text_field (a wrong `flag`, almost always)."""
-    names = columns(file, fmt)
-    if names is not None and text_field not in names:
-        shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
-        raise ConfigError(f"{what} {file.relative!r} has no column {text_field!r} (its columns: {shown}); "
-                          f"name the column with {flag}")
+    lines = raw.removeprefix(codecs.BOM_UTF8).splitlines()
+    if len(raw) == SAMPLE_BYTES:  # the last line may be cut
+        lines = lines[:-1]
+    records = []
+    for line in lines[:SAMPLE_ROWS]:
+        try:
+            records.append(json.loads(line.decode("utf-8")))
+        except (ValueError, RecursionError):
+            records.append(_ARRAY_START if not records and line.lstrip().startswith(b"[") else None)
+    return records or None
 
 
 def read_all_rows(uri: str, text_field: str, id_field: str | None, max_chars: int,
@@ -325,7 +383,7 @@ def read_all_rows(uri: str, text_field: str, id_field: str | None, max_chars: in
         if fmt is None:
             raise ConfigError(f"{what} {file.relative!r} has no known extension (.jsonl, .parquet, "
                               ".csv, .tsv, .txt, each optionally .gz)")
-        require_text_column(file, fmt, text_field, what, flag)
+        require_fields(file, fmt, text_field, what, flag, id_field)
         rows += [(file.relative, row, rid, text, reason)
                  for row, rid, text, reason, _raw in iter_rows(file, fmt, parser)]
     return rows

@@ -59,6 +59,10 @@ class SearchIndex:
             if (value is not None or name == "k") and (not isinstance(value, int)
                                                        or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, value, kind in (("ef_search", ef_search, "hnsw"), ("nprobe", nprobe, "ivf")):
+            if value is not None and self.kind != kind:
+                raise ConfigError(f"{name} tunes {kind} indexes; the index at {storage.display(self.uri)!r} "
+                                  f"is {self.kind}")
         self._tune(ef_search, nprobe)
         scores, labels = self.index.search(np.ascontiguousarray(unit(queries)), min(k, len(self.ids)))
         hits = []
@@ -72,6 +76,9 @@ class SearchIndex:
                **tuning) -> list[Hits]:
         """Embed texts with the index's model (or `model`, if it is the same model) and search."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        for n, text in enumerate(texts, 1):
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"query {n} of {len(texts)} is empty: a query needs text to embed")
         return self.search_vectors(self.embed(texts, model), k, **tuning)
 
     def embed(self, texts: list[str], model: str | None = None) -> np.ndarray:

@@ -3,6 +3,7 @@ through the API, the CLI and `evaluate retrieval --index`; another model refused
 a crash after every write of a build and of a batch search, each followed by a rerun."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -286,3 +287,30 @@ def test_ivf_searches_one_list_in_20_by_default():
 
     # 1,264 lists: the 100,000 real vectors of benchmarks/index.py, recall@10 0.91 at 64, 0.76 at 16
     assert [default_nprobe(n) for n in (8, 100, 1264, 2564)] == [8, 16, 64, 129]
+
+
+def test_repeated_ids_are_counted_and_said_at_build(tiny_models, tmp_path, caplog):
+    # the backfill's manifest counts them; the index said nothing, and a search answered
+    # ["card_arrival", "card_arrival", ...]
+    from semvec.backfill.job import run as backfill
+    from semvec.config import load_embed_config
+
+    rows = [{"id": i, "text": t} for i, t in zip(["a", "b", "a", "c", "a", "b"],
+                                                 ["my card has not arrived", "how do I top up",
+                                                  "the card is still not here", "change my PIN",
+                                                  "where is my new card", "top up by bank transfer"],
+                                                 strict=True)]
+    write_jsonl(tmp_path / "q.jsonl", rows)
+    backfill(load_embed_config(None, input=str(tmp_path / "q.jsonl"), output=str(tmp_path / "v"),
+                               model=str(tiny_models["bert"]), id_field="id"))
+    logger = logging.getLogger("semvec.search")  # semvec's own handler may not propagate
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="semvec.search"):
+            summary = index(str(tmp_path / "v"), tmp_path / "ix")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert summary["duplicate_ids"] == 3 and summary["rows"] == 6
+    assert "3 vectors of" in caplog.text and "repeat an id another vector has (e.g. 'a')" in caplog.text
+    assert json.loads((tmp_path / "ix" / "_index.json").read_text())["duplicate_ids"] == 3
+    assert index(str(tmp_path / "v"), tmp_path / "ix")["duplicate_ids"] == 3  # found built: the same

@@ -306,7 +306,9 @@ def print_summary(summary: dict, stream=None) -> None:
         f"semvec embed: {summary['rows']} rows in -> {summary['embedded']} embedded, "
         f"{summary['quarantined']} quarantined ({summary['duplicate_ids']} duplicate ids"
         + (f", {summary['chunks']} chunks" if "chunks" in summary else "") + "); "
-        f"{summary['rows_this_run']} rows this run in {summary['seconds']} s "
-        f"({summary['rows_per_s']} rows/s); output {summary['output']}",
+        + (f"{summary['rows_this_run']} rows this run in {summary['seconds']} s "
+           f"({summary['rows_per_s']} rows/s)" if summary["rows_this_run"]
+           else "nothing left to embed: every row was in the output already")
+        + f"; output {summary['output']}",
         file=stream,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +126,7 @@ def build(config: IndexConfig) -> dict:
 
         still_ours()
         record = _record(p, index, time.time() - t0, t_train)
+        record["duplicate_ids"] = _repeated(ids, config.vectors)
         out.write(as_bytes(faiss_module().serialize_index(index)), ids, record, still_ours)
     return _summary(record, config.index, built=True, seconds=time.time() - t0)
 
@@ -274,10 +276,24 @@ def _record(p: Plan, index, seconds: float, t_train: float) -> dict:
     }
 
 
+def _repeated(ids: list[str], vectors: str) -> int:
+    """How many ids are there more than once (a search then answers such an id once for each of
+    its vectors); said in a warning, as the backfill's manifest counts them."""
+    counts = Counter(ids)
+    repeated = len(ids) - len(counts)
+    if repeated:
+        example = next(i for i, n in counts.items() if n > 1)
+        log.warning("%d vectors of %s repeat an id another vector has (e.g. %r): a search can answer "
+                    "such an id once for each of its vectors", repeated, storage.display(vectors),
+                    example[:200])
+    return repeated
+
+
 def _summary(record: dict, index: str, built: bool, seconds: float) -> dict:
     return {"index": storage.display(index), "kind": record["kind"],
             "rows": record["rows"], "dim": record["dim"], "params": record["params"],
-            "model": record["model"]["reference"], "built": built, "seconds": round(seconds, 2)}
+            "model": record["model"]["reference"], "duplicate_ids": record.get("duplicate_ids", 0),
+            "built": built, "seconds": round(seconds, 2)}
 
 
 def print_summary(summary: dict, stream=None) -> None:

@@ -463,7 +463,7 @@ def error_line(exc: BaseException, flags: dict[str, str] | None = None) -> str:
         text = " ".join(line.strip() for line in text.splitlines() if line.strip())
         for name, flag in (flags or {}).items():
             if flag not in text:
-                text = re.sub(rf"(?<![\w-]){name}(?![\w-])", f"{name} ({flag})", text, count=1)
+                text = re.sub(rf"(?<![\w-]){name}(?![\w=-])", f"{name} ({flag})", text, count=1)
     else:
         first = text.splitlines()[0] if text else ""
         text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -261,9 +262,9 @@ def plain(value: Any) -> Any:
 
 
 def require_non_negative(name: str, value: Any) -> None:
-    """A real number >= 0 (not a bool, not NaN), or a ConfigError naming the setting."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+    """A finite real number >= 0 (not a bool, not NaN or infinity), or a ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def require_int(name: str, value: Any, least: int) -> None:

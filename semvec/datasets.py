@@ -181,19 +181,20 @@ def label_set(train: list[dict], dev: list[dict], task: Task | str) -> list[str]
     task = _task(task)
     if task in (Task.STS, Task.PAIRS):
         return []
-    seen = {lab for e in train for lab in _labels(task, e)}
+    seen = {lab for e in train for lab in example_labels(task, e)}
     if task is Task.NER:
         seen = {"O"} | {f"{p}-{t[2:]}" for t in seen if t != "O" for p in "BI"}
     source = getattr(dev, "source", "")
     for example in dev:
-        for lab in _labels(task, example):
+        for lab in example_labels(task, example):
             if lab not in seen:
                 where = f" ({source})" if source else ""
                 raise ConfigError(f"dev label {lab!r}{where} does not occur in train")
     return sorted(seen)
 
 
-def _labels(task: Task, example: dict) -> list[str]:
+def example_labels(task: Task, example: dict) -> list[str]:
+    """The labels an example teaches: its class, or its NER tags."""
     return [example["label"]] if task is Task.CLASSIFICATION else example["tags"]
 
 

@@ -82,7 +82,7 @@ class DistillConfig:
         "frame": "the special tokens around each token in its pass through the model: swapped "
                  "([SEP] tok [CLS], better on STS-B dev) or model ([CLS] tok [SEP], as a text has them)",
         "normalize": "L2-normalise the static model's text vectors (its modules.json says so too)",
-        "overwrite": "replace an output that is not empty, instead of refusing it",
+        "overwrite": "replace an output that holds a semvec model (semvec.json), instead of refusing it",
         "batch_tokens": "padded tokens per forward pass of the token pass (default: the encoder's)",
     }
 
@@ -114,6 +114,7 @@ def distill(config: DistillConfig) -> dict:
     t0 = time.time()
     _check_output(config.output, config.overwrite)
     model_dir = models.resolve_model(config.model)
+    _check_apart(config.output, Path(model_dir))
     if models.model_kind(model_dir) == models.ModelKind.STATIC:
         raise ConfigError(f"model {storage.display(config.model)!r} is a static model already; "
                           "distil the encoder it came from")
@@ -244,6 +245,20 @@ def _check_output(output: str, overwrite: bool) -> None:
     if taken and not overwrite:
         raise ConfigError(f"output {storage.display(output)!r} is not empty; choose an empty "
                           "directory or pass --overwrite")
+    if taken and not fs.exists(f"{root}/{models.SEMVEC_JSON}"):  # --overwrite removes the folder
+        raise ConfigError(f"output {storage.display(output)!r} holds files that are not a semvec model "
+                          f"(no {models.SEMVEC_JSON}); --overwrite replaces only a model directory: "
+                          "choose an empty directory")
+
+
+def _check_apart(output: str, model_dir: Path) -> None:
+    """Refuse an output that holds the model read (replacing the output would delete it)."""
+    if storage.is_remote(output):
+        return
+    out, model = Path(storage.strip(output)).resolve(), model_dir.resolve()
+    if out != model and model.is_relative_to(out):
+        raise ConfigError(f"output {storage.display(output)!r} holds the model {str(model_dir)!r}; "
+                          "choose a directory of its own")
 
 
 def _publish(built: Path, output: str, overwrite: bool) -> None:

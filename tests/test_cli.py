@@ -215,3 +215,39 @@ def test_with_json_stdout_holds_the_summary_line_alone(monkeypatch, capsys):
     assert "(raylet) Task" in err
     print("after")  # and stdout is stdout again for whatever runs next
     assert capsys.readouterr().out == "after\n"
+
+
+def test_training_settings_that_fail_only_in_the_workers_are_refused_before_ray(tmp_path, capsys, tiny_bert,
+                                                                                monkeypatch):
+    # each of these started Ray (and MLflow) and failed in every worker, trained with them, or
+    # ended in an OverflowError; one line now, exit 2, nothing started or written
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)  # an MLflow store would appear here
+    sts = write_jsonl(tmp_path / "sts.jsonl", [{"sentence1": f"a {i}", "sentence2": f"b {i}", "score": i % 5}
+                                               for i in range(20)])
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"t {i}", "label": "x"} for i in range(20)])
+    base = ["train", "--method", "full", "--output", str(tmp_path / "out"), "--model", str(tiny_bert)]
+    cases = [
+        (["--task", "sts", "--train", str(sts), "--lr", "inf"], "lr must be a finite number > 0, got inf"),
+        (["--task", "sts", "--train", str(sts), "--max-grad-norm", "0"],
+         "max_grad_norm (--max-grad-norm) must be a finite number > 0, got 0.0"),
+        (["--task", "sts", "--train", str(sts), "--weight-decay", "-5"],
+         "weight_decay (--weight-decay) must be a finite number >= 0"),
+        (["--task", "sts", "--train", str(sts), "--max-failures", "-3"],
+         "max_failures (--max-failures) must be an integer >= 0"),
+        (["--task", "sts", "--train", str(sts), "--max-length", "0"],
+         "max_length (--max-length) must be a positive integer"),
+        (["--task", "sts", "--train", str(sts), "--replay", str(sts), "--replay-share", "inf"],
+         "replay_share (--replay-share) must be a finite number >= 0, got inf"),
+        (["--task", "sts", "--train", str(sts), "--symmetric"], "symmetric ranks the anchors"),
+        (["--task", "sts", "--train", str(sts), "--freeze-layers", "99"],
+         "freeze_layers (--freeze-layers) 99 exceeds the model's 2 layers"),
+        (["--task", "sts", "--train", str(sts), "--method", "lora", "--lora-targets", "[nolayer]"],
+         "lora_targets (--lora-targets) ['nolayer'] are not linear layers of this bert model"),
+        (["--task", "classification", "--train", str(one)], "has one label ('x'); classification needs"),
+    ]
+    for extra, message in cases:
+        code = main([*base, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()

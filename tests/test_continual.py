@@ -112,5 +112,5 @@ def test_replay_mixes_a_seeded_share_of_past_data_into_training(tmp_path, tiny_m
 def test_ewc_and_distill_without_replay_are_refused():
     with pytest.raises(ConfigError, match="need replay data"):
         load_train_config(None, task="sts", method="full", train="t", output="o", distill=1.0)
-    with pytest.raises(ConfigError, match="l2sp must be a number >= 0"):
+    with pytest.raises(ConfigError, match="l2sp must be a finite number >= 0"):
         load_train_config(None, task="sts", method="full", train="t", output="o", l2sp=-1)

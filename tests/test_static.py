@@ -254,6 +254,9 @@ def test_bad_input_is_one_line_and_exit_2(static_model, tiny_bert, tmp_path, cap
                              + "\n" for i in range(20)))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
+    holder = tmp_path / "holder"  # a model directory (its card) with the model to distil inside
+    shutil.copytree(tiny_bert, holder / "m")
+    (holder / "semvec.json").write_text(json.dumps({"kind": "static"}))
     out = str(tmp_path / "o")
     words = ["words", "--model", str(tiny_bert), "--vocab"]
     cases = {
@@ -266,6 +269,14 @@ def test_bad_input_is_one_line_and_exit_2(static_model, tiny_bert, tmp_path, cap
         "no output": (["distill", "--model", str(tiny_bert)], "missing required setting 'output'"),
         "output not empty": (["distill", "--model", str(tiny_bert), "--output", str(tmp_path / "full")],
                              "is not empty; choose an empty directory or pass --overwrite"),
+        # --overwrite removed the whole output folder: '.', or a folder holding the model, went
+        "overwrite what is not a model": (
+            ["distill", "--model", str(tiny_bert), "--output", str(tmp_path / "full"), "--overwrite"],
+            "holds files that are not a semvec model (no semvec.json); --overwrite replaces only a "
+            "model directory"),
+        "overwrite the model's folder": (
+            ["distill", "--model", str(holder / "m"), "--output", str(holder), "--overwrite"],
+            f"output '{holder}' holds the model '{holder / 'm'}'; choose a directory of its own"),
         "static again": (["distill", "--model", str(static_model), "--output", out],
                          "is a static model already"),
         "empty vocab": ([*words, str(tmp_path / "empty.txt"), "--output", out],
@@ -287,6 +298,7 @@ def test_bad_input_is_one_line_and_exit_2(static_model, tiny_bert, tmp_path, cap
         assert code == 2, (name, err)
         assert len(err.splitlines()) == 1 and message in err, (name, err)
     assert not (tmp_path / "o").exists()
+    assert (tmp_path / "full" / "x").exists() and (holder / "m" / "config.json").exists()
 
 
 def test_cards_without_a_kind_are_transformers_and_an_unknown_kind_is_refused(tiny_bert):

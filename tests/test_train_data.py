@@ -491,3 +491,25 @@ def test_real_benchmark_files():
     assert len(bank) == 10003 and len({e["label"] for e in bank}) == 77
     assert label_set(iob2, load_examples("ner", str(conll / "iob2" / "valid.txt")), "ner") == [
         "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O"]
+
+
+def test_a_label_the_held_out_dev_would_take_from_train_is_trained_on_instead(tmp_path):
+    # it was refused as "dev label 'rare' does not occur in train", naming a dev the user never gave
+    from semvec.train.config import load_train_config
+    from semvec.train.job import _hold_out, _keep_labels_in_train
+
+    rows = [{"text": f"t {i}", "label": "common"} for i in range(40)] + [{"text": "r", "label": "rare"}]
+    cfg = load_train_config(None, task="classification", method="full", train="x.jsonl",
+                            output=str(tmp_path / "m"))
+    for seed in range(20):  # some seed holds the one rare example out
+        cfg.seed = seed
+        held, kept = _hold_out(rows, cfg)
+        if any(e["label"] == "rare" for e in held):
+            break
+    dev, train = _keep_labels_in_train(held, kept, cfg)
+    assert {e["label"] for e in dev} == {"common"} and len(dev) == len(held) - 1
+    assert sorted(e["text"] for e in dev + train) == sorted(e["text"] for e in rows)
+    assert _keep_labels_in_train(dev, train, cfg) == (dev, train)  # nothing to move: unchanged
+    only_rare = [{"text": "r", "label": "rare"}]
+    with pytest.raises(ConfigError, match="too small to hold out dev examples.*give dev data"):
+        _keep_labels_in_train(only_rare, [{"text": "c", "label": "common"}], cfg)

@@ -187,7 +187,7 @@ def test_bad_choices_fail_before_the_model_changes(tiny_models):
     model = _load(tiny_models["bert"])
     with pytest.raises(ConfigError, match="allowed: full, lora, prompt, adapter, bitfit"):
         apply_method(model, "qlora", MethodConfig())
-    with pytest.raises(ConfigError, match="freeze_layers=3 but the model has 2 layers"):
+    with pytest.raises(ConfigError, match="freeze_layers 3 exceeds the model's 2 layers"):
         apply_method(model, Method.FULL, MethodConfig(freeze_layers=3))
     with pytest.raises(ConfigError, match="nope.*available: .*query"):
         apply_method(model, Method.LORA, MethodConfig(lora_targets=["query", "nope"]))

@@ -188,9 +188,9 @@ def publish_backfill(cfg: RetrainConfig, version: str) -> dict:
     model = f"models:/{cfg.name}/{version}"
     try:  # an earlier round's backfill of this version that did not finish: resume it
         summary = run(cfg.backfill_config(model, output))
-    except OutputMismatch:  # written with backfill settings changed since: this version's, redo it
-        log.warning("%s was written with other backfill settings; embedding it again",
-                    storage.display(output))
+    except OutputMismatch as exc:  # other backfill settings, or files gone from the corpus since:
+        # this version's own output, so it is embedded again
+        log.warning("%s cannot be resumed (%s); embedding it again", storage.display(output), exc)
         summary = run(cfg.backfill_config(model, output, overwrite=True))
     if summary["embedded"] + summary["quarantined"] != summary["rows"] or not summary["embedded"]:
         raise RuntimeError(f"backfill into {storage.display(output)} embedded {summary['embedded']} of "

@@ -5,6 +5,7 @@ building the CLI or checking a config imports no training code."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -229,8 +230,21 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("lr", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        require_non_negative("weight_decay", self.weight_decay)
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) \
+                or self.max_failures < 0:
+            raise ConfigError(f"max_failures must be an integer >= 0, got {self.max_failures!r}")
+        if self.max_length is not None and (isinstance(self.max_length, bool)
+                                            or not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ConfigError(f"max_length must be a positive integer, got {self.max_length!r}")
+        if self.symmetric and self.task != Task.PAIRS:
+            raise ConfigError(f"symmetric ranks the anchors for each positive: the pairs task's; task "
+                              f"{self.task.value} has no anchors")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("warmup_ratio and dropout must be in [0, 1)")
         for name in ("replay_share", "l2sp", "ewc", "distill"):

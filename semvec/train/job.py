@@ -13,11 +13,11 @@ import tempfile
 from pathlib import Path
 
 from semvec import figures, models, storage
-from semvec.datasets import Task, label_set, load_documents, load_examples
+from semvec.datasets import Task, example_labels, label_set, load_documents, load_examples
 from semvec.errors import ConfigError
 from semvec.heads import HEAD_FILE, PRIMARY
 from semvec.redact import redact
-from semvec.train.config import TrainConfig
+from semvec.train.config import Method, TrainConfig
 from semvec.train.report import write_report
 
 DEV_SHARE = 0.1
@@ -32,15 +32,20 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
         dev = load_examples(cfg.task, cfg.dev)
     else:  # hold out a seeded slice of train for choosing; never a test split
         dev, train = _hold_out(train, cfg)
+        dev, train = _keep_labels_in_train(dev, train, cfg)
     if not train:
         raise ConfigError(f"train data {cfg.train!r} holds no examples after holding out dev")
     anchors = _replay(cfg, len(train))
     train = train + anchors
     labels = label_set(train, dev, cfg.task)
+    if cfg.task == Task.CLASSIFICATION and len(labels) < 2:
+        raise ConfigError(f"train data {cfg.train!r} has one label ({labels[0]!r}); classification "
+                          "needs at least two")
     model_dir = models.resolve_model(cfg.model)
     if models.model_kind(model_dir) == models.ModelKind.STATIC:
         raise ConfigError(f"model {cfg.model!r} is a static model (a table of token vectors): it has "
                           "no transformer to fine-tune; tune the encoder it came from, then distil again")
+    check_method(model_dir, cfg)
     known = _trained_labels(model_dir, cfg.task)  # a semvec model tuned further keeps its label order
     labels = known + [label for label in labels if label not in known]
     defaults = models.model_defaults(model_dir)
@@ -67,6 +72,40 @@ def _hold_out(train: list[dict], cfg: TrainConfig) -> tuple[list[dict], list[dic
     random.Random(cfg.seed).shuffle(order)
     cut = max(1, int(len(order) * DEV_SHARE))
     return [train[i] for g in order[:cut] for i in g], [train[i] for g in order[cut:] for i in g]
+
+
+def _keep_labels_in_train(dev: list[dict], train: list[dict], cfg: TrainConfig) -> tuple[list, list]:
+    """(dev, train) with every held-out example whose label (or NER tag) train would lack moved
+    back to train: a label too rare to spare an example is trained on, not refused as a dev label
+    the user never gave. A split where that happens to no example is unchanged."""
+    if cfg.task not in (Task.CLASSIFICATION, Task.NER):
+        return dev, train
+    seen = set(label_set(train, [], cfg.task))
+    back = [e for e in dev if not set(example_labels(cfg.task, e)) <= seen]
+    if not back:
+        return dev, train
+    if len(back) == len(dev):
+        raise ConfigError(f"train data {cfg.train!r} is too small to hold out dev examples of labels "
+                          "it also trains on; give dev data (--dev)")
+    return [e for e in dev if set(example_labels(cfg.task, e)) <= seen], train + back
+
+
+def check_method(model_dir: Path, cfg: TrainConfig) -> None:
+    """The method's options against the model's layers (freeze_layers, lora_targets), on a skeleton
+    of the model without its weights: a bad option is one line here, not a failure in every
+    worker after Ray started."""
+    options = cfg.method_config()
+    if not (cfg.method in (Method.ADAPTER, Method.LORA) or options.freeze_layers):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from semvec.train.methods import check
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    check(skeleton, cfg.method, options)
 
 
 def _trained_labels(model_dir: Path, task: Task) -> list[str]:

@@ -44,7 +44,7 @@ def apply_method(base_model: nn.Module, method: Method | str, cfg: MethodConfig)
     lowest layers, on top of any method (LoRA weights inside a frozen layer stay frozen too).
     """
     method = parse_enum(Method, "method", method)
-    _check(base_model, method, cfg)
+    check(base_model, method, cfg)
     if method == Method.LORA:
         encoder = MethodEncoder(_lora(base_model, cfg), method, cfg)
     else:
@@ -61,12 +61,12 @@ def apply_method(base_model: nn.Module, method: Method | str, cfg: MethodConfig)
     return encoder
 
 
-def _check(model: nn.Module, method: Method, cfg: MethodConfig) -> None:
+def check(model: nn.Module, method: Method, cfg: MethodConfig) -> None:
     """Everything that can fail, before the model is changed."""
     if method == Method.ADAPTER or cfg.freeze_layers:
         n_layers = len(transformer_layers(model))
         if cfg.freeze_layers > n_layers:
-            raise ConfigError(f"freeze_layers={cfg.freeze_layers} but the model has {n_layers} layers")
+            raise ConfigError(f"freeze_layers {cfg.freeze_layers} exceeds the model's {n_layers} layers")
     if method == Method.LORA:
         _peft()
         available = {name.rsplit(".", 1)[-1] for name, _ in _linears(model)}

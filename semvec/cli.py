@@ -289,10 +289,12 @@ def _compress(args) -> dict:
 
 
 def _evaluate(args) -> dict:
-    from semvec import evaluate
+    from semvec import evaluate, storage
 
     given = {k: getattr(args, k, None) for k in ("model", "vectors", "query_vectors", "data", "corpus",
                                                   "queries", "qrels", "index")}
+    if args.report:
+        storage.check_file_writable(args.report, "report")
     result = evaluate.evaluate(args.task, **given)
     if args.report:
         evaluate.write_report({"kind": args.task, **result}, args.report)

@@ -82,6 +82,7 @@ def register_model(ref: str, name: str, alias: str | None = None, experiment: st
     NAME from it, tagged with where it came from; returns the version."""
     from semvec import tracking
 
+    tracking.check_model_name(name)
     model_dir = resolve_model(ref)
     run_id = tracking.log_model_dir(experiment, f"register-{name}", model_dir,
                                     {"model": storage.display(ref), "fingerprint": fingerprint(model_dir)})

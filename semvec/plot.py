@@ -53,6 +53,7 @@ def plot(s: PlotSettings) -> dict:
         raise ConfigError("--labels needs --color-by, the field of the labels file to colour by")
     if not s.output.lower().endswith(".png"):
         raise ConfigError(f"output {storage.display(s.output)!r} must be a .png file")
+    storage.check_file_writable(s.output)
     figures.require()
     reducer = _reducer(s.method)
     source = open_source(s.vectors, verb="plot")

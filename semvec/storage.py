@@ -161,6 +161,20 @@ def check_writable(uri: str) -> None:
         ) from None
 
 
+def check_file_writable(uri: str, what: str = "output") -> None:
+    """Refuse, in one line before any work, a file that cannot be written where it is asked for:
+    a folder, beneath a file, or in a folder that cannot be made or written (a probe is written
+    and deleted beside it)."""
+    if not is_remote(uri) and Path(strip(uri)).is_dir():
+        raise ConfigError(f"{what} {display(uri)!r} is a directory; give a file name")
+    parent = strip(uri).rsplit("/", 1)[0] if "/" in strip(uri) else "."
+    try:
+        check_writable(f"s3://{parent}" if is_remote(uri) else parent)
+    except ConfigError:
+        raise ConfigError(f"{what} {display(uri)!r} cannot be written there; give a path you can "
+                          "write to") from None
+
+
 def check_apart(source: str, output: str, what: str) -> None:
     """Refuse an output prefix that is the source prefix or inside it (one line, before any work)."""
     src, out = strip(source), strip(output)

@@ -16,8 +16,10 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,54 @@ RUN_NAME_TAG = "semvec.run_name"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    _require_reachable(uri)
+    return uri
+
+
+_reached: set[str] = set()
+REACH_TIMEOUT_S = 5.0
+
+
+def _require_reachable(uri: str) -> None:
+    """A tracking server that does not answer is one line, at once: MLflow's client retries a
+    refused connection with backoff for minutes, printing nothing. Asked once per process."""
+    if not uri.startswith(("http://", "https://")) or uri in _reached:
+        return
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=REACH_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"the MLflow tracking server at {storage.display(uri)} does not answer "
+                          f"({type(exc).__name__}: {exc}); start it, or set MLFLOW_TRACKING_URI to "
+                          "one that runs") from None
+    _reached.add(uri)
+
+
+def check_model_name(name: str) -> None:
+    """MLflow's rule for registered model names, before any work: not empty, no '/' or ':'."""
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/:") \
+            or name.strip() in (".", ".."):
+        raise ConfigError(f"model name {name!r} cannot be registered: MLflow takes a name that is not "
+                          "empty and has no '/' or ':'")
+
+
+def registered(name: str) -> bool:
+    """Whether the registry holds a model of this name (a missing local store holds none, and is
+    not created by asking)."""
+    uri = tracking_uri()
+    db = _local_store(uri)
+    if db is not None and not db.is_file():
+        return False
+    client = _client()
+    try:
+        client.get_registered_model(name)
+        return True
+    except Exception as exc:  # noqa: BLE001 - not found, or refused
+        _raise_if_refused(exc)
+        return False
 
 
 def refusal(exc: BaseException) -> ConfigError | None:

@@ -226,3 +226,4 @@ def _check_output(output: str, overwrite: bool) -> None:
         raise ConfigError(f"output {storage.display(output)!r} is a directory; give a file name")
     if exists and not overwrite:
         raise ConfigError(f"output {storage.display(output)!r} exists; pass --overwrite to replace it")
+    storage.check_file_writable(output)

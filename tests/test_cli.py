@@ -251,3 +251,40 @@ def test_training_settings_that_fail_only_in_the_workers_are_refused_before_ray(
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_registry_commands_refuse_before_touching_a_store(tmp_path, capsys, tiny_bert, monkeypatch):
+    # rollback created ./mlflow.db to say "no @previous"; register uploaded the model, then MLflow
+    # refused the name; a server that does not answer hung for minutes, printing nothing
+    import socket
+    import time
+
+    from semvec import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cases = [
+        (["rollback", "semvec-sts"], "model 'semvec-sts' is not registered in the registry at"),
+        (["register", str(tiny_bert), "--name", "bad name/with slash"],
+         "model name 'bad name/with slash' cannot be registered: MLflow takes a name that is not empty "
+         "and has no '/' or ':'"),
+        (["train", "--task", "sts", "--method", "full", "--train", "t.jsonl", "--output", "o",
+          "--register", "a:b"], "model name 'a:b' cannot be registered"),
+    ]
+    for argv, message in cases:
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]  # no mlflow.db, no mlartifacts
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    tracking._reached.clear()
+    t0 = time.monotonic()
+    code = main(["rollback", "semvec-sts"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert (f"the MLflow tracking server at http://127.0.0.1:{port} does not answer "
+            "(ConnectionRefusedError") in err[0]
+    assert time.monotonic() - t0 < 30

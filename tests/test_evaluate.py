@@ -138,3 +138,23 @@ def test_top_k_ranks_ties_by_document_index_like_a_full_stable_sort():
         scores = rng.integers(0, 5, (q, n)).astype(float)  # many ties, at the k-th place too
         want = np.argsort(-scores, axis=1, kind="stable")[:, :min(k, n)]
         assert (top_k(scores, k) == want).all()
+
+
+def test_scores_that_cannot_mean_anything_are_refused(tmp_path):
+    # an empty corpus, qrels of another corpus, constant gold scores: each scored 0 or nan, exit 0
+    files = _beir(tmp_path, [("q1", "d1", 1), ("q2", "d2", 1)])
+    r = evaluate.evaluate_retrieval(_embed(AXES), _embed({"q1": [1, 0, 0], "q2": [0, 1, 0]}), *files,
+                                    by_id=True)
+    assert r["ndcg@10"] == 1.0  # the suite itself is fine
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="corpus '.*empty.jsonl' holds no documents"):
+        evaluate.evaluate_retrieval(_embed(AXES), _embed({}), str(tmp_path / "empty.jsonl"), *files[1:],
+                                    by_id=True)
+    (tmp_path / "other.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tx1\t1\nq2\tx2\t1\n")
+    with pytest.raises(ConfigError, match="none of the documents the qrels judge .* is in corpus"):
+        evaluate.evaluate_retrieval(_embed(AXES), _embed({}), files[0], files[1], str(tmp_path / "other.tsv"),
+                                    by_id=True)
+    write_jsonl(tmp_path / "flat.jsonl", [{"sentence1": f"a {i}", "sentence2": f"b {i}", "score": 3}
+                                          for i in range(5)])
+    with pytest.raises(ConfigError, match="gives every pair the score 3: a correlation needs gold scores"):
+        evaluate.evaluate_sts(lambda texts: np.ones((len(texts), 3)), str(tmp_path / "flat.jsonl"))

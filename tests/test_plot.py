@@ -67,7 +67,13 @@ def test_bad_input_is_one_line_and_exit_2(beir, tmp_path, capsys):
         (["plot", beir["docs"], "--output", str(tmp_path / "m.png"), "--labels", "x.jsonl"],
          "needs --color-by"),
         (["plot", str(tmp_path), "--output", str(tmp_path / "m.png")], "not a backfill output"),
+        # found only after the map was drawn, as a FileNotFoundError on a temporary name
+        (["plot", beir["docs"], "--output", str(tmp_path / "f.txt" / "m.png")],
+         f"output '{tmp_path / 'f.txt' / 'm.png'}' cannot be written there"),
+        (["evaluate", "retrieval", "--vectors", beir["docs"], *beir["files"], "--report",
+          str(tmp_path / "f.txt" / "r.json")], "cannot be written there"),
     ]
+    (tmp_path / "f.txt").write_text("a file")
     for argv, says in cases:
         code, _, err = cli(capsys, *argv)
         assert code == 2 and says in error_line(err), (argv, err)

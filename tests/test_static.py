@@ -288,6 +288,8 @@ def test_bad_input_is_one_line_and_exit_2(static_model, tiny_bert, tmp_path, cap
                                  "line 2 holds 'new york', with whitespace inside"),
         "output exists": ([*words, str(tmp_path / "ok.txt"), "--output", str(tmp_path / "taken.txt")],
                           "exists; pass --overwrite to replace it"),
+        "output not writable": ([*words, str(tmp_path / "ok.txt"), "--output",
+                                 str(tmp_path / "taken.txt" / "w.txt")], "cannot be written there"),
         "train a static model": (["train", "--task", "sts", "--method", "full", "--train", str(pairs),
                                   "--model", str(static_model), "--output", out],
                                  "is a static model (a table of token vectors): it has no transformer"),

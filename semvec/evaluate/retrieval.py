@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from semvec import metrics
+from semvec import metrics, storage
 from semvec.datasets import read_beir
+from semvec.errors import ConfigError
 from semvec.evaluate.vectors import DocIndex, Embed, Search
 from semvec.metrics import unit
 
@@ -52,6 +53,12 @@ def evaluate_retrieval(embed_docs: Embed | None, embed_queries: Embed, corpus: s
     index_docs: how the docs are searched, given their ids (compressed vectors, a built index);
     default exact cosine search over embed_docs' vectors."""
     docs, qs, judged = read_beir(corpus, queries, qrels)
+    if not docs:
+        raise ConfigError(f"corpus {storage.display(corpus)!r} holds no documents")
+    if not {d for q in qs for d in judged.get(q, {})} & set(docs):
+        raise ConfigError(f"none of the documents the qrels judge for these queries is in corpus "
+                          f"{storage.display(corpus)!r}: check that qrels and corpus belong together "
+                          "(the qrels' corpus-id is the corpus's _id)")
     doc_ids, q_ids = list(docs), list(qs)
     index = {d: i for i, d in enumerate(doc_ids)}
     search = (index_docs(doc_ids) if index_docs

@@ -19,6 +19,9 @@ def evaluate_sts(embed: Embed, path: str) -> dict:
         raise ConfigError(f"{path!r} holds {len(rows)} sentence pair: a correlation needs at least 2")
     s1, s2 = [r["sentence1"] for r in rows], [r["sentence2"] for r in rows]
     score = np.array([r["score"] for r in rows], dtype=np.float64)
+    if np.ptp(score) == 0:
+        raise ConfigError(f"{path!r} gives every pair the score {score[0]:g}: a correlation needs gold "
+                          "scores that differ")
     unique = sorted(set(s1) | set(s2))
     vectors = dict(zip(unique, unit(embed(unique)), strict=True))
     cos = np.array([float(vectors[a] @ vectors[b]) for a, b in zip(s1, s2, strict=True)])

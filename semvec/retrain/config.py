@@ -116,6 +116,9 @@ class RetrainConfig:
             self.replay = [self.replay]
         if not self.snapshots:
             raise ConfigError("snapshots must name at least one file, folder or glob")
+        from semvec.tracking import check_model_name  # imports no MLflow
+
+        check_model_name(self.name)
         if not isinstance(self.suites, list) or not self.suites:
             raise ConfigError("suites must list at least one evaluation suite")
         try:

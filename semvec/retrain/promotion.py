@@ -31,6 +31,9 @@ def record_decision(name: str, run_id: str, champion: str, decision: str, reason
 
 def rollback(name: str) -> str:
     """@champion = @previous (which is then cleared); returns the restored version."""
+    if not tracking.registered(name):
+        raise ConfigError(f"model {name!r} is not registered in the registry at "
+                          f"{storage.display(tracking.tracking_uri())}: nothing to roll back")
     previous, current = tracking.alias_version(name, PREVIOUS), tracking.alias_version(name, CHAMPION)
     if previous is None:
         raise ConfigError(f"model {name!r} has no @{PREVIOUS} in the registry at "

@@ -150,6 +150,8 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
 
     check_local_resources(f"training with {cfg.workers} workers", cfg.workers * (cfg.cpus_per_worker or 1),
                           cfg.workers if cfg.use_gpu else 0)
+    if register is not None:
+        tracking.check_model_name(register)
     p, train, dev = plan(cfg)
     name = _run_name(cfg)
     tracker = tracking.start_run(experiment, name, {**cfg.to_dict(), "base_fingerprint": p["fingerprint"],

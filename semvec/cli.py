@@ -463,9 +463,7 @@ def error_line(exc: BaseException, flags: dict[str, str] | None = None) -> str:
     text = redact(str(exc)).strip()
     if isinstance(exc, ConfigError):
         text = " ".join(line.strip() for line in text.splitlines() if line.strip())
-        for name, flag in (flags or {}).items():
-            if flag not in text:
-                text = re.sub(rf"(?<![\w-]){name}(?![\w=-])", f"{name} ({flag})", text, count=1)
+        text = with_flags(text, flags or {})
     else:
         first = text.splitlines()[0] if text else ""
         text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
@@ -473,11 +471,30 @@ def error_line(exc: BaseException, flags: dict[str, str] | None = None) -> str:
 
 
 def setting_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
-    """The command's settings whose names have an underscore (the names its errors use, as a
-    config file does) -> the flag that sets each (`batch_rows` -> `--batch-rows`)."""
+    """The command's settings (the names its errors use, as a config file does) -> the flag that
+    sets each (`batch_rows` -> `--batch-rows`)."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: max(a.option_strings, key=len) for a in sub.choices[command]._actions
-            if "_" in a.dest and a.option_strings}
+    return {a.dest: a.option_strings[0] for a in sub.choices[command]._actions
+            if a.option_strings and a.option_strings[0].startswith("--")}
+
+
+def with_flags(text: str, flags: dict[str, str]) -> str:
+    """An error's text with the flag beside the setting it names: `batch_rows` anywhere (a name
+    with an underscore is no English word), a plain name only where it is the subject (`epochs
+    must be ...`, `setting 'train'`, `set replay` at the end). A list of allowed settings (a config file's keys) and a
+    text naming the flag already are left as they are."""
+    head, sep, tail = text.partition("; allowed: ")
+    if head.startswith("unknown setting"):
+        return text
+    for name, flag in flags.items():
+        if flag in head:
+            continue
+        if "_" in name:
+            head = re.sub(rf"(?<![\w-]){name}(?![\w=-])", f"{name} ({flag})", head, count=1)
+        head = re.sub(rf"^{name} must ", f"{name} ({flag}) must ", head)
+        head = re.sub(rf"\bset {name}$", f"set {name} ({flag})", head)
+        head = head.replace(f"setting '{name}'", f"setting '{name}' ({flag})")
+    return head + sep + tail
 
 
 def run_guarded(call: Callable[[], T], verbose: bool,

@@ -261,6 +261,12 @@ def plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
+def _options_of(f) -> set[str]:
+    """The keys a mapping setting takes, where its field's metadata says ("options"; as
+    method_options takes MethodConfig's fields): so a misplaced one can be pointed home."""
+    return set(f.metadata.get("options", ()))
+
+
 def require_non_negative(name: str, value: Any) -> None:
     """A finite real number >= 0 (not a bool, not NaN or infinity), or a ConfigError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
@@ -325,7 +331,12 @@ def load_settings(cls: type, path: str | Path | None, required: tuple[str, ...],
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        nested = {f.name: _options_of(f) for f in fields(cls)}
+        homes = [f"{key} goes under {home}" for key in unknown for home, names in nested.items()
+                 if key in names]
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}"
+                          + (f" ({'; '.join(homes)})" if homes else "")
+                          + f"; allowed: {', '.join(sorted(known))}")
     for name in required:
         if name not in data:
             raise ConfigError(f"missing required setting {name!r}")

@@ -120,7 +120,7 @@ def test_settings_that_cannot_work_are_refused_in_one_line(ray_local, tiny_model
     code = main(["embed", str(src), str(tmp_path / "out"), "--model", str(tiny_models["bert"]),
                  "--chunk-tokens", "999"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "chunk_tokens 999" in err[0]
+    assert code == 2 and len(err) == 1 and "chunk_tokens (--chunk-tokens) 999" in err[0]
 
 
 def test_existing_configs_keep_their_hash_and_chunking_changes_it():

@@ -211,7 +211,7 @@ def test_a_rerun_skips_every_part_and_other_settings_are_refused_unless_overwrit
     ("inside-the-source", "or inside it; choose a prefix of its own"),
     ("compressed-source", "are compressed already"),
     ("onto-a-backfill", "holds a backfill, not compressed vectors"),
-    ("pca-above-the-sample", "sample_size 8 is below pca 16"),
+    ("pca-above-the-sample", "sample_size (--sample-size) 8 is below pca 16"),
     ("chunk-rows", "hold one row per chunk; compress a backfill with one row per document"),
 ])
 def test_bad_input_is_one_line_before_any_work(beir, tmp_path, capsys, case, says):

@@ -19,7 +19,7 @@ BASE = {"name": "m", "task": "sts", "snapshots": ["new/"], "state": "state/",
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"suites": [{"name": "x", "kind": "qa", "data": "d"}]}, "unknown kind of suite 'x'"),
+    ({"suites": [{"name": "x", "kind": "qa", "data": "d"}]}, "suite 'x': unknown suite kind 'qa'"),
     ({"suites": [{"name": "x", "kind": "retrieval", "corpus": "c"}]}, "needs 'queries'"),
     ({"primary": "nope"}, "primary suite 'nope' is not one of"),
     ({"margin": -0.1}, "margin must be a finite number >= 0"),

@@ -202,7 +202,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
     # the rebuild it asks for: the same settings find the files damaged and build again
     assert index(beir["docs"], tmp_path / "ix")["built"] is True
     code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x", "--nprobe", "0")
-    assert code == 2 and "nprobe must be an integer >= 1" in error_line(err)
+    assert code == 2 and "nprobe (--nprobe) must be an integer >= 1" in error_line(err)
     # tuning another kind's search, or an empty query, was answered as if nothing were wrong
     code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x", "--nprobe", "5")
     assert code == 2 and "nprobe tunes ivf indexes; the index at" in error_line(err) and "is exact" in err

@@ -47,7 +47,10 @@ class Suite:
     qrels: str | None = None
 
     def __post_init__(self) -> None:
-        self.kind = parse_enum(SuiteKind, f"kind of suite {self.name!r}", self.kind)
+        try:
+            self.kind = parse_enum(SuiteKind, "suite kind", self.kind)
+        except ConfigError as exc:
+            raise ConfigError(f"suite {self.name!r}: {exc}") from None
         for name in SUITE_FILES.get(self.kind, ("data",)):
             if not getattr(self, name):
                 raise ConfigError(f"suite {self.name!r} ({self.kind.value}) needs {name!r}")
@@ -84,7 +87,7 @@ class RetrainConfig:
 
     HELP: ClassVar[dict[str, str]] = {
         "name": "registered model; the challenger starts from models:/NAME@champion",
-        "task": "the task of the labelled data; one of sts, pairs, classification, ner",
+        "task": "the task of the labelled data",
         "snapshots": "new labelled data: files, folders or globs, local or s3:// (a YAML list)",
         "state": "prefix for the lock, the record of trained snapshots, the replay store and challengers",
         "suites": "evaluation suites as a YAML list of {name, kind, data | corpus, queries, qrels}; "

@@ -154,7 +154,8 @@ class TrainConfig:
     patience: int = 2  # evaluations without improvement before stopping
     keep_checkpoints: int = 2
     max_failures: int = 2  # a killed worker restarts the run from its last checkpoint
-    method_options: dict = field(default_factory=dict)  # MethodConfig fields
+    method_options: dict = field(default_factory=dict,  # MethodConfig fields
+                                 metadata={"options": tuple(f.name for f in fields(MethodConfig))})
     # continual learning (semvec.train.continual): past data mixed in, and pulls toward the start
     replay: str | None = None  # past training data of the same task
     replay_share: float = 0.5  # replay examples added, as a share of the new training examples

@@ -481,8 +481,8 @@ def setting_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, st
 def with_flags(text: str, flags: dict[str, str]) -> str:
     """An error's text with the flag beside the setting it names: `batch_rows` anywhere (a name
     with an underscore is no English word), a plain name only where it is the subject (`epochs
-    must be ...`, `setting 'train'`, `set replay` at the end). A list of allowed settings (a config file's keys) and a
-    text naming the flag already are left as they are."""
+    must be ...`, `setting 'train'`, `set replay` at the end). A list of allowed settings (a config
+    file's keys) and a text naming the flag already are left as they are."""
     head, sep, tail = text.partition("; allowed: ")
     if head.startswith("unknown setting"):
         return text

@@ -228,7 +228,8 @@ def test_training_settings_that_fail_only_in_the_workers_are_refused_before_ray(
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"t {i}", "label": "x"} for i in range(20)])
     base = ["train", "--method", "full", "--output", str(tmp_path / "out"), "--model", str(tiny_bert)]
     cases = [
-        (["--task", "sts", "--train", str(sts), "--lr", "inf"], "lr (--lr) must be a finite number > 0, got inf"),
+        (["--task", "sts", "--train", str(sts), "--lr", "inf"],
+         "lr (--lr) must be a finite number > 0, got inf"),
         (["--task", "sts", "--train", str(sts), "--max-grad-norm", "0"],
          "max_grad_norm (--max-grad-norm) must be a finite number > 0, got 0.0"),
         (["--task", "sts", "--train", str(sts), "--weight-decay", "-5"],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from semvec import figures, models, storage
 from semvec.datasets import Task, example_labels, label_set, load_documents, load_examples
-from semvec.errors import ConfigError
+from semvec.errors import ConfigError, JobFailed
 from semvec.heads import HEAD_FILE, PRIMARY
 from semvec.redact import redact
 from semvec.train.config import Method, TrainConfig
@@ -167,12 +167,14 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         storage_path = storage.strip(storage_path)
     cpus = _worker_cpus(cfg)
     dev_corpus = p.pop("dev_corpus")
+    stop_note = storage.join(_checkpoint_root(cfg), name, STOP_NOTE)
+    _remove(stop_note)  # an earlier run's, under the same name
     trainer = TorchTrainer(
         train_loop,
         # the examples go to the object store once, shared by the workers of a node, instead of
         # inside every worker's pickled config
         train_loop_config={"config": cfg.to_dict(), "plan": p, "examples": ray.put((train, dev, dev_corpus)),
-                           "tracker": tracker, "threads": cpus},
+                           "tracker": tracker, "threads": cpus, "stop_note": stop_note},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
@@ -184,12 +186,17 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         ),
     )
     result = trainer.fit()
-    nan = bool(result.metrics and result.metrics.get("nan_loss"))
+    stopped = _read_note(stop_note)
+    nan = stopped.get("reason") == "nan_loss"
     best = _best(result, primary)
     if best is None:
         tracking.finish_run(tracker, Path(tempfile.mkdtemp()), {}, None, status="FAILED")
-        raise RuntimeError("training stopped before the first checkpoint"
-                           + (" because the loss became NaN" if nan else ""))
+        raise JobFailed("training stopped before the first checkpoint"
+                        + (f": the loss was not finite at step {stopped['step']} (a learning rate too "
+                           "high, for one)" if nan else ""))
+    if nan:
+        log.warning("training stopped at step %s: the loss was not finite; the best checkpoint before "
+                    "it is the model", stopped["step"])
     out, detail = export(cfg, p, best)
     card = models.read_card(out)
     with tempfile.TemporaryDirectory() as d:
@@ -218,6 +225,20 @@ def _worker_cpus(cfg: TrainConfig) -> int:
     free = int(ray.cluster_resources().get("CPU", 1)) - 1
     largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
     return max(1, min(free // cfg.workers, largest))
+
+
+STOP_NOTE = "stopped.json"  # rank 0's note of why training stopped early (a loss not finite)
+
+
+def _read_note(uri: str) -> dict:
+    fs, path = storage.filesystem(uri), storage.strip(uri)
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+
+
+def _remove(uri: str) -> None:
+    fs, path = storage.filesystem(uri), storage.strip(uri)
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def _checkpoint_root(cfg: TrainConfig) -> str:

@@ -19,6 +19,7 @@ data is the backfill's, which does stream through Ray Data.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semvec import models
+from semvec import models, storage
 from semvec.config import Pooling
 from semvec.datasets import Task
 from semvec.heads import HEAD_FILE, PRIMARY, Collator, task_metrics
@@ -180,6 +181,7 @@ class Worker:
         self.plan = loop_config["plan"]
         self.train, self.dev, self.dev_corpus = session.examples(loop_config["examples"])
         self.tracker = loop_config.get("tracker")
+        self.stop_note = loop_config.get("stop_note")  # where rank 0 says why training stopped
         self.session = session
         self.rank, self.world = session.rank, session.world
         random.seed(cfg.seed)
@@ -278,8 +280,13 @@ class Worker:
             loss = self.ddp(batch)
         finite = self.session.all_min(torch.tensor([float(torch.isfinite(loss))], device=self.device))
         if finite.item() == 0:
-            self.session.report({"epoch": self.progress["epoch"], "step": self.progress["step"],
-                                 "nan_loss": 1.0})
+            where = {"epoch": self.progress["epoch"], "step": self.progress["step"]}
+            self.session.report({**where, "nan_loss": 1.0})
+            if self.rank == 0 and self.stop_note:  # Ray Train keeps only reports with a checkpoint
+                storage.write_atomic(storage.filesystem(self.stop_note), storage.strip(self.stop_note),
+                                     json.dumps({"reason": "nan_loss", **where}).encode())
+            say(f"semvec train: the loss is not finite at step {where['step']}; training stops (the "
+                "best checkpoint so far stays the best)")
             return None  # the last good checkpoint stays the best; the driver says what happened
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.ddp.parameters() if p.requires_grad],

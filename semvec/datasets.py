@@ -156,10 +156,15 @@ def read_beir(corpus: str, queries: str, qrels: str) -> tuple[dict, dict, dict]:
     cells = _tab_cells(_decode(_read_bytes(qrels, name), name, latin1=False))
     try:
         for n, row in _headed_rows(cells):
+            missing = [c for c in ("query-id", "corpus-id", "score") if c not in row]
+            if missing:  # the first line is read as the header: a file without one lands here
+                raise ConfigError(f"{name}: its first line, the header, has no {missing[0]!r} column "
+                                  f"(it reads {list(row)!r}); BEIR qrels begin with the line "
+                                  "query-id<TAB>corpus-id<TAB>score")
             try:
                 score = int(row["score"])
                 qid, doc = str(row["query-id"]), str(row["corpus-id"])
-            except (KeyError, ValueError) as exc:
+            except ValueError as exc:
                 raise _RowError(f"needs query-id, corpus-id and an integer score ({exc})", n) from None
             if score > 0:
                 judged.setdefault(qid, {})[doc] = score

@@ -158,3 +158,12 @@ def test_scores_that_cannot_mean_anything_are_refused(tmp_path):
                                           for i in range(5)])
     with pytest.raises(ConfigError, match="gives every pair the score 3: a correlation needs gold scores"):
         evaluate.evaluate_sts(lambda texts: np.ones((len(texts), 3)), str(tmp_path / "flat.jsonl"))
+
+
+def test_qrels_without_a_header_line_say_so(tmp_path):
+    # it said "line 2: needs query-id, corpus-id and an integer score ('score')"
+    files = _beir(tmp_path, [("q1", "d1", 1)])
+    (tmp_path / "bare.tsv").write_text("q1\td1\t1\nq2\td2\t1\n")
+    with pytest.raises(ConfigError, match=r"bare.tsv: its first line, the header, has no 'query-id' column "
+                                          r"\(it reads \['q1', 'd1', '1'\]\); BEIR qrels begin with"):
+        read_beir(files[0], files[1], str(tmp_path / "bare.tsv"))

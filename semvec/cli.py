@@ -489,8 +489,14 @@ def with_flags(text: str, flags: dict[str, str]) -> str:
     for name, flag in flags.items():
         if flag in head:
             continue
-        if "_" in name:
-            head = re.sub(rf"(?<![\w-]){name}(?![\w=-])", f"{name} ({flag})", head, count=1)
+        if "_" in name:  # outside quotes: a quoted value (a path, a column) is the user's data
+            pieces = re.split(r"('[^']*')", head)
+            for i in range(0, len(pieces), 2):
+                pieces[i], n = re.subn(rf"(?<![\w-]){name}(?![\w=-])", f"{name} ({flag})", pieces[i],
+                                       count=1)
+                if n:
+                    break
+            head = "".join(pieces)
         head = re.sub(rf"^{name} must ", f"{name} ({flag}) must ", head)
         head = re.sub(rf"\bset {name}$", f"set {name} ({flag})", head)
         head = head.replace(f"setting '{name}'", f"setting '{name}' ({flag})")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from semvec import models, storage
+from semvec import crashpoints, models, storage
 from semvec.config import load_settings, parse_enum
 from semvec.errors import ConfigError
 
@@ -132,6 +132,7 @@ def distill(config: DistillConfig) -> dict:
     )
     with tempfile.TemporaryDirectory(prefix="semvec-distill-") as tmp:
         save_static(Path(tmp), table, encoder.tokenizer, card)
+        crashpoints.arm()
         _publish(Path(tmp), config.output, config.overwrite)
     return {"output": storage.display(config.output), "base_model": storage.display(config.model),
             "vocabulary": int(table.shape[0]), "dims": int(table.shape[1]),
@@ -232,6 +233,9 @@ def zipf_weights(n: int, a: float) -> np.ndarray:
     return a / (a + inverse / inverse.sum())
 
 
+PARTIAL = ".semvec-partial"  # an s3:// model being written (a crash leaves it): --overwrite replaces it
+
+
 def _check_output(output: str, overwrite: bool) -> None:
     """Refuse a non-empty output before any work, unless asked to overwrite it."""
     fs, root = storage.filesystem(output), storage.strip(output)
@@ -245,7 +249,8 @@ def _check_output(output: str, overwrite: bool) -> None:
     if taken and not overwrite:
         raise ConfigError(f"output {storage.display(output)!r} is not empty; choose an empty "
                           "directory or pass --overwrite")
-    if taken and not fs.exists(f"{root}/{models.SEMVEC_JSON}"):  # --overwrite removes the folder
+    ours = fs.exists(f"{root}/{models.SEMVEC_JSON}") or fs.exists(f"{root}/{PARTIAL}")
+    if taken and not ours:  # --overwrite removes the folder
         raise ConfigError(f"output {storage.display(output)!r} holds files that are not a semvec model "
                           f"(no {models.SEMVEC_JSON}); --overwrite replaces only a model directory: "
                           "choose an empty directory")
@@ -256,28 +261,39 @@ def _check_apart(output: str, model_dir: Path) -> None:
     if storage.is_remote(output):
         return
     out, model = Path(storage.strip(output)).resolve(), model_dir.resolve()
-    if out != model and model.is_relative_to(out):
+    if model.is_relative_to(out):  # the model's own folder, or one that holds it
         raise ConfigError(f"output {storage.display(output)!r} holds the model {str(model_dir)!r}; "
                           "choose a directory of its own")
 
 
 def _publish(built: Path, output: str, overwrite: bool) -> None:
-    """Move the finished directory into place: a local one whole (a rename), an s3:// one file by
-    file with the card last, so a reader that finds semvec.json finds the rest."""
+    """Move the finished directory into place: a local one whole (a rename; copies a crash left
+    beside it are removed first), an s3:// one file by file between a PARTIAL mark and its removal,
+    with the card last, so a reader that finds semvec.json finds the rest and a crash leaves an
+    output that --overwrite may replace."""
     root = storage.strip(output)
     if not storage.is_remote(output):
         target = Path(root)
         target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}{storage.TEMP_MARK}*"):
+            shutil.rmtree(stale, ignore_errors=True)
         staged = target.parent / f".{target.name}{storage.TEMP_MARK}{uuid.uuid4().hex}"
         shutil.copytree(built, staged)
+        crashpoints.wrote("staged model")
         if target.exists() and overwrite:
             shutil.rmtree(target)
         staged.rename(target)
+        crashpoints.wrote("model")
         return
     fs = storage.filesystem(output)
     if overwrite and fs.exists(root):
         fs.rm(root, recursive=True)
+    fs.pipe(f"{root}/{PARTIAL}", b"")
+    crashpoints.wrote(PARTIAL)
     files = sorted((p for p in built.rglob("*") if p.is_file()), key=lambda p: p.name == models.SEMVEC_JSON)
     for path in files:
         fs.put(str(path), f"{root}/{path.relative_to(built).as_posix()}")
+        crashpoints.wrote(path.name)
+    fs.rm(f"{root}/{PARTIAL}")
+    crashpoints.wrote(f"{PARTIAL} removed")
 

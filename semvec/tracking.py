@@ -20,6 +20,7 @@ import socket
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,14 @@ RUN_NAME_TAG = "semvec.run_name"
 
 
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """The tracking URI, a server's checked to answer (once per process)."""
+    uri = _configured_uri()
     _require_reachable(uri)
     return uri
+
+
+def _configured_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 _reached: set[str] = set()
@@ -46,6 +52,9 @@ def _require_reachable(uri: str) -> None:
     if not uri.startswith(("http://", "https://")) or uri in _reached:
         return
     parts = urllib.parse.urlsplit(uri)
+    proxied = urllib.request.getproxies().get(parts.scheme)
+    if proxied and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return  # reached through a proxy, as MLflow's requests are: a direct connection proves nothing
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         with socket.create_connection((parts.hostname or "", port), timeout=REACH_TIMEOUT_S):
@@ -88,7 +97,7 @@ def refusal(exc: BaseException) -> ConfigError | None:
     status, request = _refused_request(exc)
     if status is None:
         return None
-    where, user = storage.display(tracking_uri()), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    where, user = storage.display(_configured_uri()), os.environ.get("MLFLOW_TRACKING_USERNAME")
     if status == 403:
         return ConfigError(f"MLflow at {where}: user {user!r} is not permitted to do this (HTTP 403 on "
                            f"{request}); an MLflow admin grants it (README: MLflow users and roles)")
@@ -132,9 +141,9 @@ def _http_refusal(err: BaseException) -> tuple[int | None, str]:
         return _REFUSED[code], endpoint.group(1) if endpoint else "a request"
     response = getattr(err, "response", None)
     status, url = getattr(response, "status_code", None), getattr(response, "url", None)
-    if status in (401, 403) and isinstance(url, str) and url.startswith(tracking_uri()):
+    if status in (401, 403) and isinstance(url, str) and url.startswith(_configured_uri()):
         method = getattr(getattr(response, "request", None), "method", None) or "GET"
-        return status, f"{method} {url[len(tracking_uri()):].split('?')[0]}"
+        return status, f"{method} {url[len(_configured_uri()):].split('?')[0]}"
     return None, ""
 
 

@@ -494,7 +494,9 @@ def test_a_jsonl_sample_tells_nothing_when_its_first_row_is_longer_than_the_samp
     long = json.dumps({"text": "x" * (read.SAMPLE_BYTES + 10)}).encode()
     (tmp_path / "long.jsonl").write_bytes(long + b"\n")
     (tmp_path / "mixed.jsonl").write_bytes(b'not json\n{"text": "a"}\n')
-    for name in ("long.jsonl", "mixed.jsonl"):
+    # a bare CR is JSON whitespace inside a line (bytes.splitlines split there); CRLF line ends
+    (tmp_path / "cr.jsonl").write_bytes(b'{"text":\r"a"}\r\n{"text": "b"}\r\n')
+    for name in ("long.jsonl", "mixed.jsonl", "cr.jsonl"):
         file = storage.list_inputs(str(tmp_path / name))[0]
         read.require_fields(file, InputFormat.JSONL, "text", "input")
 

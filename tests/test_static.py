@@ -5,7 +5,10 @@ server), word2vec files gensim reads, and one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from semvec.distill import (
 from semvec.encode import Encoder
 from semvec.errors import ConfigError
 from semvec.testing import corpus_sentences
-from tests.conftest import cli, write_jsonl
+from tests.conftest import REPO, cli, write_jsonl
 
 DIMS = 16  # below the tiny models' 32
 
@@ -187,6 +190,38 @@ def test_a_static_model_distilled_to_and_backfilled_on_the_s3_server(ray_local, 
     assert cosines(np.array([got[f"r{i}"] for i in range(60)]), want).min() >= 0.9999
 
 
+def _model_files(uri: str) -> dict[str, bytes]:
+    fs, root = storage.filesystem(uri), storage.strip(uri)
+    return {p[len(root) + 1:]: fs.cat_file(p) for p in fs.find(root)}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_distill_crashed_after_every_write_then_rerun(tiny_models, s3_env, tmp_path, where):
+    """SIGKILL after each write of the publish (local: the staged copy, the rename; s3: the partial
+    mark, each file, the card last, the mark's removal); the rerun with --overwrite ends with the
+    model an uncrashed run writes, and a crash's leftovers are not refused as foreign files."""
+    base = (f"s3://{s3_env['bucket']}/distill-crash-{uuid.uuid4().hex[:8]}" if where == "s3"
+            else str(tmp_path / "models"))
+    args = ["distill", "--model", str(tiny_models["bert"]), "--dims", str(DIMS)]
+    assert main([*args, "--output", f"{base}/reference"]) == 0
+    want = _model_files(f"{base}/reference")
+    for k in range(1, 30):
+        out = f"{base}/crash{k}"
+        crashed = subprocess.run([sys.executable, "-m", "semvec.cli", *args, "--output", out], cwd=REPO,
+                                 env={**os.environ, "SEMVEC_CRASH_AT": str(k)}, capture_output=True,
+                                 text=True, timeout=300)
+        if crashed.returncode == 0:  # k is past the last write
+            break
+        assert crashed.returncode == -9, crashed.stderr[-1500:]
+        assert main([*args, "--output", out, "--overwrite"]) == 0
+        assert _model_files(out) == want, k
+    writes = 2 if where == "local" else len(want) + 2
+    assert k == writes + 1
+    if where == "local":  # no staged copy left beside the outputs
+        assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(
+            ["reference", *(f"crash{i}" for i in range(1, k + 1))])
+
+
 def test_evaluate_scores_a_static_model(static_model, tmp_path, capsys):
     pairs = [("the cat sat", "a cat sat on the mat", 4.0), ("the dog ran", "red car", 0.5),
              ("blue river", "the blue river", 4.5), ("fire", "water and earth", 1.0)]
@@ -257,6 +292,8 @@ def test_bad_input_is_one_line_and_exit_2(static_model, tiny_bert, tmp_path, cap
     holder = tmp_path / "holder"  # a model directory (its card) with the model to distil inside
     shutil.copytree(tiny_bert, holder / "m")
     (holder / "semvec.json").write_text(json.dumps({"kind": "static"}))
+    own = Path(shutil.copytree(tiny_bert, tmp_path / "own"))  # a semvec model, its card and all
+    (own / "semvec.json").write_text(json.dumps({"pooling": "mean", "normalize": True, "max_length": 64}))
     out = str(tmp_path / "o")
     words = ["words", "--model", str(tiny_bert), "--vocab"]
     cases = {
@@ -274,6 +311,9 @@ def test_bad_input_is_one_line_and_exit_2(static_model, tiny_bert, tmp_path, cap
             ["distill", "--model", str(tiny_bert), "--output", str(tmp_path / "full"), "--overwrite"],
             "holds files that are not a semvec model (no semvec.json); --overwrite replaces only a "
             "model directory"),
+        "overwrite the model itself": (
+            ["distill", "--model", str(own), "--output", str(own), "--overwrite"],
+            f"output '{own}' holds the model '{own}'; choose a directory of its own"),
         "overwrite the model's folder": (
             ["distill", "--model", str(holder / "m"), "--output", str(holder), "--overwrite"],
             f"output '{holder}' holds the model '{holder / 'm'}'; choose a directory of its own"),
@@ -301,6 +341,7 @@ def test_bad_input_is_one_line_and_exit_2(static_model, tiny_bert, tmp_path, cap
         assert len(err.splitlines()) == 1 and message in err, (name, err)
     assert not (tmp_path / "o").exists()
     assert (tmp_path / "full" / "x").exists() and (holder / "m" / "config.json").exists()
+    assert (own / "config.json").exists()
 
 
 def test_cards_without_a_kind_are_transformers_and_an_unknown_kind_is_refused(tiny_bert):

@@ -136,7 +136,8 @@ def _refuse_other_inputs(p: Plan, out: OutputDir, manifest: dict) -> None:
     raise OutputMismatch(
         f"output {storage.display(p.config.output)!r} holds vectors of {len(others)} input file(s) "
         f"that are not in input {storage.display(p.config.input)!r}{example}; an output holds one "
-        "input's vectors: pass --overwrite to replace them, or choose another output"
+        "input's vectors: give an input that lists them too (files done are skipped), pass "
+        "--overwrite to replace them, or choose another output"
     )
 
 

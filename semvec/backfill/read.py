@@ -359,7 +359,9 @@ def sample_records(file: InputFile, fmt: InputFormat) -> list | None:
             raw = handle.read(SAMPLE_BYTES)
     except Exception:  # noqa: BLE001 - unreadable here is reported by the job with its reason
         return None
-    lines = raw.removeprefix(codecs.BOM_UTF8).splitlines()
+    lines = [line.removesuffix(b"\r") for line in raw.removeprefix(codecs.BOM_UTF8).split(b"\n")]
+    if lines and not lines[-1]:
+        lines.pop()  # after the last line end
     if len(raw) == SAMPLE_BYTES:  # the last line may be cut
         lines = lines[:-1]
     records = []

@@ -189,7 +189,7 @@ class TrainConfig:
         "optimizer": "the optimizer",
         "schedule": "learning-rate schedule after warm-up",
         "warmup_ratio": "share of the steps spent warming the learning rate up from 0",
-        "max_grad_norm": "gradients are clipped to this norm",
+        "max_grad_norm": "gradients are clipped to this norm (inf: not clipped)",
         "dropout": "dropout before a classification or NER head",
         "loss": "auto: cosent for sts, mnrl for pairs, cross_entropy otherwise; sts also takes "
                 "cosine_mse",
@@ -199,7 +199,7 @@ class TrainConfig:
         "eval_steps": "also evaluate and checkpoint every N optimizer steps (default: each epoch end)",
         "patience": "evaluations without a better dev metric before stopping early",
         "keep_checkpoints": "best checkpoints kept beside the output (OUTPUT-checkpoints/)",
-        "max_failures": "restarts from the last checkpoint after a worker dies",
+        "max_failures": "restarts from the last checkpoint after a worker dies (-1: no limit)",
         "method_options": "method settings as a mapping (the method flags below set them one by one)",
         "replay": "continual learning: past training data of this task, mixed in (default: none)",
         "replay_share": "replay examples added, as a share of the new training examples",
@@ -231,15 +231,17 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "max_grad_norm"):
+        for name, infinite in (("lr", False), ("max_grad_norm", True)):  # inf: no clipping
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not 0 < value < math.inf):
-                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+                                      or not value > 0 or (value == math.inf and not infinite)):
+                raise ConfigError(f"{name} must be a {'' if infinite else 'finite '}number > 0, "
+                                  f"got {value!r}")
         require_non_negative("weight_decay", self.weight_decay)
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) \
-                or self.max_failures < 0:
-            raise ConfigError(f"max_failures must be an integer >= 0, got {self.max_failures!r}")
+                or self.max_failures < -1:
+            raise ConfigError(f"max_failures must be an integer >= 0, or -1 for no limit, got "
+                              f"{self.max_failures!r}")
         if self.max_length is not None and (isinstance(self.max_length, bool)
                                             or not isinstance(self.max_length, int) or self.max_length < 1):
             raise ConfigError(f"max_length must be a positive integer, got {self.max_length!r}")

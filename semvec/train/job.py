@@ -38,9 +38,6 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
     anchors = _replay(cfg, len(train))
     train = train + anchors
     labels = label_set(train, dev, cfg.task)
-    if cfg.task == Task.CLASSIFICATION and len(labels) < 2:
-        raise ConfigError(f"train data {cfg.train!r} has one label ({labels[0]!r}); classification "
-                          "needs at least two")
     model_dir = models.resolve_model(cfg.model)
     if models.model_kind(model_dir) == models.ModelKind.STATIC:
         raise ConfigError(f"model {cfg.model!r} is a static model (a table of token vectors): it has "
@@ -48,6 +45,9 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
     check_method(model_dir, cfg)
     known = _trained_labels(model_dir, cfg.task)  # a semvec model tuned further keeps its label order
     labels = known + [label for label in labels if label not in known]
+    if cfg.task == Task.CLASSIFICATION and len(labels) < 2:
+        raise ConfigError(f"train data {cfg.train!r} has one label ({labels[0]!r}) and the model knows no "
+                          "other; classification needs at least two")
     defaults = models.model_defaults(model_dir)
     max_length = cfg.max_length or defaults.max_length
     if max_length > defaults.limit:

@@ -269,6 +269,17 @@ class Worker:
             progress.update(epoch=epoch + 1, batch=0)
         return False
 
+    def _note_stop(self, note: dict) -> None:
+        """Why training stopped, for the driver: Ray Train keeps only reports with a checkpoint.
+        A note that cannot be written costs the message only, never the run."""
+        if not self.stop_note:
+            return
+        try:
+            storage.write_atomic(storage.filesystem(self.stop_note), storage.strip(self.stop_note),
+                                 json.dumps(note).encode())
+        except Exception as exc:  # noqa: BLE001 - the stop itself must stay clean
+            say(f"semvec train: could not note why training stopped ({type(exc).__name__})")
+
     def _step(self, examples: list[dict]) -> float | None:
         """One optimizer step on a batch; the loss, or None when it is not finite on some worker."""
         batch = _to(self.collate(examples), self.device)
@@ -282,11 +293,10 @@ class Worker:
         if finite.item() == 0:
             where = {"epoch": self.progress["epoch"], "step": self.progress["step"]}
             self.session.report({**where, "nan_loss": 1.0})
-            if self.rank == 0 and self.stop_note:  # Ray Train keeps only reports with a checkpoint
-                storage.write_atomic(storage.filesystem(self.stop_note), storage.strip(self.stop_note),
-                                     json.dumps({"reason": "nan_loss", **where}).encode())
-            say(f"semvec train: the loss is not finite at step {where['step']}; training stops (the "
-                "best checkpoint so far stays the best)")
+            if self.rank == 0:
+                say(f"semvec train: the loss is not finite at step {where['step']}; training stops (the "
+                    "best checkpoint so far stays the best)")
+                self._note_stop({"reason": "nan_loss", **where})
             return None  # the last good checkpoint stays the best; the driver says what happened
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.ddp.parameters() if p.requires_grad],

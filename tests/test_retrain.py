@@ -144,8 +144,10 @@ def test_current_does_not_move_when_the_backfill_fails(ray_local, world, tmp_pat
     root = str(tmp_path / "vectors")
     fs = fsspec.filesystem("file", auto_mkdir=True)
     fs.pipe(f"{root}/CURRENT", f"{root}/v1\n".encode())
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": " " * i} for i in range(3)])
     for backfill, error in (
-        ({"text_field": "nope"}, "embedded 0 of 3 rows; CURRENT stays"),  # every row quarantined
+        ({"input": str(blank)}, "embedded 0 of 3 rows; CURRENT stays"),  # every row quarantined
+        ({"text_field": "nope"}, "has no field 'nope'"),  # refused before any work
         ({"input": str(world["train"].parent / "gone.jsonl")}, "does not exist"),  # corpus vanished
     ):
         cfg = load_retrain_config(None, **dict(world["cfg"], backfill={

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from semvec import models, storage
+from semvec import crashpoints, models, storage
 from semvec.config import load_settings, parse_enum
 from semvec.errors import ConfigError
 
@@ -197,6 +197,7 @@ def export_words(config: WordsConfig) -> dict:
     data = (word2vec_bytes(words.words, vectors) if config.format == WordFormat.WORD2VEC
             else parquet_bytes(words.words, vectors, pieces))
     fs = storage.filesystem(config.output)
+    crashpoints.arm()
     storage.write_atomic(fs, storage.strip(config.output), data)
     return {"output": storage.display(config.output), "format": config.format.value,
             "kind": models.model_kind(model_dir).value, "words": len(words.words),

@@ -222,6 +222,22 @@ def test_distill_crashed_after_every_write_then_rerun(tiny_models, s3_env, tmp_p
             ["reference", *(f"crash{i}" for i in range(1, k + 1))])
 
 
+def test_words_crashed_after_its_write_then_rerun(tiny_models, tmp_path):
+    """Its one write is the whole file (a rename): a crash right after it leaves the whole file, and
+    the rerun with --overwrite writes the same bytes."""
+    (tmp_path / "vocab.txt").write_text("cat\ndog\nred\n")
+    args = ["words", "--model", str(tiny_models["bert"]), "--vocab", str(tmp_path / "vocab.txt"),
+            "--output", str(tmp_path / "w.txt")]
+    crashed = subprocess.run([sys.executable, "-m", "semvec.cli", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "SEMVEC_CRASH_AT": "1"})
+    assert crashed.returncode == -9, crashed.stderr[-1500:]
+    first = (tmp_path / "w.txt").read_bytes()
+    assert first.startswith(b"3 32\n") and len(first.splitlines()) == 4
+    assert main([*args, "--overwrite"]) == 0
+    assert (tmp_path / "w.txt").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.txt", "w.txt"]  # no temporary left
+
+
 def test_evaluate_scores_a_static_model(static_model, tmp_path, capsys):
     pairs = [("the cat sat", "a cat sat on the mat", 4.0), ("the dog ran", "red car", 0.5),
              ("blue river", "the blue river", 4.5), ("fire", "water and earth", 1.0)]

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -112,9 +110,9 @@ def distill(config: DistillConfig) -> dict:
     from semvec.static import save_static
 
     t0 = time.time()
-    _check_output(config.output, config.overwrite)
+    models.check_output(config.output, config.overwrite)
     model_dir = models.resolve_model(config.model)
-    _check_apart(config.output, Path(model_dir))
+    storage.check_apart(str(model_dir), config.output, "output", "the model", holding=True)
     if models.model_kind(model_dir) == models.ModelKind.STATIC:
         raise ConfigError(f"model {storage.display(config.model)!r} is a static model already; "
                           "distil the encoder it came from")
@@ -133,7 +131,7 @@ def distill(config: DistillConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="semvec-distill-") as tmp:
         save_static(Path(tmp), table, encoder.tokenizer, card)
         crashpoints.arm()
-        _publish(Path(tmp), config.output, config.overwrite)
+        models.publish(Path(tmp), config.output)
     return {"output": storage.display(config.output), "base_model": storage.display(config.model),
             "vocabulary": int(table.shape[0]), "dims": int(table.shape[1]),
             "seconds": round(time.time() - t0, 2)}
@@ -231,69 +229,3 @@ def zipf_weights(n: int, a: float) -> np.ndarray:
     """[n]: a / (a + p_r) for the token of rank r (1 .. n), p_r = (1 / r) / sum(1 / r)."""
     inverse = 1.0 / np.arange(1, n + 1, dtype=np.float64)
     return a / (a + inverse / inverse.sum())
-
-
-PARTIAL = ".semvec-partial"  # an s3:// model being written (a crash leaves it): --overwrite replaces it
-
-
-def _check_output(output: str, overwrite: bool) -> None:
-    """Refuse a non-empty output before any work, unless asked to overwrite it."""
-    fs, root = storage.filesystem(output), storage.strip(output)
-    if not storage.is_remote(output) and Path(root).exists() and not Path(root).is_dir():
-        raise ConfigError(f"output {storage.display(output)!r} is a file; give a directory")
-    try:
-        taken = fs.exists(root) and bool(fs.ls(root))
-    except Exception as exc:  # noqa: BLE001 - a store that cannot be listed cannot be written
-        raise ConfigError(f"output {storage.display(output)!r} cannot be listed "
-                          f"({type(exc).__name__})") from None
-    if taken and not overwrite:
-        raise ConfigError(f"output {storage.display(output)!r} is not empty; choose an empty "
-                          "directory or pass --overwrite")
-    ours = fs.exists(f"{root}/{models.SEMVEC_JSON}") or fs.exists(f"{root}/{PARTIAL}")
-    if taken and not ours:  # --overwrite removes the folder
-        raise ConfigError(f"output {storage.display(output)!r} holds files that are not a semvec model "
-                          f"(no {models.SEMVEC_JSON}); --overwrite replaces only a model directory: "
-                          "choose an empty directory")
-
-
-def _check_apart(output: str, model_dir: Path) -> None:
-    """Refuse an output that holds the model read (replacing the output would delete it)."""
-    if storage.is_remote(output):
-        return
-    out, model = Path(storage.strip(output)).resolve(), model_dir.resolve()
-    if model.is_relative_to(out):  # the model's own folder, or one that holds it
-        raise ConfigError(f"output {storage.display(output)!r} holds the model {str(model_dir)!r}; "
-                          "choose a directory of its own")
-
-
-def _publish(built: Path, output: str, overwrite: bool) -> None:
-    """Move the finished directory into place: a local one whole (a rename; copies a crash left
-    beside it are removed first), an s3:// one file by file between a PARTIAL mark and its removal,
-    with the card last, so a reader that finds semvec.json finds the rest and a crash leaves an
-    output that --overwrite may replace."""
-    root = storage.strip(output)
-    if not storage.is_remote(output):
-        target = Path(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}{storage.TEMP_MARK}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staged = target.parent / f".{target.name}{storage.TEMP_MARK}{uuid.uuid4().hex}"
-        shutil.copytree(built, staged)
-        crashpoints.wrote("staged model")
-        if target.exists() and overwrite:
-            shutil.rmtree(target)
-        staged.rename(target)
-        crashpoints.wrote("model")
-        return
-    fs = storage.filesystem(output)
-    if overwrite and fs.exists(root):
-        fs.rm(root, recursive=True)
-    fs.pipe(f"{root}/{PARTIAL}", b"")
-    crashpoints.wrote(PARTIAL)
-    files = sorted((p for p in built.rglob("*") if p.is_file()), key=lambda p: p.name == models.SEMVEC_JSON)
-    for path in files:
-        fs.put(str(path), f"{root}/{path.relative_to(built).as_posix()}")
-        crashpoints.wrote(path.name)
-    fs.rm(f"{root}/{PARTIAL}")
-    crashpoints.wrote(f"{PARTIAL} removed")
-

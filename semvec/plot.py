@@ -62,12 +62,7 @@ def plot(s: PlotSettings) -> dict:
     xy = reducer(unit(vectors), s.seed)
     png = _draw(xy, values, s, source.rows)
     crashpoints.arm()
-    fs = storage.filesystem(s.output)
-    if not storage.is_remote(s.output):
-        from pathlib import Path
-
-        Path(s.output).resolve().parent.mkdir(parents=True, exist_ok=True)
-    storage.write_atomic(fs, storage.strip(s.output), png)
+    storage.write_atomic(storage.filesystem(s.output), storage.strip(s.output), png)
     return {"vectors": storage.display(s.vectors), "points": len(ids), "of": source.rows,
             "method": s.method, "color_by": s.color_by,
             "values": len(set(values)) if values is not None else 0,

@@ -7,6 +7,7 @@ AWS_REGION); they are never logged and never written anywhere by semvec.
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import json
 import os
@@ -138,9 +139,11 @@ def _glob_root(path: str, remote: bool) -> str:
 
 
 def check_writable(uri: str) -> None:
-    """Write and delete a probe object under the output prefix, or fail with one line."""
+    """Write and delete a probe object under the output prefix, or fail with one line. Local
+    folders made for the probe are removed with it: a command refused later leaves no trace."""
     fs = filesystem(uri)
     probe = join(strip(uri), f"_probe-{uuid.uuid4().hex}")
+    made: list[Path] = []  # local folders the probe needs that are not there, deepest first
     if not is_remote(uri):
         path = Path(strip(uri))
         file = next((q for q in (path, *path.parents) if q.exists() and not q.is_dir()), None)
@@ -148,9 +151,10 @@ def check_writable(uri: str) -> None:
             where = "is a file" if file == path else f"lies beneath the file {str(file)!r}"
             raise ConfigError(f"output {display(uri)!r} {where}; an output is a folder (or s3:// "
                               "prefix) of its own")
+        made = [q for q in (path, *path.parents) if not q.exists()]
     try:
-        if not is_remote(uri):
-            Path(strip(uri)).mkdir(parents=True, exist_ok=True)
+        if made:
+            made[0].mkdir(parents=True, exist_ok=True)
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
@@ -159,15 +163,26 @@ def check_writable(uri: str) -> None:
             f"output {display(uri)!r} is not writable ({type(exc).__name__}); "
             "give a local folder or s3:// prefix you can write to"
         ) from None
+    for folder in made:
+        with contextlib.suppress(OSError):  # another writer may have put something there since
+            folder.rmdir()
 
 
-def check_file_writable(uri: str, what: str = "output") -> None:
+def check_file_writable(uri: str, what: str = "output", overwrite: bool = True) -> None:
     """Refuse, in one line before any work, a file that cannot be written where it is asked for:
-    a folder, beneath a file, or in a folder that cannot be made or written (a probe is written
-    and deleted beside it)."""
-    if not is_remote(uri) and Path(strip(uri)).is_dir():
+    a folder, beneath a file, in a folder that cannot be made or written (a probe is written and
+    deleted beside it), or one that exists when `overwrite` is False."""
+    fs, path = filesystem(uri), strip(uri)
+    try:
+        exists = fs.exists(path)
+        folder = exists and fs.isdir(path)
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be asked cannot be written
+        raise ConfigError(f"{what} {display(uri)!r} cannot be checked ({type(exc).__name__})") from None
+    if folder:
         raise ConfigError(f"{what} {display(uri)!r} is a directory; give a file name")
-    parent = strip(uri).rsplit("/", 1)[0] if "/" in strip(uri) else "."
+    if exists and not overwrite:
+        raise ConfigError(f"{what} {display(uri)!r} exists; pass --overwrite to replace it")
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
     try:
         check_writable(f"s3://{parent}" if is_remote(uri) else parent)
     except ConfigError:
@@ -175,11 +190,24 @@ def check_file_writable(uri: str, what: str = "output") -> None:
                           "write to") from None
 
 
-def check_apart(source: str, output: str, what: str) -> None:
-    """Refuse an output prefix that is the source prefix or inside it (one line, before any work)."""
-    src, out = strip(source), strip(output)
-    if is_remote(source) == is_remote(output) and (out == src or out.startswith(src + "/")):
-        raise ConfigError(f"{what} {display(output)!r} is the vectors' prefix {display(source)!r} "
+def check_apart(source: str, output: str, what: str, source_what: str = "the vectors' prefix",
+                holding: bool = False) -> None:
+    """Refuse, in one line before any work, an output prefix that is the source's or inside it, and
+    with `holding` also one that holds the source (an output replaced whole would delete it).
+    Local paths are compared resolved (links followed)."""
+    if is_remote(source) != is_remote(output):
+        return
+    if is_remote(output):
+        src, out = strip(source), strip(output)
+        inside, holds = out == src or out.startswith(src + "/"), out == src or src.startswith(out + "/")
+    else:
+        src_path, out_path = Path(strip(source)).resolve(), Path(strip(output)).resolve()
+        inside, holds = out_path.is_relative_to(src_path), src_path.is_relative_to(out_path)
+    if holding and holds:
+        raise ConfigError(f"{what} {display(output)!r} holds {source_what} {display(source)!r}; "
+                          "choose a directory of its own")
+    if inside:
+        raise ConfigError(f"{what} {display(output)!r} is {source_what} {display(source)!r} "
                           "or inside it; choose a prefix of its own")
 
 

@@ -77,9 +77,7 @@ def check_model_name(name: str) -> None:
 def registered(name: str) -> bool:
     """Whether the registry holds a model of this name (a missing local store holds none, and is
     not created by asking)."""
-    uri = tracking_uri()
-    db = _local_store(uri)
-    if db is not None and not db.is_file():
+    if _missing_store(tracking_uri()) is not None:
         return False
     client = _client()
     try:
@@ -252,17 +250,19 @@ def finish_run(tracker: Tracker, model_dir: Path, artifacts: dict[str, Path], re
     return version
 
 
-def _local_store(uri: str) -> Path | None:
-    """The file behind a SQLite tracking URI (``sqlite:///PATH``), else None."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+def _missing_store(uri: str) -> Path | None:
+    """The file a SQLite tracking URI (``sqlite:///PATH``) names when it does not exist, else None:
+    MLflow would create it on first touch."""
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return db if db is not None and not db.is_file() else None
 
 
 def _existing_store(ref: str) -> str:
     """The tracking URI to resolve ref in. MLflow creates a missing SQLite store on first touch
     (printing its migrations); an empty new store holds no model, so say so and create nothing."""
     uri = tracking_uri()
-    db = _local_store(uri)
-    if db is None or db.is_file():
+    db = _missing_store(uri)
+    if db is None:
         return uri
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise ConfigError(f"model {ref!r} needs the MLflow registry but MLFLOW_TRACKING_URI is not "

@@ -189,7 +189,7 @@ def export_words(config: WordsConfig) -> dict:
     t0 = time.time()
     words = read_word_list(config.vocab)
     check_format(words, config.format, config.vocab)
-    _check_output(config.output, config.overwrite)
+    storage.check_file_writable(config.output, overwrite=config.overwrite)
     model_dir = models.resolve_model(config.model)
     encoder = Encoder(model_dir, batch_tokens=config.batch_tokens)
     _report(words, config.vocab)
@@ -214,17 +214,3 @@ def _report(words: WordList, uri: str) -> None:
         log.warning("vocab %s: %d repeated line(s) of %d word(s) kept once (e.g. %r)",
                     storage.display(uri), sum(words.duplicates.values()), len(words.duplicates),
                     example[:80])
-
-
-def _check_output(output: str, overwrite: bool) -> None:
-    fs, path = storage.filesystem(output), storage.strip(output)
-    try:
-        exists = fs.exists(path)
-    except Exception as exc:  # noqa: BLE001 - a store that cannot be asked cannot be written
-        raise ConfigError(f"output {storage.display(output)!r} cannot be checked "
-                          f"({type(exc).__name__})") from None
-    if exists and fs.isdir(path):
-        raise ConfigError(f"output {storage.display(output)!r} is a directory; give a file name")
-    if exists and not overwrite:
-        raise ConfigError(f"output {storage.display(output)!r} exists; pass --overwrite to replace it")
-    storage.check_file_writable(output)

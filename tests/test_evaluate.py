@@ -1,6 +1,9 @@
 """Evaluation metrics on hand-checked cases, and evaluation from stored backfill vectors."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from semvec.cli import main
 from semvec.config import load_embed_config
 from semvec.datasets import read_beir
 from semvec.errors import ConfigError
-from tests.conftest import write_jsonl
+from tests.conftest import REPO, write_jsonl
 
 # Three docs on three axes; queries point at them, so the ranking is known by construction.
 AXES = {"d1": [1, 0, 0], "d2": [0, 1, 0], "d3": [0, 0, 1]}
@@ -127,6 +130,24 @@ def test_gzipped_beir_files_and_a_json_report(tmp_path):
                                          *zipped, by_id=True)
     evaluate.write_report(result, str(report))
     assert json.loads(report.read_text()) == result and result["ndcg@10"] == 1.0
+
+
+def test_a_report_crashed_after_its_write_then_rerun(tmp_path, tiny_models):
+    """The report's one write is the whole file (a rename): a SIGKILL right after it leaves the
+    whole report and no temporary, and the rerun writes the same result over it."""
+    rows = [{"sentence1": f"the cat {i}", "sentence2": f"a dog {i % 3}", "score": i % 5} for i in range(12)]
+    data = write_jsonl(tmp_path / "sts.jsonl", rows)
+    report = tmp_path / "out" / "r.json"
+    args = ["evaluate", "sts", "--model", str(tiny_models["bert"]), "--data", str(data),
+            "--report", str(report)]
+    crashed = subprocess.run([sys.executable, "-m", "semvec.cli", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "SEMVEC_CRASH_AT": "1"})
+    assert crashed.returncode == -9, crashed.stderr[-1500:]
+    first = json.loads(report.read_text())
+    assert first["kind"] == "sts" and first["pairs"] == 12
+    assert main(args) == 0
+    assert json.loads(report.read_text()) == first
+    assert [p.name for p in report.parent.iterdir()] == ["r.json"]  # no temporary left
 
 
 def test_top_k_ranks_ties_by_document_index_like_a_full_stable_sort():

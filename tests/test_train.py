@@ -12,7 +12,7 @@ from semvec.backfill.job import run
 from semvec.config import load_embed_config
 from semvec.datasets import Task
 from semvec.encode import Encoder
-from semvec.errors import ConfigError, JobFailed
+from semvec.errors import ConfigError
 from semvec.heads import PRIMARY, Collator, task_metrics
 from semvec.train.config import Method, load_train_config
 from semvec.train.job import fit, plan
@@ -239,16 +239,6 @@ def _export_round_trips(out: Path, ray_local, tmp_path: Path) -> None:
 
     st = SentenceTransformer(str(out), device="cpu").encode(texts)
     assert (st * ours).sum(1).min() > 0.9999  # both normalised
-
-
-def test_a_loss_that_is_not_finite_stops_training_and_says_so(ray_local, tiny_models, tmp_path, mlflow_store):
-    # Ray Train keeps only reports with a checkpoint: the worker's nan_loss report never reached
-    # the driver, which said only "training stopped before the first checkpoint"
-    cfg = tiny_config(Task.STS, Method.FULL, tmp_path, tiny_models, workers=1, epochs=1)
-    cfg.lr = 1e30
-    with pytest.raises(JobFailed, match=r"before the first checkpoint: the loss was not finite at step \d+ "):
-        fit(cfg)
-    assert not (tmp_path / "model" / "config.json").exists()  # no model exported
 
 
 def test_mlflow_holds_params_metrics_model_and_registered_version(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from semvec.datasets import Task
+from semvec.errors import JobFailed
 from semvec.train.config import load_train_config
 from semvec.train.job import fit
 from tests.conftest import processes_named
@@ -76,7 +78,8 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, tiny_models, tmp_
     assert summary["best"]["dev_spearman"] > 0
 
 
-def test_rerun_with_the_same_name_resumes_a_killed_job(ray_local, tiny_models, tmp_path, monkeypatch):
+def test_rerun_with_the_same_name_resumes_a_killed_job_and_a_crashed_publish(ray_local, tiny_models, tmp_path,
+                                                                             monkeypatch):
     train, dev = make_task_data(Task.STS, tmp_path, n_train=480)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
@@ -94,7 +97,17 @@ def test_rerun_with_the_same_name_resumes_a_killed_job(ray_local, tiny_models, t
         first.wait(60)
     assert not (tmp_path / "model" / "semvec.json").exists()
 
-    # the rerun in this process, on the tests' Ray: what it resumes from is on disk and in MLflow
+    # a rerun that resumes, trains to the end and is killed right after the first write of the
+    # model's publish: the whole model staged beside the output, not yet renamed into place
+    second = subprocess.run(cmd, cwd=tmp_path, env={**env, "SEMVEC_CRASH_AT": "1"}, start_new_session=True,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == -9, second.stderr[-2000:]
+    assert not (tmp_path / "model").exists()
+    staged = [p for p in tmp_path.iterdir() if p.name.startswith(".model.tmp-")]
+    assert len(staged) == 1 and (staged[0] / "semvec.json").is_file()
+
+    # the last rerun in this process, on the tests' Ray: what it resumes from is on disk and in
+    # MLflow; it publishes the model and removes the staged copy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     summary = fit(load_train_config(
@@ -108,4 +121,32 @@ def test_rerun_with_the_same_name_resumes_a_killed_job(ray_local, tiny_models, t
     resumed = _metric_history(uri, summary["run_id"], "resumed_from_step")
     assert resumed and min(resumed) > 0
     assert max(_metric_history(uri, summary["run_id"], "step")) == 2 * 15
-    assert (tmp_path / "model" / "semvec.json").is_file()
+    assert {"semvec.json", "model.safetensors"} <= {p.name for p in (tmp_path / "model").iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.tmp-")]
+
+
+def test_a_crash_after_the_stop_note_then_rerun(ray_local, tiny_models, tmp_path, monkeypatch):
+    """A loss that is not finite: rank 0's note of it (its one write) is whole after a SIGKILL
+    right after it, and the rerun under the same name removes it, stops at the same step and says
+    so (Ray Train keeps only reports with a checkpoint: without the note the driver said only
+    "training stopped before the first checkpoint")."""
+    train, dev = make_task_data(Task.STS, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {"task": "sts", "method": "full", "train": str(train), "dev": str(dev),
+                "output": str(tmp_path / "model"), "model": str(tiny_models["bert"]), "epochs": 1,
+                "workers": 1, "name": "diverges", "lr": 1e30}
+    cmd = [sys.executable, "-m", "semvec.cli", "train",
+           *(x for k, v in settings.items() for x in (f"--{k}", str(v)))]
+    # its own session, so the crash takes the job's local Ray down with it
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "SEMVEC_CRASH_AT": "1"}
+    crashed = subprocess.run(cmd, cwd=tmp_path, start_new_session=True, capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    note = json.loads((tmp_path / "model-checkpoints" / "diverges" / "stopped.json").read_text())
+    assert note["reason"] == "nan_loss"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(JobFailed, match=rf"before the first checkpoint: the loss was not finite at step "
+                                        rf"{note['step']} "):
+        fit(load_train_config(None, **settings))
+    assert not (tmp_path / "model" / "config.json").exists()  # no model exported

@@ -102,33 +102,35 @@ def plan(config: EmbedConfig) -> Plan:
     return p
 
 
-def _check_output(p: Plan) -> None:
-    """Refuse a foreign or differently configured prefix (a read only: nothing is held yet)."""
+def _check_output(p: Plan) -> dict[str, list[str]]:
+    """Refuse a foreign or differently configured prefix (a read only: nothing is held yet);
+    returns its committed parts by source key (none under --overwrite, which clears them)."""
     out = OutputDir(p.config.output)
     manifest = out.read_manifest()
     if p.config.overwrite:
-        return
+        return {}
+    parts = out.parts_by_source()
     if manifest is None:
-        if out.list_parts() or out.has_foreign_files():
+        if parts or out.has_foreign_files():
             raise ConfigError(
                 f"output {storage.display(p.config.output)!r} is not empty and holds no semvec "
                 "manifest; choose an empty prefix or pass --overwrite"
             )
-        return
+        return parts
     if manifest.get("config_hash") != p.config_hash:
         raise OutputMismatch(
             f"output {storage.display(p.config.output)!r} was written with another model or "
             f"config (hash {manifest.get('config_hash')} != {p.config_hash}); pass --overwrite "
             "to replace it, or choose another output"
         )
-    _refuse_other_inputs(p, out, manifest)
+    _refuse_other_inputs(p, set(parts), manifest)
+    return parts
 
 
-def _refuse_other_inputs(p: Plan, out: OutputDir, manifest: dict) -> None:
+def _refuse_other_inputs(p: Plan, sources: set[str], manifest: dict) -> None:
     """Parts of inputs that this run does not list (another input, or files gone from it) would
     stay in the output uncounted, mixed with this input's vectors: refused, nothing removed."""
-    listed = {source_key(f.relative) for f in p.files}
-    others = out.part_sources() - listed
+    others = sources - {source_key(f.relative) for f in p.files}
     if not others:
         return
     named = sorted(i["source"] for i in manifest.get("inputs", []) if source_key(i["source"]) in others)
@@ -147,7 +149,7 @@ def _prepare_output(p: Plan) -> None:
     if p.config.overwrite:
         out.clear()
         return
-    _check_output(p)  # again, under the lease: a run that just ended may have changed it
+    parts = _check_output(p)  # again, under the lease: a run that just ended may have changed it
     out.remove_temporaries()
     manifest = out.read_manifest() or {}
     earlier = manifest.get("model") or {}
@@ -156,10 +158,11 @@ def _prepare_output(p: Plan) -> None:
     finished = {i["source"]: i for i in manifest.get("inputs", []) if i.get("complete")}
     known = {i["source"]: i.get("version") for i in manifest.get("inputs", [])}
     for f in p.files:
+        mine = parts.get(source_key(f.relative), [])
         if f.relative in known and known[f.relative] != f.version:
-            out.drop_parts_of(f.relative)  # the file changed since: its old vectors are stale
+            out.remove(mine)  # the file changed since: its old vectors are stale
             continue
-        done = out.done_rows(f.relative)
+        done = out.done_rows(mine)
         prior = finished.get(f.relative)
         if prior and len(done) == prior.get("rows"):
             p.skip.add(f.relative)  # its parts are all there: counted again at the end

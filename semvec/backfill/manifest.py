@@ -82,15 +82,13 @@ class OutputDir(storage.Prefix):
                     if storage.TEMP_MARK in p.rsplit("/", 1)[-1]:
                         self.fs.rm(p)
 
-    def part_sources(self) -> set[str]:
-        """The source keys (stages.source_key) of every committed part, quarantine's included."""
-        parts = self.list_parts() + self.list_parts(quarantine=True)
-        return {p.rsplit("/", 1)[-1].split("-")[1] for p in parts}
-
-    def parts_of(self, relative: str) -> list[str]:
-        prefix = f"part-{source_key(relative)}-"
-        return [p for p in self.list_parts() + self.list_parts(quarantine=True)
-                if p.rsplit("/", 1)[-1].startswith(prefix)]
+    def parts_by_source(self) -> dict[str, list[str]]:
+        """Every committed part, quarantine's included, by source key (stages.source_key): one
+        listing of the prefix serves every input file."""
+        parts: dict[str, list[str]] = defaultdict(list)
+        for p in self.list_parts() + self.list_parts(quarantine=True):
+            parts[p.rsplit("/", 1)[-1].split("-")[1]].append(p)
+        return dict(parts)
 
     def _read_documents(self, path: str, columns: list[str]) -> tuple[pa.Table, int | None]:
         """The part's columns, one row per document, and its chunks (None: not a chunked part).
@@ -109,13 +107,13 @@ class OutputDir(storage.Prefix):
             return table.select(columns), int(pc.sum(table["chunks"]).as_py() or 0)
         return table, None
 
-    def done_rows(self, relative: str) -> np.ndarray:
-        """Row numbers of one input file already committed, embedded or quarantined."""
-        chunks = [self._read_documents(p, ["row"])[0]["row"].to_numpy() for p in self.parts_of(relative)]
+    def done_rows(self, parts: list[str]) -> np.ndarray:
+        """Row numbers committed in these parts (one input file's), embedded or quarantined."""
+        chunks = [self._read_documents(p, ["row"])[0]["row"].to_numpy() for p in parts]
         return np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.int64)
 
-    def drop_parts_of(self, relative: str) -> None:
-        for p in self.parts_of(relative):
+    def remove(self, parts: list[str]) -> None:
+        for p in parts:
             self.fs.rm(p)
 
     def account(self, files: list[InputFile], has_rows: Callable[[InputFile], bool]) -> dict:

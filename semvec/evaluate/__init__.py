@@ -17,9 +17,8 @@ train` wrote. Readers live in semvec.datasets, metrics in semvec.metrics.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from semvec import storage
+from semvec import crashpoints, storage
 from semvec.backfill.manifest import OutputDir
 from semvec.compress.output import is_compressed
 from semvec.datasets import METRIC, Kind
@@ -106,8 +105,6 @@ def _need(value: str | None, name: str, kind: Kind) -> str:
 
 def write_report(result: dict, uri: str) -> None:
     """The result as JSON at uri (local or s3://), written whole."""
-    fs = storage.filesystem(uri)
-    path = storage.strip(uri)
-    if not storage.is_remote(uri):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    storage.write_atomic(fs, path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    crashpoints.arm()
+    storage.write_atomic(storage.filesystem(uri), storage.strip(uri),
+                         (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())

@@ -12,7 +12,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from semvec import figures, models, storage
+from semvec import crashpoints, figures, models, storage
 from semvec.datasets import Task, example_labels, label_set, load_documents, load_examples
 from semvec.errors import ConfigError, JobFailed
 from semvec.heads import HEAD_FILE, PRIMARY
@@ -58,7 +58,8 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
          "fingerprint": models.fingerprint(model_dir), "anchors": anchors,
          # fit() sends these to the workers with the examples, not inside every worker's config
          "dev_corpus": load_documents(cfg.dev_corpus) if cfg.dev_corpus else []}
-    _check_output(cfg.output)
+    models.check_output(cfg.output, replace=True)  # a model there is replaced by the new one
+    storage.check_apart(str(model_dir), cfg.output, "output", "the model", holding=True)
     return p, train, dev
 
 
@@ -126,15 +127,6 @@ def _replay(cfg: TrainConfig, n_new: int) -> list[dict]:
     return random.Random(cfg.seed + 1).sample(past, k) if k else []
 
 
-def _check_output(output: str) -> None:
-    """The output is replaced by the new model: refuse a non-empty prefix that is not one."""
-    fs, root = storage.filesystem(output), storage.strip(output)
-    if fs.exists(root) and fs.ls(root) and not fs.exists(f"{root}/{models.SEMVEC_JSON}"):
-        raise ConfigError(f"output {storage.display(output)!r} is not empty and holds no semvec model; "
-                          "choose an empty or new path")
-    storage.check_writable(output)
-
-
 def _run_name(cfg: TrainConfig) -> str:
     return cfg.name or f"{cfg.task.value}-{cfg.method.value}-{Path(storage.strip(cfg.output)).name}"
 
@@ -157,7 +149,8 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     tracker = tracking.start_run(experiment, name, {**cfg.to_dict(), "base_fingerprint": p["fingerprint"],
                                                     "train_examples": len(train), "dev_examples": len(dev),
                                                     "dev_corpus_documents": len(p["dev_corpus"])})
-    init_ray()
+    crashpoints.arm()  # the test aid counts rank 0's stop note and the model's publish
+    init_ray(crashpoints.worker_env())
     import ray
 
     primary = f"dev_{PRIMARY[cfg.task]}"
@@ -289,20 +282,7 @@ def export(cfg: TrainConfig, p: dict, checkpoint) -> tuple[Path, dict]:
             method=method_info, metrics=state["metrics"], trainable_parameters=trainable,
             total_parameters=total))
         models.write_sentence_transformers_files(out, p["pooling"], normalize, p["max_length"], model.hidden)
-        _publish(out, cfg.output)
+        models.publish(out, cfg.output)
     out = Path(storage.strip(cfg.output)) if not storage.is_remote(cfg.output) else Path(
         models.resolve_model(cfg.output))
     return out, state.get("dev_detail") or {}
-
-
-def _publish(src: Path, output: str) -> None:
-    fs = storage.filesystem(output)
-    target = storage.strip(output)
-    if not storage.is_remote(output):
-        import shutil
-
-        if Path(target).exists():
-            shutil.rmtree(target)
-        shutil.copytree(src, target)
-        return
-    fs.put(str(src), target, recursive=True)

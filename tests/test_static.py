@@ -235,6 +235,22 @@ def test_distill_crashed_after_every_write_then_rerun(tiny_models, s3_env, tmp_p
             ["reference", *(f"crash{i}" for i in range(1, k + 1))])
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_model_published_over_another_keeps_none_of_its_files(s3_env, tmp_path, where):
+    """`semvec train` put an s3:// model over the old one file by file: an adapter or a head of
+    the old model stayed beside the new one's weights."""
+    out = (f"s3://{s3_env['bucket']}/replaced-{uuid.uuid4().hex[:8]}" if where == "s3"
+           else str(tmp_path / "out"))
+    for name, files in (("old", ["semvec.json", "head.safetensors", "lora_adapter/a.safetensors"]),
+                        ("new", ["semvec.json", "model.safetensors"])):
+        for f in files:
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).write_text(f"{name} {f}")
+        models.check_output(out, replace=True)
+        models.publish(tmp_path / name, out)
+    assert _model_files(out) == {f: f"new {f}".encode() for f in ("semvec.json", "model.safetensors")}
+
+
 def test_words_crashed_after_its_write_then_rerun(tiny_models, tmp_path):
     """Its one write is the whole file (a rename): a crash right after it leaves the whole file, and
     the rerun with --overwrite writes the same bytes."""

@@ -199,16 +199,14 @@ def check_apart(source: str, output: str, what: str, source_what: str = "the vec
         return
     if is_remote(output):
         src, out = strip(source), strip(output)
-        inside, holds = out == src or out.startswith(src + "/"), out == src or src.startswith(out + "/")
+        inside, holds = out.startswith(src + "/"), src.startswith(out + "/")
     else:
-        src_path, out_path = Path(strip(source)).resolve(), Path(strip(output)).resolve()
-        inside, holds = out_path.is_relative_to(src_path), src_path.is_relative_to(out_path)
-    if holding and holds:
-        raise ConfigError(f"{what} {display(output)!r} holds {source_what} {display(source)!r}; "
-                          "choose a directory of its own")
-    if inside:
-        raise ConfigError(f"{what} {display(output)!r} is {source_what} {display(source)!r} "
-                          "or inside it; choose a prefix of its own")
+        src, out = Path(strip(source)).resolve(), Path(strip(output)).resolve()
+        inside, holds = src in out.parents, out in src.parents
+    where = ("is" if src == out else "lies inside" if inside else "holds" if holding and holds else None)
+    if where:
+        raise ConfigError(f"{what} {display(output)!r} {where} {source_what} {display(source)!r}; "
+                          "choose a folder of its own")
 
 
 TEMP_MARK = ".tmp-"  # a local write in progress: `<path>.tmp-<uuid>`, renamed into place when whole

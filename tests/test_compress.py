@@ -208,7 +208,7 @@ def test_a_rerun_skips_every_part_and_other_settings_are_refused_unless_overwrit
     ("pca-too-large", "pca 64 is larger than the vectors' dim 32; give at most 32"),
     ("unknown-quantize", "unknown quantize 'int4'; allowed: none, int8, binary"),
     ("nothing-to-do", "nothing to compress: give --pca D and/or --quantize int8|binary"),
-    ("inside-the-source", "or inside it; choose a prefix of its own"),
+    ("inside-the-source", "lies inside the vectors' prefix"),
     ("compressed-source", "are compressed already"),
     ("onto-a-backfill", "holds a backfill, not compressed vectors"),
     ("pca-above-the-sample", "sample_size (--sample-size) 8 is below pca 16"),

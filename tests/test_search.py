@@ -181,7 +181,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
         (["index", beir["docs"], str(tmp_path / "a"), "--kind", "annoy"], "unknown kind 'annoy'"),
         (["index", beir["docs"], str(tmp_path / "a"), "--kind", "ivf", "--nlist", "1000"],
          "nlist 1000 needs at least 1000 vectors"),
-        (["index", beir["docs"], beir["docs"] + "/ix"], "or inside it"),
+        (["index", beir["docs"], beir["docs"] + "/ix"], "lies inside the vectors' prefix"),
         (["index", str(tmp_path / "empty"), str(tmp_path / "a")], "not a backfill output"),
         (["search", str(tmp_path / "nothing"), "--query", "x"], "no index at"),
         (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "q.jsonl")], "needs --output"),

@@ -358,10 +358,13 @@ def test_bad_input_is_one_line_and_exit_2(static_model, tiny_bert, tmp_path, cap
             "replaced"),
         "overwrite the model itself": (
             ["distill", "--model", str(own), "--output", str(own), "--overwrite"],
-            f"output '{own}' holds the model '{own}'; choose a directory of its own"),
+            f"output '{own}' is the model '{own}'; choose a folder of its own"),
         "overwrite the model's folder": (
             ["distill", "--model", str(holder / "m"), "--output", str(holder), "--overwrite"],
-            f"output '{holder}' holds the model '{holder / 'm'}'; choose a directory of its own"),
+            f"output '{holder}' holds the model '{holder / 'm'}'; choose a folder of its own"),
+        "inside the model": (
+            ["distill", "--model", str(own), "--output", str(own / "sub")],
+            f"output '{own / 'sub'}' lies inside the model '{own}'; choose a folder of its own"),
         "static again": (["distill", "--model", str(static_model), "--output", out],
                          "is a static model already"),
         "empty vocab": ([*words, str(tmp_path / "empty.txt"), "--output", out],

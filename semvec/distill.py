@@ -112,7 +112,7 @@ def distill(config: DistillConfig) -> dict:
     t0 = time.time()
     models.check_output(config.output, config.overwrite)
     model_dir = models.resolve_model(config.model)
-    storage.check_apart(str(model_dir), config.output, "output", "the model", holding=True)
+    models.check_apart_from_model(config.output, config.model, model_dir)
     if models.model_kind(model_dir) == models.ModelKind.STATIC:
         raise ConfigError(f"model {storage.display(config.model)!r} is a static model already; "
                           "distil the encoder it came from")

@@ -16,6 +16,7 @@ directory, ``s3://bucket/prefix/`` (fetched once per node into a cache), and ``m
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -275,41 +276,53 @@ def check_output(output: str, replace: bool) -> None:
     storage.check_writable(output)
 
 
+def check_apart_from_model(output: str, ref: str, model_dir: Path) -> None:
+    """Refuse an output that is, holds or lies inside the model read (replacing the output would
+    delete it): an s3:// model compared as its prefix, any other as its local directory."""
+    storage.check_apart(ref if storage.is_remote(ref) else str(model_dir), output, "output", "the model",
+                        holding=True)
+
+
 def publish(built: Path, output: str) -> None:
     """Put a finished model directory at `output`, replacing what is there (check_output first).
 
-    Local: copied whole beside it, then renamed into place (copies a crash left are removed
-    first), so the output is the old model, no model, or the new one. s3:// has no rename: the old
-    model is removed, a PARTIAL mark written, then each file with the card last, then the mark
-    removed; a reader refuses a prefix with the mark, and the rerun replaces it. Each write is a
-    crash point (semvec.crashpoints)."""
-    root = storage.strip(output)
+    Local: copied whole beside it, the old one renamed aside, the copy renamed into place, the old
+    removed (copies a crash left are removed first): the output is the old model, no model, or the
+    new one. s3:// has no rename: a PARTIAL mark first, then the old files removed, each new file
+    with the card last, and the mark removed; readers refuse a prefix with the mark, and a rerun
+    replaces it. Each step is a crash point (semvec.crashpoints)."""
     if not storage.is_remote(output):
-        target = Path(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}{storage.TEMP_MARK}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staged = target.parent / f".{target.name}{storage.TEMP_MARK}{uuid.uuid4().hex}"
-        shutil.copytree(built, staged)
-        crashpoints.wrote("staged model")
-        old = target.parent / f".{target.name}{storage.TEMP_MARK}{uuid.uuid4().hex}"
-        if target.exists():
-            target.rename(old)  # aside, not deleted: the window without a model is two renames
-        staged.rename(target)
-        crashpoints.wrote("model")
-        shutil.rmtree(old, ignore_errors=True)
+        _publish_local(built, Path(storage.strip(output)).resolve())  # a link: the folder it names
         return
-    fs = storage.filesystem(output)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    fs.pipe(f"{root}/{PARTIAL}", b"")
+    fs, root = storage.filesystem(output), storage.strip(output)
+    mark = f"{root}/{PARTIAL}"
+    fs.pipe(mark, b"")
     crashpoints.wrote(PARTIAL)
+    for old in fs.ls(root, detail=False):
+        if old.rstrip("/") != mark:
+            fs.rm(old, recursive=True)
+    crashpoints.wrote("old model removed")
     files = sorted((p for p in built.rglob("*") if p.is_file()), key=lambda p: p.name == SEMVEC_JSON)
     for path in files:
         fs.put(str(path), f"{root}/{path.relative_to(built).as_posix()}")
         crashpoints.wrote(path.name)
-    fs.rm(f"{root}/{PARTIAL}")
+    fs.rm(mark)
     crashpoints.wrote(f"{PARTIAL} removed")
+
+
+def _publish_local(built: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}{storage.TEMP_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staged = target.parent / f".{target.name}{storage.TEMP_MARK}{uuid.uuid4().hex}"
+    shutil.copytree(built, staged)
+    crashpoints.wrote("staged model")
+    old = target.parent / f".{target.name}{storage.TEMP_MARK}{uuid.uuid4().hex}"
+    if target.exists():
+        target.rename(old)  # aside, not deleted: the window without a model is two renames
+    staged.rename(target)
+    crashpoints.wrote("model")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_card(model_dir: Path, card: ModelCard) -> None:

@@ -7,7 +7,6 @@ AWS_REGION); they are never logged and never written anywhere by semvec.
 
 from __future__ import annotations
 
-import contextlib
 import glob as globlib
 import json
 import os
@@ -139,22 +138,21 @@ def _glob_root(path: str, remote: bool) -> str:
 
 
 def check_writable(uri: str) -> None:
-    """Write and delete a probe object under the output prefix, or fail with one line. Local
-    folders made for the probe are removed with it: a command refused later leaves no trace."""
+    """Write and delete a probe object under the output prefix, or fail with one line. A local
+    output that is not there yet is probed in the nearest folder above it that is: nothing is
+    made, so a command refused later leaves no trace, and no other job's folder is removed."""
     fs = filesystem(uri)
-    probe = join(strip(uri), f"_probe-{uuid.uuid4().hex}")
-    made: list[Path] = []  # local folders the probe needs that are not there, deepest first
+    where = strip(uri)
     if not is_remote(uri):
-        path = Path(strip(uri))
-        file = next((q for q in (path, *path.parents) if q.exists() and not q.is_dir()), None)
-        if file is not None:
-            where = "is a file" if file == path else f"lies beneath the file {str(file)!r}"
-            raise ConfigError(f"output {display(uri)!r} {where}; an output is a folder (or s3:// "
+        path = Path(where)
+        there = next(q for q in (path, *path.parents) if q.exists() or q == q.parent)
+        if not there.is_dir():
+            said = "is a file" if there == path else f"lies beneath the file {str(there)!r}"
+            raise ConfigError(f"output {display(uri)!r} {said}; an output is a folder (or s3:// "
                               "prefix) of its own")
-        made = [q for q in (path, *path.parents) if not q.exists()]
+        where = str(there)
+    probe = join(where, f"_probe-{uuid.uuid4().hex}")
     try:
-        if made:
-            made[0].mkdir(parents=True, exist_ok=True)
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
@@ -163,9 +161,6 @@ def check_writable(uri: str) -> None:
             f"output {display(uri)!r} is not writable ({type(exc).__name__}); "
             "give a local folder or s3:// prefix you can write to"
         ) from None
-    for folder in made:
-        with contextlib.suppress(OSError):  # another writer may have put something there since
-            folder.rmdir()
 
 
 def check_file_writable(uri: str, what: str = "output", overwrite: bool = True) -> None:
@@ -206,7 +201,7 @@ def check_apart(source: str, output: str, what: str, source_what: str = "the vec
     where = ("is" if src == out else "lies inside" if inside else "holds" if holding and holds else None)
     if where:
         raise ConfigError(f"{what} {display(output)!r} {where} {source_what} {display(source)!r}; "
-                          "choose a folder of its own")
+                          f"choose a {'prefix' if is_remote(output) else 'folder'} of its own")
 
 
 TEMP_MARK = ".tmp-"  # a local write in progress: `<path>.tmp-<uuid>`, renamed into place when whole

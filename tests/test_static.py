@@ -202,11 +202,11 @@ PUBLISH = ("import sys; from pathlib import Path; from semvec import crashpoints
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_distill_crashed_after_every_write_then_rerun(tiny_models, s3_env, tmp_path, where):
     """SIGKILL after each write of the publish (local: the staged copy, the rename; s3: the partial
-    mark, each file, the card last, the mark's removal); a model cut short is refused by readers,
-    the rerun with --overwrite ends with the model an uncrashed run writes, and a crash's leftovers
-    are not refused as foreign files. Locally the whole command is crashed; on s3, to spare a
-    model load per write, a process that publishes the reference's files (models.publish, which
-    `semvec distill` and `semvec train` call) is. """
+    mark, the old files' removal, each file, the card last, the mark's removal); a model cut short
+    is refused by readers, the rerun with --overwrite ends with the model an uncrashed run writes,
+    and a crash's leftovers are not refused as foreign files. Locally the whole command is crashed;
+    on s3, to spare a model load per write, a process that publishes the reference's files
+    (models.publish, which `semvec distill` and `semvec train` call) is."""
     base = (f"s3://{s3_env['bucket']}/distill-crash-{uuid.uuid4().hex[:8]}" if where == "s3"
             else str(tmp_path / "models"))
     args = ["distill", "--model", str(tiny_models["bert"]), "--dims", str(DIMS)]
@@ -228,7 +228,7 @@ def test_distill_crashed_after_every_write_then_rerun(tiny_models, s3_env, tmp_p
                 models.resolve_model(out)
         assert main([*args, "--output", out, "--overwrite"]) == 0
         assert _model_files(out) == want, k
-    writes = 2 if where == "local" else len(want) + 2
+    writes = 2 if where == "local" else len(want) + 3  # s3: and the old files' removal
     assert k == writes + 1
     if where == "local":  # no staged copy left beside the outputs
         assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(
@@ -241,6 +241,9 @@ def test_a_model_published_over_another_keeps_none_of_its_files(s3_env, tmp_path
     the old model stayed beside the new one's weights."""
     out = (f"s3://{s3_env['bucket']}/replaced-{uuid.uuid4().hex[:8]}" if where == "s3"
            else str(tmp_path / "out"))
+    if where == "local":  # through a link: the folder it names is replaced, the link stays
+        (tmp_path / "real").mkdir()
+        (tmp_path / "out").symlink_to(tmp_path / "real")
     for name, files in (("old", ["semvec.json", "head.safetensors", "lora_adapter/a.safetensors"]),
                         ("new", ["semvec.json", "model.safetensors"])):
         for f in files:
@@ -249,6 +252,26 @@ def test_a_model_published_over_another_keeps_none_of_its_files(s3_env, tmp_path
         models.check_output(out, replace=True)
         models.publish(tmp_path / name, out)
     assert _model_files(out) == {f: f"new {f}".encode() for f in ("semvec.json", "model.safetensors")}
+    if where == "local":
+        assert (tmp_path / "out").is_symlink()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing aside left
+
+
+def test_an_s3_model_is_not_replaced_by_its_own_output(tiny_models, s3_env, capsys):
+    """The model is read through a local cache, which no s3:// output overlaps: the prefixes are
+    compared instead (distill --overwrite and train would have removed a semvec model)."""
+    root = f"s3://{s3_env['bucket']}/own-{uuid.uuid4().hex[:8]}"
+    fs = storage.filesystem(root)
+    fs.put(str(tiny_models["bert"]), f"{storage.strip(root)}/m", recursive=True)
+    card = {"pooling": "mean", "normalize": True, "max_length": 64}
+    fs.pipe(f"{storage.strip(root)}/m/semvec.json", json.dumps(card).encode())
+    for output, says in ((f"{root}/m", "is the model"), (root, "holds the model"),
+                         (f"{root}/m/sub", "lies inside the model")):
+        with pytest.raises(ConfigError, match=f"output '{output}' {says} '{root}/m'; choose a prefix"):
+            models.check_apart_from_model(output, f"{root}/m", models.resolve_model(f"{root}/m"))
+    code, _, err = cli(capsys, "distill", "--model", f"{root}/m", "--output", f"{root}/m", "--overwrite")
+    assert code == 2 and f"output '{root}/m' is the model" in err, err
+    assert models.resolve_model(f"{root}/m")  # still there
 
 
 def test_words_crashed_after_its_write_then_rerun(tiny_models, tmp_path):

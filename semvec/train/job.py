@@ -59,7 +59,7 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
          # fit() sends these to the workers with the examples, not inside every worker's config
          "dev_corpus": load_documents(cfg.dev_corpus) if cfg.dev_corpus else []}
     models.check_output(cfg.output, replace=True)  # a model there is replaced by the new one
-    storage.check_apart(str(model_dir), cfg.output, "output", "the model", holding=True)
+    models.check_apart_from_model(cfg.output, cfg.model, model_dir)
     return p, train, dev
 
 
@@ -282,6 +282,7 @@ def export(cfg: TrainConfig, p: dict, checkpoint) -> tuple[Path, dict]:
             method=method_info, metrics=state["metrics"], trainable_parameters=trainable,
             total_parameters=total))
         models.write_sentence_transformers_files(out, p["pooling"], normalize, p["max_length"], model.hidden)
+        models.check_output(cfg.output, replace=True)  # again: hours may have passed since the plan
         models.publish(out, cfg.output)
     out = Path(storage.strip(cfg.output)) if not storage.is_remote(cfg.output) else Path(
         models.resolve_model(cfg.output))

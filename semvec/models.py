@@ -90,6 +90,8 @@ def register_model(ref: str, name: str, alias: str | None = None, experiment: st
     from semvec import tracking
 
     tracking.check_model_name(name)
+    if alias is not None:
+        tracking.check_alias(alias)
     model_dir = resolve_model(ref)
     run_id = tracking.log_model_dir(experiment, f"register-{name}", model_dir,
                                     {"model": storage.display(ref), "fingerprint": fingerprint(model_dir)})

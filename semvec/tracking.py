@@ -74,6 +74,15 @@ def check_model_name(name: str) -> None:
                           "empty and has no '/' or ':'")
 
 
+def check_alias(alias: str) -> None:
+    """MLflow's rule for aliases, before any work: letters, digits, '_' and '-', at most 255, and
+    not 'latest' or v<digits> (those name versions)."""
+    if not re.fullmatch(r"[\w\-]{1,255}", alias or "") or alias.lower() == "latest" \
+            or re.fullmatch(r"[vV]\d+", alias):
+        raise ConfigError(f"alias {alias!r} cannot be set: MLflow takes 1 to 255 letters, digits, '_' "
+                          "or '-', and not 'latest' or v<number> (they name versions)")
+
+
 def registered(name: str) -> bool:
     """Whether the registry holds a model of this name (a missing local store holds none, and is
     not created by asking)."""
@@ -214,8 +223,12 @@ def _artifact_location(uri: str) -> str | None:
     return None  # a server decides (proxied artifacts) or MLflow's default applies
 
 
-def start_run(experiment: str, run_name: str, params: dict) -> Tracker:
-    """Reuse the unfinished run of the same name (a resumed job keeps one run id), else start one."""
+SETTINGS_TAG = "semvec.settings"  # what a run's checkpoints depend on (semvec.train.job.settings_hash)
+
+
+def start_run(experiment: str, run_name: str, params: dict, settings: str | None = None) -> Tracker:
+    """Reuse the unfinished run of the same name and settings (a resumed job keeps one run id);
+    else start one (an unfinished run of other settings is marked KILLED: it is not resumed)."""
     mlflow = _mlflow()
     from mlflow.tracking import MlflowClient
 
@@ -227,8 +240,12 @@ def start_run(experiment: str, run_name: str, params: dict) -> Tracker:
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found and found[0].info.status != "FINISHED":
-        return Tracker(uri, found[0].info.run_id)
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+        if found[0].data.tags.get(SETTINGS_TAG) == settings:
+            return Tracker(uri, found[0].info.run_id)
+        if found[0].info.status == "RUNNING":
+            client.set_terminated(found[0].info.run_id, "KILLED")
+    tags = {RUN_NAME_TAG: run_name, **({SETTINGS_TAG: settings} if settings else {})}
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     client.log_batch(run.info.run_id, params=[
         mlflow.entities.Param(k, redact(str(v))[:500]) for k, v in sorted(params.items())])
     return Tracker(uri, run.info.run_id)

@@ -241,6 +241,28 @@ def _export_round_trips(out: Path, ray_local, tmp_path: Path) -> None:
     assert (st * ours).sum(1).min() > 0.9999  # both normalised
 
 
+def test_new_data_into_the_same_output_trains_afresh(ray_local, tiny_models, tmp_path, mlflow_store):
+    """The default run name comes from the output, so a second run into it found the first run's
+    checkpoints and "resumed" the finished run: no step on the new data, and MLflow said the model
+    came from it. Checkpoints of other settings or data are now cleared; the same are resumed."""
+    from mlflow.tracking import MlflowClient
+
+    from semvec.train.job import RUN_RECORD
+
+    cfg = tiny_config(Task.STS, Method.FULL, tmp_path, tiny_models, workers=1, epochs=1)
+    first = fit(cfg)
+    rows = [json.loads(line) for line in Path(cfg.train).read_text().splitlines()]
+    cfg.train = str(write_jsonl(tmp_path / "more.jsonl", rows + rows[:32]))
+    second = fit(cfg)
+    client = MlflowClient(mlflow_store)
+    assert first["run_id"] != second["run_id"]
+    assert not client.get_metric_history(second["run_id"], "resumed_from_step")
+    steps = [m.value for m in client.get_metric_history(second["run_id"], "step")]
+    assert max(steps) > max(m.value for m in client.get_metric_history(first["run_id"], "step"))
+    runs = list((tmp_path / "model-checkpoints").iterdir())
+    assert len(runs) == 1 and (runs[0] / RUN_RECORD).is_file()
+
+
 def test_mlflow_holds_params_metrics_model_and_registered_version(
     ray_local, tiny_models, tmp_path, mlflow_store, capsys
 ):

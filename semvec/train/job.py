@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -146,9 +147,12 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         tracking.check_model_name(register)
     p, train, dev = plan(cfg)
     name = _run_name(cfg)
+    settings = settings_hash(cfg, p, train, dev)
+    _keep_or_clear_checkpoints(storage.join(_checkpoint_root(cfg), name), settings, name)
     tracker = tracking.start_run(experiment, name, {**cfg.to_dict(), "base_fingerprint": p["fingerprint"],
                                                     "train_examples": len(train), "dev_examples": len(dev),
-                                                    "dev_corpus_documents": len(p["dev_corpus"])})
+                                                    "dev_corpus_documents": len(p["dev_corpus"])},
+                                 settings=settings)
     crashpoints.arm()  # the test aid counts rank 0's stop note and the model's publish
     init_ray(crashpoints.worker_env())
     import ray
@@ -221,6 +225,35 @@ def _worker_cpus(cfg: TrainConfig) -> int:
 
 
 STOP_NOTE = "stopped.json"  # rank 0's note of why training stopped early (a loss not finite)
+RUN_RECORD = "semvec-run.json"  # beside a run's checkpoints: the settings they were made with
+# What may change between an interrupted run and its resumption: how it runs, not what it learns.
+OPERATIONAL = ("name", "max_failures", "keep_checkpoints", "cpus_per_worker")
+
+
+def settings_hash(cfg: TrainConfig, p: dict, train: list[dict], dev: list[dict]) -> str:
+    """What the checkpoints of a run depend on: its settings, the base model's files and every
+    example (train, dev, the dev corpus), so a rerun resumes only the run it continues."""
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL}
+    for part in (settings, p["fingerprint"], train, dev, p["dev_corpus"]):
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:20]
+
+
+def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str) -> None:
+    """Checkpoints under the run's name are resumed only when made with these settings and data;
+    others (another run's under the same name: new data into the same output, say) are removed,
+    and this run starts afresh. The record of these settings is written before training."""
+    fs, root = storage.filesystem(run_dir), storage.strip(run_dir)
+    record = f"{root}/{RUN_RECORD}"
+    if fs.exists(root) and fs.ls(root):
+        earlier = json.loads(fs.cat_file(record)).get("settings") if fs.exists(record) else None
+        if earlier == settings:
+            return
+        log.warning("semvec train: the checkpoints of an earlier run named %r were made with other "
+                    "settings or data; starting afresh (give --name to keep runs apart)", name)
+        fs.rm(root, recursive=True)
+    storage.write_atomic(fs, record, json.dumps({"settings": settings}).encode())
 
 
 def _read_note(uri: str) -> dict:

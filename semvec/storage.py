@@ -97,8 +97,9 @@ class InputFile:
 _SKIP_NAMES = ("_", ".")  # _SUCCESS, _manifest.json, .crc and friends are not data
 
 
-def list_inputs(uri: str) -> list[InputFile]:
-    """Expand a file, a folder (recursively) or a glob into data files, sorted by path."""
+def list_inputs(uri: str, what: str = "input") -> list[InputFile]:
+    """Expand a file, a folder (recursively) or a glob into data files, sorted by path; `what`
+    names the setting in errors."""
     fs = filesystem(uri)
     path = strip(uri)
     prefix = "s3://" if is_remote(uri) else ""
@@ -113,9 +114,9 @@ def list_inputs(uri: str) -> list[InputFile]:
             root = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
             paths = [path]
         else:
-            raise ConfigError(f"input {display(uri)!r} does not exist (a file, folder or glob)")
+            raise ConfigError(f"{what} {display(uri)!r} does not exist (a file, folder or glob)")
     except (PermissionError, OSError) as exc:
-        raise ConfigError(f"input {display(uri)!r} cannot be listed: {type(exc).__name__}") from None
+        raise ConfigError(f"{what} {display(uri)!r} cannot be listed: {type(exc).__name__}") from None
     files = []
     for p in sorted(paths):
         rel = os.path.relpath(p, root) if not is_remote(uri) else p[len(root):].lstrip("/")
@@ -125,7 +126,7 @@ def list_inputs(uri: str) -> list[InputFile]:
         version = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
         files.append(InputFile(prefix + p, rel, int(info.get("size") or 0), version))
     if not files:
-        raise ConfigError(f"input {display(uri)!r} holds no data files")
+        raise ConfigError(f"{what} {display(uri)!r} holds no data files")
     return files
 
 

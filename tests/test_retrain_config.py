@@ -33,10 +33,32 @@ BASE = {"name": "m", "task": "sts", "snapshots": ["new/"], "state": "state/",
     ({"train": [1]}, "train must be a mapping of settings"),
     ({"train": {"epochs": 0}}, "epochs must be a positive integer"),
     ({"method": "qlora"}, "unknown method 'qlora'"),
+    ({"lock_timeout_s": 0}, "lock_timeout_s must be an integer >= 1, got 0"),
 ])
 def test_bad_retrain_configs_are_refused_with_one_line(change, error):
     with pytest.raises(ConfigError, match=error):
         load_retrain_config(None, **{**BASE, **change})
+
+
+def test_every_file_a_round_may_read_is_checked_every_night_and_named_by_its_setting(tmp_path):
+    """A missing replay file passed on nights without new data (it is read only to train), and
+    every missing file said "input ..." whatever setting named it."""
+    from semvec.retrain.job import _check
+
+    (tmp_path / "dev.csv").write_text("a\tb\t1\n")
+    good = {**BASE, "state": str(tmp_path / "state"), "distill": 0,
+            "suites": [{"name": "main", "kind": "sts", "data": str(tmp_path / "dev.csv")}]}
+    for change, error in (
+        ({"replay": [str(tmp_path / "nope.csv")]}, "replay '.*nope.csv' does not exist"),
+        ({"dev": str(tmp_path / "gone.csv")}, "dev '.*gone.csv' does not exist"),
+        ({"suites": [{"name": "main", "kind": "sts", "data": str(tmp_path / "x.csv")}]},
+         "suite 'main' data '.*x.csv' does not exist"),
+        ({"backfill": {"input": str(tmp_path / "c"), "output_root": str(tmp_path / "v")}},
+         "backfill input '.*c' does not exist"),
+    ):
+        with pytest.raises(ConfigError, match=error):
+            _check(load_retrain_config(None, **{**good, **change}))
+    _check(load_retrain_config(None, **good))
 
 
 def test_nested_settings_are_typed_and_make_the_jobs_a_round_runs():

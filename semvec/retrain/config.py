@@ -13,6 +13,7 @@ from semvec.config import (
     nested_settings,
     parse_enum,
     plain_settings,
+    require_int,
     require_non_negative,
     settings_of,
 )
@@ -59,8 +60,9 @@ class Suite:
     def metric(self) -> str:
         return METRIC[self.kind]
 
-    def files(self) -> list[str]:
-        return [getattr(self, n) for n in SUITE_FILES.get(self.kind, ("data",))]
+    def named_files(self) -> list[tuple[str, str]]:
+        """(setting, path) of each file the suite reads."""
+        return [(n, getattr(self, n)) for n in SUITE_FILES.get(self.kind, ("data",))]
 
 
 @dataclass
@@ -137,6 +139,7 @@ class RetrainConfig:
             raise ConfigError(f"primary suite {self.primary!r} is not one of {names}")
         for name in ("margin", "tolerance", "replay_share", "l2sp", "ewc", "distill"):
             require_non_negative(name, getattr(self, name))
+        require_int("lock_timeout_s", self.lock_timeout_s, 1)  # 0 took every lock as stale at once
         self.train = nested_settings(TrainSettings, "train", {} if self.train is None else self.train)
         if self.backfill is not None:
             self.backfill = nested_settings(BackfillSettings, "backfill", self.backfill)

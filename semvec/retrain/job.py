@@ -35,7 +35,7 @@ CURRENT = "CURRENT"
 
 def retrain(cfg: RetrainConfig) -> dict:
     """One retraining round; returns a summary with the decision and every metric."""
-    snapshots = [f for uri in cfg.snapshots for f in storage.list_inputs(uri)]
+    snapshots = [f for uri in cfg.snapshots for f in storage.list_inputs(uri, "snapshots")]
     _check(cfg)
     tracking.require_alias(cfg.name, "champion")  # a champion exists: checked before the lock is taken
     with Lock(cfg.state, cfg.lock_timeout_s) as lock:
@@ -75,17 +75,21 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
 def _check(cfg: RetrainConfig) -> None:
     """Everything that can be wrong before the lock is taken and Ray starts."""
     for suite in cfg.suites:
-        for uri in suite.files():
-            storage.list_inputs(uri)  # exists and holds data
+        for field, uri in suite.named_files():
+            storage.list_inputs(uri, f"suite {suite.name!r} {field}")  # exists and holds data
         if suite.kind == SuiteKind.RETRIEVAL:  # read it whole now, not after training
             from semvec.datasets import read_beir
 
             read_beir(suite.corpus, suite.queries, suite.qrels)
+    for uri in cfg.replay:  # read only on a night with new data: checked every night
+        storage.list_inputs(uri, "replay")
+    if cfg.dev:
+        storage.list_inputs(cfg.dev, "dev")
     if (cfg.ewc or cfg.distill) and not cfg.replay and not _replay_store(cfg):
         raise ConfigError("ewc and distill need past data and the replay store is empty: set replay "
                           "to the champion's training data, or ewc: 0 and distill: 0")
     if cfg.backfill is not None:
-        storage.list_inputs(cfg.backfill.input)
+        storage.list_inputs(cfg.backfill.input, "backfill input")
         storage.check_writable(cfg.backfill.output_root)
     storage.check_writable(cfg.state)
 
@@ -99,7 +103,7 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         train = _merge(cfg, [f.uri for f, _ in new], Path(tmp) / "new.jsonl")
         past = [f.uri for f in _replay_store(cfg)]
-        past += [f.uri for uri in cfg.replay for f in storage.list_inputs(uri)]
+        past += [f.uri for uri in cfg.replay for f in storage.list_inputs(uri, "replay")]
         replay = _merge(cfg, past, Path(tmp) / "replay.jsonl") if past else None
         tc = cfg.train_config(train=str(train), replay=str(replay) if replay else None,
                               model=str(champion_dir), name=f"retrain-{cfg.name}-{key}",

@@ -321,3 +321,18 @@ def test_bad_training_input_exits_2_naming_file_and_row(tmp_path, tiny_models, c
         load_train_config(None, task="sts", method="qlora", train="t", output="o")
     with pytest.raises(ConfigError, match="unknown task"):
         load_train_config(None, task="qa", method="full", train="t", output="o")
+
+
+def test_a_dev_of_one_score_is_refused_before_training(tmp_path, tiny_models):
+    """Spearman of constant gold scores is nan: the run chose its checkpoint by nan, exported the
+    model and exited 0 (a train file whose held-out tenth had one score, 3.0, did so)."""
+    rows = [{"sentence1": f"a {i}", "sentence2": f"b {i}", "score": 3.0} for i in range(40)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows + [{"sentence1": "x", "sentence2": "y", "score": 1.0}])
+    cfg = load_train_config(None, task="sts", method="full", train=str(train), output=str(tmp_path / "m"),
+                            model=str(tiny_models["bert"]))
+    with pytest.raises(ConfigError, match=r"the dev held out of .*train.jsonl' \(10%\) gives every pair the "
+                                          r"score 3: Spearman, the dev metric, is undefined"):
+        plan(cfg)
+    cfg.dev = str(write_jsonl(tmp_path / "dev.jsonl", rows[:5]))
+    with pytest.raises(ConfigError, match=r"dev data .*dev.jsonl' gives every pair the score 3"):
+        plan(cfg)

@@ -36,6 +36,10 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
         dev, train = _keep_labels_in_train(dev, train, cfg)
     if not train:
         raise ConfigError(f"train data {cfg.train!r} holds no examples after holding out dev")
+    if cfg.task == Task.STS and dev and len({float(e["score"]) for e in dev}) < 2:
+        held = f"dev data {cfg.dev!r}" if cfg.dev else f"the dev held out of {cfg.train!r} ({DEV_SHARE:.0%})"
+        raise ConfigError(f"{held} gives every pair the score {float(dev[0]['score']):g}: Spearman, the "
+                          "dev metric, is undefined; give --dev pairs with varied scores")
     anchors = _replay(cfg, len(train))
     train = train + anchors
     labels = label_set(train, dev, cfg.task)

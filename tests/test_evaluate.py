@@ -40,7 +40,16 @@ def test_retrieval_metrics_by_hand(tmp_path):
     # q1: hit at rank 1 -> nDCG 1, RR 1. q2: hit at rank 2 -> nDCG 1/log2(3), RR 1/2.
     assert r["ndcg@10"] == pytest.approx((1 + 1 / np.log2(3)) / 2)
     assert r["mrr@10"] == pytest.approx(0.75)
-    assert r["recall@100"] == 1.0
+    assert r["recall@100"] == 1.0 and r["judged_not_in_corpus"] == 0
+
+
+def test_judged_documents_missing_from_the_corpus_count_and_are_said(tmp_path, caplog):
+    """They were silent misses: recall fell and nothing said why."""
+    queries = {"q1": [1, 0.5, 0.1], "q2": [0.1, 0.5, 1]}
+    files = _beir(tmp_path, [("q1", "d1", 1), ("q2", "d2", 1), ("q2", "gone", 1)])
+    r = evaluate.evaluate_retrieval(_embed(AXES), _embed(queries), *files, by_id=True)
+    assert r["judged_not_in_corpus"] == 1 and r["recall@100"] == pytest.approx(0.75)
+    assert "1 of the judged documents are not in corpus" in caplog.text and "'gone'" in caplog.text
 
 
 def test_a_retrieval_suite_on_s3_reads_as_the_local_one(tmp_path, s3_env):

@@ -4,6 +4,7 @@ chunk) a document scores the cosine of its best chunk."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -16,6 +17,7 @@ from semvec.metrics import unit
 
 K, RECALL_AT = 10, 100
 QUERY_CHUNK = 256  # queries scored at once: [chunk, n_docs] float32 scores in memory
+log = logging.getLogger("semvec.evaluate")
 
 
 def exact_index(embed: Embed) -> DocIndex:
@@ -68,5 +70,9 @@ def evaluate_retrieval(embed_docs: Embed | None, embed_queries: Embed, corpus: s
     # judged documents missing from the corpus can never be found; they still count as relevant
     relevant = [{index.get(doc, -1 - n): float(g) for n, (doc, g) in enumerate(judged[qid].items())}
                 for qid in q_ids]
-    return {"queries": len(q_ids), "docs": len(doc_ids),
+    absent = [doc for qid in q_ids for doc in judged[qid] if doc not in index]
+    if absent:
+        log.warning("%d of the judged documents are not in corpus %s (e.g. %r): they count as relevant "
+                    "and can never be found", len(absent), storage.display(corpus), absent[0][:80])
+    return {"queries": len(q_ids), "docs": len(doc_ids), "judged_not_in_corpus": len(absent),
             **metrics.ranking_metrics(top, relevant, K, recall_at=RECALL_AT)}

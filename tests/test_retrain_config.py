@@ -34,6 +34,9 @@ BASE = {"name": "m", "task": "sts", "snapshots": ["new/"], "state": "state/",
     ({"train": {"epochs": 0}}, "epochs must be a positive integer"),
     ({"method": "qlora"}, "unknown method 'qlora'"),
     ({"lock_timeout_s": 0}, "lock_timeout_s must be an integer >= 1, got 0"),
+    ({"suites": [{"name": "intents", "kind": "classification", "data": "d"}]},
+     "suite 'intents' .classification. scores a classification model's head, but the challenger is "
+     "trained for sts"),
 ])
 def test_bad_retrain_configs_are_refused_with_one_line(change, error):
     with pytest.raises(ConfigError, match=error):
@@ -114,3 +117,17 @@ def test_retraining_continues_only_champions_whose_weights_are_all_in_the_model(
     else:
         with pytest.raises(ConfigError, match=f"tuned with {method}"):
             _check_continuable(tmp_path, "models:/m/1")
+
+
+def test_a_task_suite_needs_a_champion_with_that_head(tmp_path):
+    """A classification guard suite over a champion without a head failed after training (68 s
+    with a tiny model), blaming the champion: it is refused before."""
+    suites = [{"name": "intents", "kind": "classification", "data": "d"}]
+    cfg = load_retrain_config(None, **{**BASE, "task": "classification", "suites": suites})
+    write_card(tmp_path, ModelCard(pooling="mean", normalize=True, max_length=128))
+    with pytest.raises(ConfigError, match=r"suite 'intents' \(classification\) scores the champion's "
+                                          r"classification head, but champion models:/m/1 is no task model"):
+        _check_continuable(tmp_path, "models:/m/1", cfg.suites)
+    write_card(tmp_path, ModelCard(pooling="mean", normalize=True, max_length=128, task="classification",
+                                   labels=["a", "b"]))
+    _check_continuable(tmp_path, "models:/m/1", cfg.suites)

@@ -22,6 +22,7 @@ from semvec.errors import ConfigError
 from semvec.train.config import Method, TrainConfig
 
 SuiteKind = Kind  # a suite is one of the kinds semvec.evaluate scores
+TASK_KINDS = (Kind.CLASSIFICATION, Kind.NER)  # suites that score a task model's head, not vectors
 
 # What a round sets itself: the data, the starting model, the output, and the continual settings
 # (top-level settings of the retraining config, since every round must use them).
@@ -137,6 +138,10 @@ class RetrainConfig:
             self.primary = names[0]
         if self.primary not in names:
             raise ConfigError(f"primary suite {self.primary!r} is not one of {names}")
+        for suite in self.suites:  # scored with the task's head: the challenger's task and no other
+            if suite.kind in TASK_KINDS and suite.kind.value != self.task.value:
+                raise ConfigError(f"suite {suite.name!r} ({suite.kind.value}) scores a {suite.kind.value} "
+                                  f"model's head, but the challenger is trained for {self.task.value}")
         for name in ("margin", "tolerance", "replay_share", "l2sp", "ewc", "distill"):
             require_non_negative(name, getattr(self, name))
         require_int("lock_timeout_s", self.lock_timeout_s, 1)  # 0 took every lock as stale at once

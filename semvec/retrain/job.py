@@ -24,7 +24,7 @@ from semvec import models, storage, tracking
 from semvec.datasets import load_examples
 from semvec.errors import ConfigError, OutputMismatch
 from semvec.retrain import promotion
-from semvec.retrain.config import RetrainConfig, Suite, SuiteKind
+from semvec.retrain.config import TASK_KINDS, RetrainConfig, Suite, SuiteKind
 from semvec.retrain.lock import Lock
 
 log = logging.getLogger("semvec.retrain")
@@ -98,7 +98,7 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
     from semvec.train.job import fit
 
     champion_dir = models.resolve_model(f"models:/{cfg.name}/{champion}")
-    _check_continuable(champion_dir, f"models:/{cfg.name}/{champion}")
+    _check_continuable(champion_dir, f"models:/{cfg.name}/{champion}", cfg.suites)
     key = hashlib.sha1("".join(h for _, h in new).encode()).hexdigest()[:12]
     with tempfile.TemporaryDirectory() as tmp:
         train = _merge(cfg, [f.uri for f, _ in new], Path(tmp) / "new.jsonl")
@@ -121,12 +121,19 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
             "snapshots": [storage.display(f.uri) for f, _ in new]}
 
 
-def _check_continuable(model_dir: Path, ref: str) -> None:
-    """Training starts from the champion's HF weights: extras kept beside them would be lost."""
+def _check_continuable(model_dir: Path, ref: str, suites: list = ()) -> None:
+    """Before training: it starts from the champion's HF weights (extras kept beside them would be
+    lost), and a classification or NER suite scores the champion's head, which it must have."""
     card = models.read_card(model_dir)
     if card is not None and card.method_name in ("adapter", "prompt"):
         raise ConfigError(f"champion {ref} was tuned with {card.method_name}, whose weights live beside "
                           "the model; retraining continues full, lora or bitfit champions only")
+    for suite in suites:
+        if suite.kind in TASK_KINDS and (card is None or card.task != suite.kind.value):
+            has = f"a {card.task} model" if card is not None and card.task else "no task model (no head)"
+            raise ConfigError(f"suite {suite.name!r} ({suite.kind.value}) scores the champion's "
+                              f"{suite.kind.value} head, but champion {ref} is {has}; register a "
+                              f"{suite.kind.value} model trained by semvec as champion first")
 
 
 def decide(cfg: RetrainConfig, scores: dict) -> tuple[str, list[str]]:

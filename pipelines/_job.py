@@ -12,7 +12,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from semvec.cli import ArgumentParser, add_verbose, run_guarded
+from semvec.cli import ArgumentParser, add_verbose, run_guarded, setting_flags
 from semvec.options import add_config_flags, given
 from semvec.redact import redact, setup_logging
 
@@ -36,7 +36,7 @@ def main(doc: str, config_cls: type, job: Callable[[argparse.Namespace, dict], d
     parser, fields = build_parser(doc, config_cls, extra)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    code, summary = run_guarded(lambda: job(args, given(args, fields)), args.verbose)
+    code, summary = run_guarded(lambda: job(args, given(args, fields)), args.verbose, setting_flags(parser))
     if code == 0:
         print(redact(json.dumps(summary)))
     return code

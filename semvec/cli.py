@@ -470,11 +470,13 @@ def error_line(exc: BaseException, flags: dict[str, str] | None = None) -> str:
     return f"semvec: error: {text}"
 
 
-def setting_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
-    """The command's settings (the names its errors use, as a config file does) -> the flag that
-    sets each (`batch_rows` -> `--batch-rows`)."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: a.option_strings[0] for a in sub.choices[command]._actions
+def setting_flags(parser: argparse.ArgumentParser, command: str | None = None) -> dict[str, str]:
+    """The settings of a command (a subcommand of parser, or parser itself: a pipeline's) -> the
+    flag that sets each (`batch_rows` -> `--batch-rows`), as its errors name them."""
+    if command is not None:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[command]
+    return {a.dest: a.option_strings[0] for a in parser._actions
             if a.option_strings and a.option_strings[0].startswith("--")}
 
 

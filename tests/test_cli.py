@@ -294,3 +294,16 @@ def test_registry_commands_refuse_before_touching_a_store(tmp_path, capsys, tiny
     assert (f"the MLflow tracking server at http://127.0.0.1:{port} does not answer "
             "(ConnectionRefusedError") in err[0]
     assert time.monotonic() - t0 < 30
+
+
+def test_a_pipeline_names_the_flag_beside_the_setting(tmp_path, capsys):
+    """`semvec train` said `lora_r (--lora-r) must be ...`; the pipeline said `lora_r must be ...`."""
+    from pipelines import finetune
+    from pipelines._job import main as pipeline
+
+    config = tmp_path / "ft.yaml"
+    config.write_text("task: sts\nmethod: lora\ntrain: t.jsonl\noutput: o\n")
+    code = pipeline(finetune.__doc__, finetune.TrainConfig, finetune.finetune,
+                    ["--config", str(config), "--lora-r", "0"], extra=finetune.extra_flags)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "semvec: error: lora_r (--lora-r) must be a positive integer, got 0", err

@@ -179,6 +179,10 @@ ERRORS = [
     ("ner", "empty.conll", "-DOCSTART- -X- O O\n\n", "empty.conll holds no examples"),
     ("classification", "header.csv", "text,label\n", "header.csv holds no examples"),
     ("classification", "t.csv", "words,category\nhi,x\n", "t.csv row 2: missing field 'text'"),
+    # used silently in training and scoring: `semvec embed` quarantines such a text (empty_text)
+    ("sts", "blank.jsonl", '{"sentence1": "a", "sentence2": "b", "score": 1}\n'
+                           '{"sentence1": "  ", "sentence2": "b", "score": 2}\n',
+     "blank.jsonl row 2: field 'sentence1' is empty"),
     ("classification", "notes.txt", "just some text\n", "notes.txt: cannot tell its format"),
     ("summarise", "t.jsonl", "{}\n", "unknown task 'summarise'; allowed: sts, pairs, classification, ner"),
 ]

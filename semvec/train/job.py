@@ -138,7 +138,7 @@ def _run_name(cfg: TrainConfig) -> str:
 
 def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec") -> dict:
     """Train, export the best checkpoint to cfg.output, log to MLflow; returns a summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from semvec import tracking
@@ -175,7 +175,8 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         # the examples go to the object store once, shared by the workers of a node, instead of
         # inside every worker's pickled config
         train_loop_config={"config": cfg.to_dict(), "plan": p, "examples": ray.put((train, dev, dev_corpus)),
-                           "tracker": tracker, "threads": cpus, "stop_note": stop_note},
+                           "tracker": tracker, "threads": cpus, "stop_note": stop_note,
+                           "verbose": log.isEnabledFor(logging.DEBUG)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
@@ -184,6 +185,9 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
                                                checkpoint_score_attribute=primary,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's own lines (resources requested, each report and checkpoint) only with -v:
+            # semvec prints a line for each evaluation
+            logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING"),
         ),
     )
     result = trainer.fit()

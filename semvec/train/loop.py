@@ -20,6 +20,7 @@ data is the backfill's, which does stream through Ray Data.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import sys
@@ -106,7 +107,20 @@ def _shard(n: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
+    if not loop_config.get("verbose"):
+        _quiet_reports()
     Worker(loop_config, RaySession()).run()
+
+
+def _quiet_reports() -> None:
+    """Ray Train logs every report, metrics and checkpoint path in full, on a logger named by its
+    file (outside `ray.train`, so its LoggingConfig leaves it alone); semvec prints its own line for
+    each evaluation. Shown with -v."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # moved in another Ray: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class RaySession:

@@ -84,6 +84,14 @@ def resolve_registry(ref: str) -> Path:
     return _checked(download_model(ref, cache_root() / "registry"), ref)
 
 
+def recorded(ref: str) -> str:
+    """A model or data reference as a record keeps it (a card, MLflow): a local path made absolute,
+    so it still says where once the working directory changed; anything else as displayed."""
+    if ref == BUNDLED or ref.startswith("models:/") or "://" in ref:
+        return storage.display(ref)
+    return os.path.abspath(os.path.expanduser(ref))
+
+
 def register_model(ref: str, name: str, alias: str | None = None, experiment: str = "semvec") -> str:
     """Log a model directory (any model reference) in a run of its own and register a version of
     NAME from it, tagged with where it came from; returns the version."""
@@ -94,8 +102,8 @@ def register_model(ref: str, name: str, alias: str | None = None, experiment: st
         tracking.check_alias(alias)
     model_dir = resolve_model(ref)
     run_id = tracking.log_model_dir(experiment, f"register-{name}", model_dir,
-                                    {"model": storage.display(ref), "fingerprint": fingerprint(model_dir)})
-    version = tracking.register_run_model(name, run_id, {"semvec.registered_from": storage.display(ref)})
+                                    {"model": recorded(ref), "fingerprint": fingerprint(model_dir)})
+    version = tracking.register_run_model(name, run_id, {"semvec.registered_from": recorded(ref)})
     if alias:
         tracking.set_alias(name, alias, version)
     return version

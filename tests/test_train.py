@@ -252,9 +252,11 @@ def test_new_data_into_the_same_output_trains_afresh(ray_local, tiny_models, tmp
     cfg = tiny_config(Task.STS, Method.FULL, tmp_path, tiny_models, workers=1, epochs=1)
     first = fit(cfg)
     rows = [json.loads(line) for line in Path(cfg.train).read_text().splitlines()]
-    cfg.train = str(write_jsonl(tmp_path / "more.jsonl", rows + rows[:32]))
+    write_jsonl(tmp_path / "more.jsonl", rows + rows[:32])
+    cfg.train = "more.jsonl"  # relative to the working directory (tmp_path)
     second = fit(cfg)
     client = MlflowClient(mlflow_store)
+    assert client.get_run(second["run_id"]).data.params["train"] == str(tmp_path / "more.jsonl")
     assert first["run_id"] != second["run_id"]
     assert not client.get_metric_history(second["run_id"], "resumed_from_step")
     steps = [m.value for m in client.get_metric_history(second["run_id"], "step")]

@@ -153,10 +153,10 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     name = _run_name(cfg)
     settings = settings_hash(cfg, p, train, dev)
     _keep_or_clear_checkpoints(storage.join(_checkpoint_root(cfg), name), settings, name)
-    tracker = tracking.start_run(experiment, name, {**cfg.to_dict(), "base_fingerprint": p["fingerprint"],
-                                                    "train_examples": len(train), "dev_examples": len(dev),
-                                                    "dev_corpus_documents": len(p["dev_corpus"])},
-                                 settings=settings)
+    paths = {k: models.recorded(v) for k in RECORDED_PATHS if isinstance(v := getattr(cfg, k), str)}
+    params = {**cfg.to_dict(), **paths, "base_fingerprint": p["fingerprint"], "train_examples": len(train),
+              "dev_examples": len(dev), "dev_corpus_documents": len(p["dev_corpus"])}
+    tracker = tracking.start_run(experiment, name, params, settings=settings)
     crashpoints.arm()  # the test aid counts rank 0's stop note and the model's publish
     init_ray(crashpoints.worker_env())
     import ray
@@ -233,6 +233,7 @@ def _worker_cpus(cfg: TrainConfig) -> int:
 
 
 STOP_NOTE = "stopped.json"  # rank 0's note of why training stopped early (a loss not finite)
+RECORDED_PATHS = ("train", "dev", "dev_corpus", "replay", "output", "model")  # absolute in MLflow
 RUN_RECORD = "semvec-run.json"  # beside a run's checkpoints: the settings they were made with
 # What may change between an interrupted run and its resumption: how it runs, not what it learns.
 OPERATIONAL = ("name", "max_failures", "keep_checkpoints", "cpus_per_worker")
@@ -319,7 +320,7 @@ def export(cfg: TrainConfig, p: dict, checkpoint) -> tuple[Path, dict]:
         normalize = p["normalize"] or cfg.task in (Task.STS, Task.PAIRS)
         models.write_card(out, models.ModelCard(
             pooling=p["pooling"], normalize=normalize, max_length=p["max_length"], task=cfg.task.value,
-            labels=p["labels"], base_model=cfg.model, base_fingerprint=p["fingerprint"],
+            labels=p["labels"], base_model=models.recorded(cfg.model), base_fingerprint=p["fingerprint"],
             method=method_info, metrics=state["metrics"], trainable_parameters=trainable,
             total_parameters=total))
         models.write_sentence_transformers_files(out, p["pooling"], normalize, p["max_length"], model.hidden)

@@ -98,6 +98,8 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
     run = client.get_run(first["run_id"])
     assert run.data.tags["semvec.decision"] == "promoted"
     assert {"dev.spearman.champion", "dev.spearman.challenger"} <= set(run.data.metrics)
+    # the challenger is in MLflow: its folder and checkpoints (hundreds of MB a night) are gone
+    assert not fs.exists(f"{prefix}/state/challengers") or not fs.ls(f"{prefix}/state/challengers")
 
     # 2. the same snapshot again: nothing to do, and it says so
     again = retrain_here()

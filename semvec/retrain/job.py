@@ -67,6 +67,7 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
         _copy(f.uri, storage.join(cfg.state, "replay", f"{h[:16]}-{Path(f.relative).name}"))
     storage.write_atomic(storage.filesystem(cfg.state), storage.strip(storage.join(cfg.state, STATE)),
                          json.dumps(state, indent=2).encode())
+    _clear_challengers(cfg)  # the challenger lives in MLflow now; its folder and checkpoints go
     if summary["decision"] == "promoted" and cfg.backfill is not None:
         summary["backfill"] = publish_backfill(cfg, summary["challenger_version"])
     return summary
@@ -105,6 +106,7 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
         past = [f.uri for f in _replay_store(cfg)]
         past += [f.uri for uri in cfg.replay for f in storage.list_inputs(uri, "replay")]
         replay = _merge(cfg, past, Path(tmp) / "replay.jsonl") if past else None
+        _clear_challengers(cfg, keep=key)  # what a round cut short before its record left
         tc = cfg.train_config(train=str(train), replay=str(replay) if replay else None,
                               model=str(champion_dir), name=f"retrain-{cfg.name}-{key}",
                               output=storage.join(cfg.state, "challengers", key))
@@ -119,6 +121,19 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
     return {"decision": decision, "reasons": reasons, "scores": scores, "run_id": trained["run_id"],
             "champion_version": champion, "challenger_version": version,
             "snapshots": [storage.display(f.uri) for f, _ in new]}
+
+
+def _clear_challengers(cfg: RetrainConfig, keep: str | None = None) -> None:
+    """Remove the challengers' folders and checkpoints under the state prefix (a model and its
+    checkpoints per round: hundreds of MB each), all but `keep`'s, which a round resumes."""
+    root = storage.join(cfg.state, "challengers")
+    fs, path = storage.filesystem(root), storage.strip(root)
+    if not fs.exists(path):
+        return
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if keep is None or name not in (keep, f"{keep}-checkpoints"):
+            fs.rm(entry, recursive=True)
 
 
 def _check_continuable(model_dir: Path, ref: str, suites: list = ()) -> None:

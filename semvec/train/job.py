@@ -40,7 +40,7 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
         held = f"dev data {cfg.dev!r}" if cfg.dev else f"the dev held out of {cfg.train!r} ({DEV_SHARE:.0%})"
         raise ConfigError(f"{held} gives every pair the score {float(dev[0]['score']):g}: Spearman, the "
                           "dev metric, is undefined; give --dev pairs with varied scores")
-    anchors = _replay(cfg, len(train))
+    anchors, replay_digest = _replay(cfg, len(train))
     train = train + anchors
     labels = label_set(train, dev, cfg.task)
     model_dir = models.resolve_model(cfg.model)
@@ -60,7 +60,7 @@ def plan(cfg: TrainConfig) -> tuple[dict, list[dict], list[dict]]:
     scores = [float(e["score"]) for e in train] if cfg.task == Task.STS else [1.0]
     p = {"model_dir": str(model_dir), "pooling": defaults.pooling, "normalize": defaults.normalize,
          "max_length": max_length, "labels": labels, "score_scale": max(max(scores), 1e-6),
-         "fingerprint": models.fingerprint(model_dir), "anchors": anchors,
+         "fingerprint": models.fingerprint(model_dir), "anchors": anchors, "replay_digest": replay_digest,
          # fit() sends these to the workers with the examples, not inside every worker's config
          "dev_corpus": load_documents(cfg.dev_corpus) if cfg.dev_corpus else []}
     models.check_output(cfg.output, replace=True)  # a model there is replaced by the new one
@@ -121,15 +121,17 @@ def _trained_labels(model_dir: Path, task: Task) -> list[str]:
     return list(card.labels)
 
 
-def _replay(cfg: TrainConfig, n_new: int) -> list[dict]:
-    """A seeded sample of past data, replay_share x the new examples (at most all of it)."""
+def _replay(cfg: TrainConfig, n_new: int) -> tuple[list[dict], str | None]:
+    """A seeded sample of past data, replay_share x the new examples (at most all of it), and a
+    digest of all of it (EWC and distillation read the whole)."""
     if not cfg.replay:
-        return []
+        return [], None
     past = load_examples(cfg.task, cfg.replay)
     if not past:
         raise ConfigError(f"replay data {cfg.replay!r} holds no examples")
     k = min(len(past), round(cfg.replay_share * n_new))
-    return random.Random(cfg.seed + 1).sample(past, k) if k else []
+    digest = hashlib.sha256(json.dumps(past, sort_keys=True, default=str).encode()).hexdigest()
+    return (random.Random(cfg.seed + 1).sample(past, k) if k else []), digest
 
 
 def _run_name(cfg: TrainConfig) -> str:
@@ -241,10 +243,12 @@ OPERATIONAL = ("name", "max_failures", "keep_checkpoints", "cpus_per_worker")
 
 def settings_hash(cfg: TrainConfig, p: dict, train: list[dict], dev: list[dict]) -> str:
     """What the checkpoints of a run depend on: its settings, the base model's files and every
-    example (train, dev, the dev corpus), so a rerun resumes only the run it continues."""
+    example (train, dev, the dev corpus, the replay data), so a rerun resumes only the run it
+    continues. By content, not path: a retraining round's data is merged into a new temporary
+    file each time."""
     digest = hashlib.sha256()
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL}
-    for part in (settings, p["fingerprint"], train, dev, p["dev_corpus"]):
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL + RECORDED_PATHS}
+    for part in (settings, p["fingerprint"], train, dev, p["dev_corpus"], p["replay_digest"]):
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 

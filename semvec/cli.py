@@ -32,7 +32,13 @@ CONFIG_HELP = "YAML file with the same settings; flags override it (default: fla
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line too (the usage itself is behind --help)."""
+    """argparse whose usage errors are one line too (the usage itself is behind --help), and that
+    takes a flag whole only: `--epoch` is not `--epochs` (a config file's `epoch` is refused too,
+    and a flag added later cannot change what a script's abbreviation meant)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         hint = ""

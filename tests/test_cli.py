@@ -307,3 +307,10 @@ def test_a_pipeline_names_the_flag_beside_the_setting(tmp_path, capsys):
                     ["--config", str(config), "--lora-r", "0"], extra=finetune.extra_flags)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "semvec: error: lora_r (--lora-r) must be a positive integer, got 0", err
+
+
+def test_a_flag_is_taken_whole_only(capsys):
+    """`--epoch 2` ran as `--epochs 2`, while a config file's `epoch` is refused."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--task", "sts", "--method", "full", "--train", "t", "--output", "o", "--epoch", "2"])
+    assert stopped.value.code == 2 and "unrecognized arguments: --epoch 2" in capsys.readouterr().err

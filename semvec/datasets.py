@@ -15,6 +15,7 @@ import csv
 import gzip
 import io
 import json
+import logging
 import math
 import posixpath
 import re
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from semvec import storage
 from semvec.errors import ConfigError, choice_error
 
+log = logging.getLogger("semvec.datasets")
 
 class Task(str, Enum):
     STS = "sts"
@@ -61,6 +63,10 @@ class _RowError(Exception):
         self.row = row  # None: the row the loader is at
 
 
+
+class _BlankText(_RowError):
+    """A text field that is empty or only whitespace."""
+
 # Accepted column names per example field; the first is the one errors name.
 _COLUMNS = {
     Task.STS: {"sentence1": ("sentence1",), "sentence2": ("sentence2",),
@@ -75,7 +81,7 @@ _TAG = re.compile(r"O|[BI]-\S+")
 _TREC = re.compile(r"([A-Z]+):(\S+)\s+(.*)")
 
 
-def load_examples(task: Task | str, uri: str) -> list[dict]:
+def load_examples(task: Task | str, uri: str, skip_blank: bool = False) -> list[dict]:
     """Read the examples of one task from a file.
 
     Shapes: sts {"sentence1", "sentence2", "score": float}; pairs {"anchor", "positive",
@@ -84,6 +90,8 @@ def load_examples(task: Task | str, uri: str) -> list[dict]:
     .csv and .tsv with a header, .parquet); ner reads any other file as CoNLL columns (token first,
     tag last); the benchmark layouts named above are recognised from their first line. Raises
     ConfigError (one line: file, row, problem) on a bad row, an empty file or an unknown task.
+    `skip_blank`: a row with an empty text is left out and counted in a warning instead (past data,
+    which training replays: kept from before such rows were refused).
     """
     task = _task(task)
     name = storage.display(uri)
@@ -98,12 +106,19 @@ def load_examples(task: Task | str, uri: str) -> list[dict]:
         text = _decode(data, name, latin1=layout == "trec")
         rows = _READERS[layout](text)
     unit = "line" if layout == "conll" else "row"
-    examples, n = Examples(source=name), 0
+    examples, n, blank = Examples(source=name), 0, 0
     try:
         for n, record in rows:  # noqa: B007 - n names the row in the error below
-            examples.append(record if layout == "conll" else _example(task, record))
+            try:
+                examples.append(record if layout == "conll" else _example(task, record))
+            except _BlankText:
+                if not skip_blank:
+                    raise
+                blank += 1
     except _RowError as exc:
         raise ConfigError(f"{name} {unit} {exc.row or n}: {exc}") from None
+    if blank:
+        log.warning("%s: %d example(s) with an empty text left out", name, blank)
     if not examples:
         raise ConfigError(f"{name} holds no examples")
     return examples
@@ -406,7 +421,8 @@ def _example(task: Task, record: dict) -> dict:
                 "score": _score(raw["score"])}
     if task is Task.PAIRS:
         # An empty csv/tsv cell is how a table says "no negative".
-        negative = None if raw["negative"] in (None, "") else _text(raw, "negative")
+        blank = raw["negative"] is None or str(raw["negative"]).strip() == ""
+        negative = None if blank else _text(raw, "negative")
         return {"anchor": _text(raw, "anchor"), "positive": _text(raw, "positive"), "negative": negative}
     if task is Task.CLASSIFICATION:
         return {"text": _text(raw, "text"), "label": _label(raw["label"])}
@@ -426,7 +442,7 @@ def _text(raw: dict, field: str) -> str:
     if not isinstance(value, str):
         raise _RowError(f"field {field!r} is {type(value).__name__}, not text")
     if not value.strip():  # embed quarantines such a row (empty_text); a label for it teaches nothing
-        raise _RowError(f"field {field!r} is empty")
+        raise _BlankText(f"field {field!r} is empty")
     return value
 
 

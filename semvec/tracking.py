@@ -396,7 +396,7 @@ def register_run_model(name: str, run_id: str, tags: dict | None = None) -> str:
 
 def log_model_dir(experiment: str, run_name: str, model_dir: Path, params: dict) -> str:
     """A finished run holding model_dir as its ``model`` artifact; returns the run id."""
-    tracker = start_run(experiment, run_name, params)
+    tracker = start_run(experiment, run_name, params, settings=params.get("fingerprint"))
     client = _client()
     client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
     client.set_terminated(tracker.run_id, "FINISHED")

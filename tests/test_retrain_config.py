@@ -33,7 +33,7 @@ BASE = {"name": "m", "task": "sts", "snapshots": ["new/"], "state": "state/",
     ({"train": [1]}, "train must be a mapping of settings"),
     ({"train": {"epochs": 0}}, "epochs must be a positive integer"),
     ({"method": "qlora"}, "unknown method 'qlora'"),
-    ({"lock_timeout_s": 0}, "lock_timeout_s must be an integer >= 1, got 0"),
+    ({"lock_timeout_s": 0}, "lock_timeout_s must be a number of seconds >= 1, got 0"),
     ({"suites": [{"name": "intents", "kind": "classification", "data": "d"}]},
      "suite 'intents' .classification. scores a classification model's head, but the challenger is "
      "trained for sts"),
@@ -48,9 +48,10 @@ def test_every_file_a_round_may_read_is_checked_every_night_and_named_by_its_set
     every missing file said "input ..." whatever setting named it."""
     from semvec.retrain.job import _check
 
-    (tmp_path / "dev.csv").write_text("a\tb\t1\n")
+    (tmp_path / "dev.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n')
+    (tmp_path / "blank.jsonl").write_text('{"sentence1": "a", "sentence2": " ", "score": 1}\n')
     good = {**BASE, "state": str(tmp_path / "state"), "distill": 0,
-            "suites": [{"name": "main", "kind": "sts", "data": str(tmp_path / "dev.csv")}]}
+            "suites": [{"name": "main", "kind": "sts", "data": str(tmp_path / "dev.jsonl")}]}
     for change, error in (
         ({"replay": [str(tmp_path / "nope.csv")]}, "replay '.*nope.csv' does not exist"),
         ({"dev": str(tmp_path / "gone.csv")}, "dev '.*gone.csv' does not exist"),
@@ -58,6 +59,9 @@ def test_every_file_a_round_may_read_is_checked_every_night_and_named_by_its_set
          "suite 'main' data '.*x.csv' does not exist"),
         ({"backfill": {"input": str(tmp_path / "c"), "output_root": str(tmp_path / "v")}},
          "backfill input '.*c' does not exist"),
+        # a bad row of a suite failed the round after training
+        ({"suites": [{"name": "main", "kind": "sts", "data": str(tmp_path / "blank.jsonl")}]},
+         "blank.jsonl row 1: field 'sentence2' is empty"),
     ):
         with pytest.raises(ConfigError, match=error):
             _check(load_retrain_config(None, **{**good, **change}))

@@ -3,6 +3,7 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -338,3 +339,30 @@ def test_a_dev_of_one_score_is_refused_before_training(tmp_path, tiny_models):
     cfg.dev = str(write_jsonl(tmp_path / "dev.jsonl", rows[:5]))
     with pytest.raises(ConfigError, match=r"dev data .*dev.jsonl' gives every pair the score 3"):
         plan(cfg)
+
+
+def test_checkpoints_of_a_name_are_resumed_replaced_or_kept_by_what_made_them(tmp_path):
+    """Same settings and data: resumed. A finished run's, or a run stopped before its first
+    checkpoint: replaced. An unfinished run's of other settings: refused and kept (a typo in --lr
+    must not cost hours of training), unless the caller restarts such runs itself (retraining)."""
+    from semvec.train.job import RUN_RECORD, _keep_or_clear_checkpoints, _record_run
+
+    run = tmp_path / "out-checkpoints" / "r"
+
+    def earlier(settings: str, finished: bool, checkpoint: bool = True) -> None:
+        (run / "checkpoint_1").mkdir(parents=True, exist_ok=True) if checkpoint else run.mkdir(parents=True)
+        _record_run(str(run), settings, finished)
+
+    earlier("a", finished=False)
+    _keep_or_clear_checkpoints(str(run), "a", "r", restart_changed=False)
+    assert (run / "checkpoint_1").is_dir()  # resumed
+    with pytest.raises(ConfigError, match=r"checkpoints of an unfinished run named 'r' .* were made with "
+                                          r"other settings or data: rerun with the same ones to resume it"):
+        _keep_or_clear_checkpoints(str(run), "b", "r", restart_changed=False)
+    assert (run / "checkpoint_1").is_dir()  # kept
+    for finished, checkpoint, restart in ((True, True, False), (False, False, False), (False, True, True)):
+        shutil.rmtree(run)
+        earlier("a", finished, checkpoint)
+        _keep_or_clear_checkpoints(str(run), "b", "r", restart_changed=restart)
+        assert sorted(p.name for p in run.iterdir()) == [RUN_RECORD], (finished, checkpoint, restart)
+        assert json.loads((run / RUN_RECORD).read_text()) == {"settings": "b", "finished": False}

@@ -517,3 +517,16 @@ def test_a_label_the_held_out_dev_would_take_from_train_is_trained_on_instead(tm
     only_rare = [{"text": "r", "label": "rare"}]
     with pytest.raises(ConfigError, match="too small to hold out dev examples.*give dev data"):
         _keep_labels_in_train(only_rare, [{"text": "c", "label": "common"}], cfg)
+
+
+def test_past_data_leaves_blank_texts_out_and_says_how_many(tmp_path, caplog):
+    """Replayed data kept from before blank texts were refused must not stop every later round."""
+    from semvec.datasets import load_examples
+
+    path = tmp_path / "past.jsonl"
+    path.write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n'
+                    '{"sentence1": " ", "sentence2": "b", "score": 2}\n')
+    assert [e["sentence1"] for e in load_examples("sts", str(path), skip_blank=True)] == ["a"]
+    assert "past.jsonl: 1 example(s) with an empty text left out" in caplog.text
+    with pytest.raises(ConfigError, match="row 2: field 'sentence1' is empty"):
+        load_examples("sts", str(path))

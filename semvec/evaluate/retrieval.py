@@ -72,7 +72,8 @@ def evaluate_retrieval(embed_docs: Embed | None, embed_queries: Embed, corpus: s
                 for qid in q_ids]
     absent = [doc for qid in q_ids for doc in judged[qid] if doc not in index]
     if absent:
-        log.warning("%d of the judged documents are not in corpus %s (e.g. %r): they count as relevant "
-                    "and can never be found", len(absent), storage.display(corpus), absent[0][:80])
+        log.warning("%d judgement(s) of these queries name documents not in corpus %s (e.g. %r): they "
+                    "count as relevant and can never be found", len(absent), storage.display(corpus),
+                    absent[0][:80])
     return {"queries": len(q_ids), "docs": len(doc_ids), "judged_not_in_corpus": len(absent),
             **metrics.ranking_metrics(top, relevant, K, recall_at=RECALL_AT)}

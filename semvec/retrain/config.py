@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,7 +14,6 @@ from semvec.config import (
     nested_settings,
     parse_enum,
     plain_settings,
-    require_int,
     require_non_negative,
     settings_of,
 )
@@ -144,7 +144,9 @@ class RetrainConfig:
                                   f"model's head, but the challenger is trained for {self.task.value}")
         for name in ("margin", "tolerance", "replay_share", "l2sp", "ewc", "distill"):
             require_non_negative(name, getattr(self, name))
-        require_int("lock_timeout_s", self.lock_timeout_s, 1)  # 0 took every lock as stale at once
+        if isinstance(self.lock_timeout_s, bool) or not isinstance(self.lock_timeout_s, (int, float)) \
+                or not 1 <= self.lock_timeout_s < math.inf:  # 0 took every lock as stale at once
+            raise ConfigError(f"lock_timeout_s must be a number of seconds >= 1, got {self.lock_timeout_s!r}")
         self.train = nested_settings(TrainSettings, "train", {} if self.train is None else self.train)
         if self.backfill is not None:
             self.backfill = nested_settings(BackfillSettings, "backfill", self.backfill)

@@ -67,7 +67,11 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
         _copy(f.uri, storage.join(cfg.state, "replay", f"{h[:16]}-{Path(f.relative).name}"))
     storage.write_atomic(storage.filesystem(cfg.state), storage.strip(storage.join(cfg.state, STATE)),
                          json.dumps(state, indent=2).encode())
-    _clear_challengers(cfg)  # the challenger lives in MLflow now; its folder and checkpoints go
+    try:  # the challenger lives in MLflow now; its folder and checkpoints go
+        _clear_challengers(cfg)
+    except Exception as exc:  # noqa: BLE001 - scratch space: the round is recorded, the backfill is due
+        log.warning("the challengers under %s were not all removed (%s); the next round removes them",
+                    storage.display(cfg.state), type(exc).__name__)
     if summary["decision"] == "promoted" and cfg.backfill is not None:
         summary["backfill"] = publish_backfill(cfg, summary["challenger_version"])
     return summary
@@ -78,6 +82,8 @@ def _check(cfg: RetrainConfig) -> None:
     for suite in cfg.suites:
         for field, uri in suite.named_files():
             storage.list_inputs(uri, f"suite {suite.name!r} {field}")  # exists and holds data
+        if suite.kind != SuiteKind.RETRIEVAL:  # parsed now, as the scoring will, not after training
+            load_examples(suite.kind.value, suite.data)
         if suite.kind == SuiteKind.RETRIEVAL:  # read it whole now, not after training
             from semvec.datasets import read_beir
 
@@ -110,7 +116,7 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
         tc = cfg.train_config(train=str(train), replay=str(replay) if replay else None,
                               model=str(champion_dir), name=f"retrain-{cfg.name}-{key}",
                               output=storage.join(cfg.state, "challengers", key))
-        trained = fit(tc, experiment=cfg.experiment)
+        trained = fit(tc, experiment=cfg.experiment, restart_changed=True)
     scores = _score(cfg, f"models:/{cfg.name}/{champion}", tc.output)
     decision, reasons = decide(cfg, scores)
     version = promotion.record_decision(
@@ -132,8 +138,8 @@ def _clear_challengers(cfg: RetrainConfig, keep: str | None = None) -> None:
         return
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if keep is None or name not in (keep, f"{keep}-checkpoints"):
-            fs.rm(entry, recursive=True)
+        if entry.rstrip("/") != path and (keep is None or name not in (keep, f"{keep}-checkpoints")):
+            fs.rm(entry, recursive=True)  # (not a folder marker object naming the folder itself)
 
 
 def _check_continuable(model_dir: Path, ref: str, suites: list = ()) -> None:
@@ -288,6 +294,6 @@ def _merge(cfg: RetrainConfig, uris: list[str], out: Path) -> Path:
     """Examples from many files (any layout the task reads) -> one jsonl that training reads."""
     with open(out, "w") as f:
         for uri in uris:
-            for example in load_examples(cfg.task, uri):
+            for example in load_examples(cfg.task, uri, skip_blank=True):  # counted in a warning
                 f.write(json.dumps({k: v for k, v in example.items() if v is not None}) + "\n")
     return out

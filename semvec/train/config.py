@@ -162,7 +162,7 @@ class TrainConfig:
     l2sp: float = 0.0
     ewc: float = 0.0
     distill: float = 0.0
-    name: str | None = None  # run name: a rerun with the same name and output resumes
+    name: str | None = None  # run name: a rerun with the same name, output, settings and data resumes
     trust_remote_code: bool = False
 
     HELP: ClassVar[dict[str, str]] = {
@@ -206,8 +206,8 @@ class TrainConfig:
         "l2sp": "weight of the pull toward the starting weights (0: off)",
         "ewc": "weight of EWC, the pull weighted by Fisher information on the replay data (0: off)",
         "distill": "weight of keeping pooled vectors close to the starting model's on replay text (0: off)",
-        "name": "run name; a rerun with the same name and output resumes from its last checkpoint "
-                "(default: from task, method and output)",
+        "name": "run name; a rerun with the same name, output, settings and data resumes from its last "
+                "checkpoint (default: from task, method and output)",
         "trust_remote_code": "run model code shipped inside the model directory",
     }
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -126,7 +127,7 @@ def _replay(cfg: TrainConfig, n_new: int) -> tuple[list[dict], str | None]:
     digest of all of it (EWC and distillation read the whole)."""
     if not cfg.replay:
         return [], None
-    past = load_examples(cfg.task, cfg.replay)
+    past = load_examples(cfg.task, cfg.replay, skip_blank=True)
     if not past:
         raise ConfigError(f"replay data {cfg.replay!r} holds no examples")
     k = min(len(past), round(cfg.replay_share * n_new))
@@ -138,9 +139,12 @@ def _run_name(cfg: TrainConfig) -> str:
     return cfg.name or f"{cfg.task.value}-{cfg.method.value}-{Path(storage.strip(cfg.output)).name}"
 
 
-def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec") -> dict:
-    """Train, export the best checkpoint to cfg.output, log to MLflow; returns a summary."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec",
+        restart_changed: bool = False) -> dict:
+    """Train, export the best checkpoint to cfg.output, log to MLflow; returns a summary.
+    `restart_changed`: an unfinished run of the same name with other settings starts afresh
+    (retraining's own scratch runs) instead of being refused."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from semvec import tracking
@@ -154,7 +158,8 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     p, train, dev = plan(cfg)
     name = _run_name(cfg)
     settings = settings_hash(cfg, p, train, dev)
-    _keep_or_clear_checkpoints(storage.join(_checkpoint_root(cfg), name), settings, name)
+    run_dir = storage.join(_checkpoint_root(cfg), name)
+    _keep_or_clear_checkpoints(run_dir, settings, name, restart_changed)
     paths = {k: models.recorded(v) for k in RECORDED_PATHS if isinstance(v := getattr(cfg, k), str)}
     params = {**cfg.to_dict(), **paths, "base_fingerprint": p["fingerprint"], "train_examples": len(train),
               "dev_examples": len(dev), "dev_corpus_documents": len(p["dev_corpus"])}
@@ -187,9 +192,6 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
                                                checkpoint_score_attribute=primary,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            # Ray Train's own lines (resources requested, each report and checkpoint) only with -v:
-            # semvec prints a line for each evaluation
-            logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING"),
         ),
     )
     result = trainer.fit()
@@ -215,6 +217,7 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         config = Path(d) / "train_config.json"
         config.write_text(json.dumps(cfg.to_dict(), indent=2))
         version = tracking.finish_run(tracker, out, {"report": report, "config": config}, register)
+    _record_run(run_dir, settings, finished=True)
     return {"output": str(out), "run_id": tracker.run_id, "registered_version": version,
             "nan_loss": nan, "best": card.metrics, "trainable_parameters": card.trainable_parameters,
             "total_parameters": card.total_parameters}
@@ -241,32 +244,52 @@ RUN_RECORD = "semvec-run.json"  # beside a run's checkpoints: the settings they 
 OPERATIONAL = ("name", "max_failures", "keep_checkpoints", "cpus_per_worker")
 
 
+FLOATS = {f.name: "float" in str(f.type) for f in dataclasses.fields(TrainConfig)}  # YAML's 1 is --l2sp's 1.0
+
+
 def settings_hash(cfg: TrainConfig, p: dict, train: list[dict], dev: list[dict]) -> str:
     """What the checkpoints of a run depend on: its settings, the base model's files and every
     example (train, dev, the dev corpus, the replay data), so a rerun resumes only the run it
     continues. By content, not path: a retraining round's data is merged into a new temporary
     file each time."""
     digest = hashlib.sha256()
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL + RECORDED_PATHS}
+    settings = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) and FLOATS.get(k) else v
+                for k, v in cfg.to_dict().items() if k not in OPERATIONAL + RECORDED_PATHS}
+    settings["lr"] = cfg.learning_rate  # unset or the default given: the same run
     for part in (settings, p["fingerprint"], train, dev, p["dev_corpus"], p["replay_digest"]):
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 
 
-def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str) -> None:
-    """Checkpoints under the run's name are resumed only when made with these settings and data;
-    others (another run's under the same name: new data into the same output, say) are removed,
-    and this run starts afresh. The record of these settings is written before training."""
+def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_changed: bool) -> None:
+    """Checkpoints under the run's name are resumed only when made with these settings and data.
+    A finished run's (new data into the same output, say) are removed: this run starts afresh and
+    replaces its model. An unfinished run of other settings that has checkpoints is refused, and
+    they are kept (unless restart_changed). The record of these settings is written before training."""
     fs, root = storage.filesystem(run_dir), storage.strip(run_dir)
     record = f"{root}/{RUN_RECORD}"
-    if fs.exists(root) and fs.ls(root):
-        earlier = json.loads(fs.cat_file(record)).get("settings") if fs.exists(record) else None
-        if earlier == settings:
+    held = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
+    if held:
+        earlier = json.loads(fs.cat_file(record)) if fs.exists(record) else {}
+        if earlier.get("settings") == settings:
             return
-        log.warning("semvec train: the checkpoints of an earlier run named %r were made with other "
-                    "settings or data; starting afresh (give --name to keep runs apart)", name)
+        progress = any(n.startswith("checkpoint_") for n in held)  # a stop before the first has none
+        if progress and not earlier.get("finished") and not restart_changed:
+            raise ConfigError(f"the checkpoints of an unfinished run named {name!r} "
+                              f"({storage.display(run_dir)}) were made with other settings or data: rerun "
+                              "with the same ones to resume it, give --name for a new run, or remove that "
+                              "folder to start afresh")
+        log.warning("semvec train: the checkpoints of the earlier run named %r (%s) are replaced: this "
+                    "run has other settings or data", name,
+                    "finished" if earlier.get("finished") else "unfinished")
         fs.rm(root, recursive=True)
-    storage.write_atomic(fs, record, json.dumps({"settings": settings}).encode())
+    _record_run(run_dir, settings, finished=False)
+
+
+def _record_run(run_dir: str, settings: str, finished: bool) -> None:
+    fs, root = storage.filesystem(run_dir), storage.strip(run_dir)
+    record = {"settings": settings, "finished": finished}
+    storage.write_atomic(fs, f"{root}/{RUN_RECORD}", json.dumps(record).encode())
 
 
 def _read_note(uri: str) -> dict:

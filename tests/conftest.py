@@ -24,6 +24,20 @@ import pytest
 from semvec.cluster import free_port  # noqa: F401  (tests import it from here)
 from semvec.testing import build_tiny_model, corpus_sentences  # noqa: F401
 
+# The files that take minutes, started first: pytest-xdist (--dist loadfile) hands out files in
+# collection order, and one of these started last keeps a worker busy long after the other is done.
+SLOWEST_FIRST = ("test_train_faults.py", "test_train.py", "test_retrain.py", "test_exactly_once.py",
+                 "test_mlflow_auth.py", "test_faults.py", "test_job_submit.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 # The semvec cache (models fetched from S3, tokenizers described once per model) of this test
 # process and the processes it starts: never the user's, and gone afterwards.
 os.environ["SEMVEC_CACHE"] = tempfile.mkdtemp(prefix="semvec-test-cache-")

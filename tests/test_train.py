@@ -242,30 +242,6 @@ def _export_round_trips(out: Path, ray_local, tmp_path: Path) -> None:
     assert (st * ours).sum(1).min() > 0.9999  # both normalised
 
 
-def test_new_data_into_the_same_output_trains_afresh(ray_local, tiny_models, tmp_path, mlflow_store):
-    """The default run name comes from the output, so a second run into it found the first run's
-    checkpoints and "resumed" the finished run: no step on the new data, and MLflow said the model
-    came from it. Checkpoints of other settings or data are now cleared; the same are resumed."""
-    from mlflow.tracking import MlflowClient
-
-    from semvec.train.job import RUN_RECORD
-
-    cfg = tiny_config(Task.STS, Method.FULL, tmp_path, tiny_models, workers=1, epochs=1)
-    first = fit(cfg)
-    rows = [json.loads(line) for line in Path(cfg.train).read_text().splitlines()]
-    write_jsonl(tmp_path / "more.jsonl", rows + rows[:32])
-    cfg.train = "more.jsonl"  # relative to the working directory (tmp_path)
-    second = fit(cfg)
-    client = MlflowClient(mlflow_store)
-    assert client.get_run(second["run_id"]).data.params["train"] == str(tmp_path / "more.jsonl")
-    assert first["run_id"] != second["run_id"]
-    assert not client.get_metric_history(second["run_id"], "resumed_from_step")
-    steps = [m.value for m in client.get_metric_history(second["run_id"], "step")]
-    assert max(steps) > max(m.value for m in client.get_metric_history(first["run_id"], "step"))
-    runs = list((tmp_path / "model-checkpoints").iterdir())
-    assert len(runs) == 1 and (runs[0] / RUN_RECORD).is_file()
-
-
 def test_mlflow_holds_params_metrics_model_and_registered_version(
     ray_local, tiny_models, tmp_path, mlflow_store, capsys
 ):
@@ -309,6 +285,23 @@ def test_mlflow_holds_params_metrics_model_and_registered_version(
     vectors = run(load_embed_config(None, input=str(dev), output=str(tmp_path / "v"),
                                     model="models:/tiny-clf@champion"))
     assert vectors["embedded"] == 48
+
+    # New data into the same output (the default run name comes from it): the run found the first
+    # run's checkpoints and "resumed" the finished run, with no step on the new data, and MLflow
+    # said the model came from it. It trains afresh now; paths are recorded absolute.
+    from semvec.train.job import RUN_RECORD
+
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    write_jsonl(tmp_path / "more.jsonl", rows + rows[:32])
+    again = fit(load_train_config(None, task="classification", method="full", train="more.jsonl",
+                                  dev=str(dev), output=str(tmp_path / "model"), lr=2e-4,
+                                  model=str(tiny_models["bert"]), epochs=1, workers=2))
+    assert again["run_id"] != summary["run_id"]
+    assert not client.get_metric_history(again["run_id"], "resumed_from_step")
+    assert client.get_run(again["run_id"]).data.params["train"] == str(tmp_path / "more.jsonl")
+    assert max(m.value for m in client.get_metric_history(again["run_id"], "step")) == (160 + 32) // 2 // 16
+    held = list((tmp_path / "model-checkpoints").iterdir())
+    assert len(held) == 1 and json.loads((held[0] / RUN_RECORD).read_text())["finished"] is True
 
 
 def test_bad_training_input_exits_2_naming_file_and_row(tmp_path, tiny_models, capsys):

@@ -9,6 +9,7 @@ import atexit
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -191,6 +192,16 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+# A line Ray forwards from its own processes to this one's stderr, e.g. "(raylet) ... disk is
+# over 95% full" from the tests' Ray while another test's command runs: not the command's output.
+RAY_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\((raylet|gcs_server|[\w.]*\s?pid=\d+[^)]*)\)")
+
+
+def own_lines(err: str) -> list[str]:
+    """The lines of a command's stderr, less those Ray forwarded from its processes."""
+    return [line for line in err.strip().splitlines() if not RAY_FORWARDED.match(line)]
 
 
 def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:

@@ -11,7 +11,7 @@ from semvec.cli import main
 from semvec.config import load_embed_config
 from semvec.errors import ConfigError
 from semvec.testing import corpus_sentences
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import REPO, own_lines, write_jsonl
 
 
 def semvec(*args: str, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -140,7 +140,7 @@ def test_train_flags_reach_the_config_and_foreign_method_options_are_refused(tmp
     assert cfg.method_config().lora_r == 4 and cfg.method_config().freeze_layers == 1
     code = main(["train", "--task", "sts", "--method", "full", "--train", "t.jsonl", "--output",
                  str(tmp_path / "o"), "--prompt-tokens", "4"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert code == 2 and err == [
         "semvec: error: method option(s) prompt_tokens (--prompt-tokens) do not apply to method full"]
 
@@ -175,7 +175,7 @@ def test_training_that_asks_for_more_than_this_machine_has_is_refused_before_ray
                            ([f"--workers={gpus + 1}", "--use-gpu", "--cpus-per-worker=1"],
                             f"{gpus + 1} GPU(s) but this machine has {gpus}")):
         code = main([*base, *extra])
-        err = capsys.readouterr().err.strip().splitlines()
+        err = own_lines(capsys.readouterr().err)
         assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -184,7 +184,7 @@ def test_the_old_override_syntax_says_what_replaced_it(capsys):
     for argv in (["embed", "a", "b", "--set", "max_workers=8"], ["train", "--option", "lora_r=16"]):
         with pytest.raises(SystemExit) as done:
             main(argv)
-        err = capsys.readouterr().err.strip().splitlines()
+        err = own_lines(capsys.readouterr().err)
         assert done.value.code == 2 and len(err) == 1
         assert "--set max_workers=8 is --max-workers 8, --option lora_r=16 is --lora-r 16" in err[0]
 
@@ -250,7 +250,7 @@ def test_training_settings_that_fail_only_in_the_workers_are_refused_before_ray(
     ]
     for extra, message in cases:
         code = main([*base, *extra])
-        err = capsys.readouterr().err.strip().splitlines()
+        err = own_lines(capsys.readouterr().err)
         assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -279,7 +279,7 @@ def test_registry_commands_refuse_before_touching_a_store(tmp_path, capsys, tiny
     ]
     for argv, message in cases:
         code = main(argv)
-        err = capsys.readouterr().err.strip().splitlines()
+        err = own_lines(capsys.readouterr().err)
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]  # no mlflow.db, no mlartifacts
     with socket.socket() as s:  # a port nothing listens on
@@ -289,7 +289,7 @@ def test_registry_commands_refuse_before_touching_a_store(tmp_path, capsys, tiny
     tracking._reached.clear()
     t0 = time.monotonic()
     code = main(["rollback", "semvec-sts"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert code == 2 and len(err) == 1, err
     assert (f"the MLflow tracking server at http://127.0.0.1:{port} does not answer "
             "(ConnectionRefusedError") in err[0]

@@ -12,6 +12,10 @@ writes parquet. ratio = reference seconds / semvec seconds (> 1: semvec is faste
 its vectors are compared row by row with the reference's (least cosine). This machine's speed
 drifts by 10% and more within minutes, so --rounds N runs the reference (at its best batch size)
 and every semvec run N times, interleaved; each round gives a ratio, and the median is reported.
+
+--st-onnx-int8 PYTHON adds sentence-transformers' ONNX int8 backend to every round, timed the same
+way as the float32 reference (benchmarks/st_onnx_int8.py, run by that interpreter: the backend
+needs an environment of its own), and each semvec run's ratio to it.
 """
 
 from __future__ import annotations
@@ -75,13 +79,16 @@ class SentenceTransformersReference:
         return round(time.perf_counter() - t, 2), vectors
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
 def least_cosine(output: Path, reference: np.ndarray) -> float:
     from semvec.evaluate import load_vectors
 
     stored = load_vectors(str(output))
     got = np.stack([stored[str(i)] for i in range(len(reference))])
-    cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
-    return float(cosine.min())
+    return float(cosines(got, reference).min())
 
 
 def time_semvec(corpus: Path, out: Path, extra: list[str]) -> tuple[float, dict]:
@@ -96,6 +103,33 @@ def time_semvec(corpus: Path, out: Path, extra: list[str]) -> tuple[float, dict]
     return round(seconds, 2), json.loads(result.stdout.strip().splitlines()[-1])
 
 
+class OnnxInt8Reference:
+    """sentence-transformers' ONNX int8 backend in its own environment (st_onnx_int8.py): each call
+    is a fresh process that loads the quantised graph (exported once into `cache`) and times one
+    encode pass per batch size."""
+
+    def __init__(self, python: str, texts: list[str], cache: Path):
+        from semvec.models import resolve_model
+
+        self.python, self.cache = python, cache
+        self.texts = cache / "texts.json"
+        cache.mkdir(parents=True, exist_ok=True)
+        self.texts.write_text(json.dumps(texts), encoding="utf-8")
+        self.model = str(resolve_model("bundled"))
+
+    def time(self, batch_sizes: list[int]) -> tuple[dict[int, float], Path]:
+        cmd = [self.python, str(REPO / "benchmarks" / "st_onnx_int8.py"), "--model", self.model,
+               "--texts", str(self.texts), "--batch-sizes", ",".join(map(str, batch_sizes)),
+               "--out", str(self.cache)]
+        result = subprocess.run(cmd, capture_output=True, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if result.returncode != 0:
+            sys.exit(f"sentence-transformers ONNX int8 failed:\n{result.stderr[-3000:]}")
+        printed = json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
+        seconds = {int(k): v for k, v in printed.items()}
+        return seconds, self.cache / f"vectors-{min(seconds, key=seconds.get)}.npy"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000)
@@ -105,6 +139,8 @@ def main() -> None:
                     help="flags for one semvec embed run; repeat for more runs (default: one, no flags)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved repeats; the median ratio is kept")
     ap.add_argument("--out", help="append the JSON result to this file")
+    ap.add_argument("--st-onnx-int8", metavar="PYTHON",
+                    help="also time sentence-transformers' ONNX int8 backend with this interpreter")
     args = ap.parse_args()
 
     texts = mixed_corpus(args.rows)
@@ -118,12 +154,24 @@ def main() -> None:
     st_rounds = [st_first[best_bs]]
     semvec_rounds: list[list[float]] = [[] for _ in runs]
     least: list[float] = [1.0 for _ in runs]
+    onnx_rounds: list[float] = []
+    onnx = {}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "mixed.jsonl"
         corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+        if args.st_onnx_int8:
+            int8 = OnnxInt8Reference(args.st_onnx_int8, texts, Path(tmp) / "onnx-int8")
+            first, path = int8.time([int(b) for b in args.st_batch_sizes.split(",")])
+            onnx_bs = min(first, key=first.get)
+            onnx_rounds.append(first[onnx_bs])
+            least_int8 = cosines(np.load(path), vectors)
+            onnx = {"st_onnx_int8_first_pass_s": first, "st_onnx_int8_best_batch": onnx_bs,
+                    "st_onnx_int8_least_cosine_to_st": round(float(least_int8.min()), 7)}
         for r in range(args.rounds):
             if r:
                 st_rounds.append(reference.time(texts, best_bs)[0])
+                if args.st_onnx_int8:
+                    onnx_rounds.append(int8.time([onnx_bs])[0][onnx_bs])
             for n, extra in enumerate(runs):
                 out = Path(tmp) / f"out-{n}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -131,8 +179,9 @@ def main() -> None:
                 assert summary["embedded"] == args.rows, summary
                 semvec_rounds[n].append(seconds)
                 least[n] = min(least[n], least_cosine(out, vectors))
-                print(f"round {r + 1}: sentence-transformers {st_rounds[-1]} s, semvec [{extra}] {seconds} s",
-                      flush=True)
+                print(f"round {r + 1}: sentence-transformers {st_rounds[-1]} s"
+                      + (f", its ONNX int8 {onnx_rounds[-1]} s" if onnx_rounds else "")
+                      + f", semvec [{extra}] {seconds} s", flush=True)
     for n, extra in enumerate(runs):
         ratios = [round(a / b, 3) for a, b in zip(st_rounds, semvec_rounds[n], strict=True)]
         result = {
@@ -142,6 +191,12 @@ def main() -> None:
             "ratios": ratios, "ratio": statistics.median(ratios),
             "least_cosine_to_st": round(least[n], 7),
         }
+        if onnx_rounds:
+            int8_ratios = [round(a / b, 3) for a, b in zip(onnx_rounds, semvec_rounds[n], strict=True)]
+            result.update(onnx, st_onnx_int8_s=onnx_rounds, ratios_to_st_onnx_int8=int8_ratios,
+                          ratio_to_st_onnx_int8=statistics.median(int8_ratios),
+                          st_onnx_int8_vs_st=statistics.median(
+                              round(a / b, 3) for a, b in zip(st_rounds, onnx_rounds, strict=True)))
         print(json.dumps(result, indent=2), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -381,6 +381,16 @@ def _parse_enum_fields(self) -> None:
             setattr(self, name, parse_enum(kinds[0], name.replace("_", " "), getattr(self, name)))
 
 
+def floats_as_floats(config: Any) -> None:
+    """A whole number given for a float setting (YAML's `1` for --l2sp's 1.0) becomes a float, so
+    the config, what records it (MLflow params, manifests) and hashes of it read the same however
+    it was written. Runs after validation, which takes either."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name, None)
+        if float in (hint, *typing.get_args(hint)) and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, name, float(value))
+
+
 def nested_settings(cls: type, what: str, value: Any):
     """A mapping (from YAML or a flag) -> an instance of a settings_of class, or a one-line
     ConfigError naming the unknown, job-set or missing settings."""

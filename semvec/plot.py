@@ -62,7 +62,7 @@ def plot(s: PlotSettings) -> dict:
     xy = reducer(unit(vectors), s.seed)
     png = _draw(xy, values, s, source.rows)
     crashpoints.arm()
-    storage.write_atomic(storage.filesystem(s.output), storage.strip(s.output), png)
+    storage.put_atomic(s.output, png)
     return {"vectors": storage.display(s.vectors), "points": len(ids), "of": source.rows,
             "method": s.method, "color_by": s.color_by,
             "values": len(set(values)) if values is not None else 0,

@@ -208,6 +208,11 @@ def check_apart(source: str, output: str, what: str, source_what: str = "the vec
 TEMP_MARK = ".tmp-"  # a local write in progress: `<path>.tmp-<uuid>`, renamed into place when whole
 
 
+def put_atomic(uri: str, data: bytes) -> None:
+    """write_atomic to a local path or s3:// URI."""
+    write_atomic(filesystem(uri), strip(uri), data)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole object so that readers see all of it or nothing.
 

@@ -155,6 +155,26 @@ def test_yaml_config_and_overrides(tmp_path):
         load_embed_config(cfg)
 
 
+def test_a_whole_number_for_a_float_setting_is_the_same_setting(tmp_path):
+    """YAML's `l2sp: 1` and the flag's 1.0 make one config: its params in MLflow and the hash that
+    decides whether a rerun resumes a run's checkpoints read the same."""
+    from semvec.train.config import load_train_config
+    from semvec.train.job import settings_hash
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("task: sts\nmethod: lora\ntrain: t.jsonl\noutput: o\nl2sp: 1\nlr: 1\n"
+                   "method_options: {lora_dropout: 0}\n")
+    from_yaml = load_train_config(cfg)
+    from_flags = load_train_config(None, task="sts", method="lora", train="t.jsonl", output="o", l2sp=1.0,
+                                   lr=1.0, method_options={"lora_dropout": 0.0})
+    assert from_yaml.to_dict() == from_flags.to_dict()
+    assert type(from_yaml.l2sp) is float and type(from_yaml.method_options["lora_dropout"]) is float
+    assert from_yaml.seed == 42 and type(from_yaml.seed) is int  # int settings stay ints
+    p = {"fingerprint": "f", "dev_corpus": None, "replay_digest": None}
+    assert settings_hash(from_yaml, p, [], []) == settings_hash(from_flags, p, [], [])
+    assert settings_hash(from_yaml, p, [], []) != settings_hash(load_train_config(cfg, l2sp=2), p, [], [])
+
+
 def test_pipeline_entry_point_reports_bad_config(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"input: {tmp_path}/missing.jsonl\noutput: {tmp_path}/out\n")

@@ -198,3 +198,14 @@ def test_qrels_without_a_header_line_say_so(tmp_path):
     with pytest.raises(ConfigError, match=r"bare.tsv: its first line, the header, has no 'query-id' column "
                                           r"\(it reads \['q1', 'd1', '1'\]\); BEIR qrels begin with"):
         read_beir(files[0], files[1], str(tmp_path / "bare.tsv"))
+
+
+@pytest.mark.parametrize("kind", ["sts", "retrieval", "classification"])
+def test_the_data_is_read_before_the_model_loads(tmp_path, kind):
+    """A missing data file is said at once, not after seconds of loading a model: here the model
+    does not exist, and the error is still about the data."""
+    missing = str(tmp_path / "missing.jsonl")
+    files = {"data": missing} if kind != "retrieval" else {"corpus": missing, "queries": missing,
+                                                            "qrels": missing}
+    with pytest.raises(ConfigError, match=r"missing.jsonl'? does not exist"):
+        evaluate.evaluate(kind, model=str(tmp_path / "no-model"), **files)

@@ -337,7 +337,8 @@ def test_a_dev_of_one_score_is_refused_before_training(tmp_path, tiny_models):
 def test_checkpoints_of_a_name_are_resumed_replaced_or_kept_by_what_made_them(tmp_path):
     """Same settings and data: resumed. A finished run's, or a run stopped before its first
     checkpoint: replaced. An unfinished run's of other settings: refused and kept (a typo in --lr
-    must not cost hours of training), unless the caller restarts such runs itself (retraining)."""
+    must not cost hours of training), unless the caller restarts such runs itself (retraining).
+    The record is written afresh: an earlier note of why training stopped goes."""
     from semvec.train.job import RUN_RECORD, _keep_or_clear_checkpoints, _record_run
 
     run = tmp_path / "out-checkpoints" / "r"
@@ -347,8 +348,14 @@ def test_checkpoints_of_a_name_are_resumed_replaced_or_kept_by_what_made_them(tm
         _record_run(str(run), settings, finished)
 
     earlier("a", finished=False)
+    _record_run(str(run), "a", False, stopped={"reason": "nan_loss", "step": 3})  # rank 0's note
     _keep_or_clear_checkpoints(str(run), "a", "r", restart_changed=False)
-    assert (run / "checkpoint_1").is_dir()  # resumed
+    assert (run / "checkpoint_1").is_dir()  # resumed, without the earlier run's note of its stop
+    assert json.loads((run / RUN_RECORD).read_text()) == {"settings": "a", "finished": False}
+    earlier("a", finished=True)
+    _keep_or_clear_checkpoints(str(run), "a", "r", restart_changed=False)
+    assert json.loads((run / RUN_RECORD).read_text()) == {"settings": "a", "finished": True}
+    earlier("a", finished=False)
     with pytest.raises(ConfigError, match=r"checkpoints of an unfinished run named 'r' .* were made with "
                                           r"other settings or data: rerun with the same ones to resume it"):
         _keep_or_clear_checkpoints(str(run), "b", "r", restart_changed=False)

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from semvec.datasets import Task
 from semvec.errors import JobFailed
 from semvec.train.config import load_train_config
-from semvec.train.job import fit
+from semvec.train.job import RUN_RECORD, fit
 from tests.conftest import processes_named
 from tests.test_train import make_task_data
 
@@ -143,7 +143,7 @@ def test_a_crash_after_the_stop_note_then_rerun(ray_local, tiny_models, tmp_path
     crashed = subprocess.run(cmd, cwd=tmp_path, start_new_session=True, capture_output=True, text=True,
                              timeout=600, env=env)
     assert crashed.returncode == -9, crashed.stderr[-2000:]
-    note = json.loads((tmp_path / "model-checkpoints" / "diverges" / "stopped.json").read_text())
+    note = json.loads((tmp_path / "model-checkpoints" / "diverges" / RUN_RECORD).read_text())["stopped"]
     assert note["reason"] == "nan_loss"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)

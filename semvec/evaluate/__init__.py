@@ -106,5 +106,4 @@ def _need(value: str | None, name: str, kind: Kind) -> str:
 def write_report(result: dict, uri: str) -> None:
     """The result as JSON at uri (local or s3://), written whole."""
     crashpoints.arm()
-    storage.write_atomic(storage.filesystem(uri), storage.strip(uri),
-                         (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    storage.put_atomic(uri, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())

@@ -14,10 +14,10 @@ def evaluate_labelled(ref: str, data: str, task: Task | str) -> dict:
     (any layout semvec.datasets reads). Labels the model does not know are an error, not a silent
     miss."""
     task = Task(task)
+    examples = load_examples(task, data)  # read (and checked) before the model loads
     model, collate, card = load_task_model(models.resolve_model(ref), ref)
     if model.task != task:
         raise ConfigError(f"model {ref!r} was trained for {model.task.value}, not {task.value}")
-    examples = load_examples(task, data)
     unknown = sorted({lab for e in examples for lab in ([e["label"]] if task == Task.CLASSIFICATION
                                                          else e.get("tags", []))} - set(card.labels))
     if unknown:

@@ -21,11 +21,19 @@ DocIndex = Callable[[list[str]], Search]  # doc ids -> a search over those docs,
 
 
 def model_embedder(ref: str, batch_tokens: int | None = None) -> Embed:
-    from semvec.encode import Encoder
-    from semvec.models import resolve_model
+    """Texts -> vectors by model ref. The model loads at the first call, so the data to score are
+    read (and a missing or malformed file reported) before seconds go to loading it."""
+    loaded = []
 
-    encoder = Encoder(resolve_model(ref), batch_tokens=batch_tokens)
-    return encoder.encode_texts
+    def embed(texts: list[str]) -> np.ndarray:
+        if not loaded:
+            from semvec.encode import Encoder
+            from semvec.models import resolve_model
+
+            loaded.append(Encoder(resolve_model(ref), batch_tokens=batch_tokens))
+        return loaded[0].encode_texts(texts)
+
+    return embed
 
 
 def load_vectors(prefix: str) -> dict[str, np.ndarray]:

@@ -65,8 +65,7 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
                                "version": summary["challenger_version"],
                                "decision": summary["decision"], "at": time.time()}
         _copy(f.uri, storage.join(cfg.state, "replay", f"{h[:16]}-{Path(f.relative).name}"))
-    storage.write_atomic(storage.filesystem(cfg.state), storage.strip(storage.join(cfg.state, STATE)),
-                         json.dumps(state, indent=2).encode())
+    storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode())
     try:  # the challenger lives in MLflow now; its folder and checkpoints go
         _clear_challengers(cfg)
     except Exception as exc:  # noqa: BLE001 - scratch space: the round is recorded, the backfill is due
@@ -241,8 +240,7 @@ def _current_is(cfg: RetrainConfig, version: str) -> bool:
 
 
 def point_current(root: str, output: str) -> None:
-    storage.write_atomic(storage.filesystem(root), storage.strip(storage.join(root, CURRENT)),
-                         (output.rstrip("/") + "\n").encode())
+    storage.put_atomic(storage.join(root, CURRENT), (output.rstrip("/") + "\n").encode())
 
 
 def rollback(name: str, backfill_root: str | None = None) -> dict:
@@ -287,7 +285,7 @@ def _content_hash(uri: str) -> str:
 
 def _copy(src: str, dst: str) -> None:
     data = storage.filesystem(src).cat_file(storage.strip(src))
-    storage.write_atomic(storage.filesystem(dst), storage.strip(dst), data)
+    storage.put_atomic(dst, data)
 
 
 def _merge(cfg: RetrainConfig, uris: list[str], out: Path) -> Path:

@@ -11,7 +11,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from semvec.config import load_settings, parse_enum, require_non_negative
+from semvec.config import floats_as_floats, load_settings, parse_enum, require_non_negative
 from semvec.datasets import Task
 from semvec.errors import ConfigError
 
@@ -68,6 +68,7 @@ class MethodConfig:
         if targets is not None and (not isinstance(targets, list) or not targets
                                     or not all(isinstance(t, str) and t for t in targets)):
             raise ConfigError(f"lora_targets must be a non-empty list of module names, got {targets!r}")
+        floats_as_floats(self)
 
 
 class Loss(str, Enum):
@@ -262,12 +263,14 @@ class TrainConfig:
         if unknown:
             allowed = ", ".join(f.name for f in fields(MethodConfig))
             raise ConfigError(f"unknown method option(s) {', '.join(sorted(unknown))}; allowed: {allowed}")
-        self.method_config()  # validates the options
+        options = self.method_config()  # validates the options
+        self.method_options = {k: getattr(options, k) for k in self.method_options}  # 0 -> 0.0 too
         foreign = sorted(k for k in self.method_options
                          if self.method not in MethodConfig.APPLIES.get(k, tuple(Method)))
         if foreign:
             raise ConfigError(f"method option(s) {', '.join(foreign)} do not apply to method "
                               f"{self.method.value}")
+        floats_as_floats(self)
 
     def continual_config(self) -> ContinualConfig:
         return ContinualConfig(l2sp=float(self.l2sp), ewc=float(self.ewc), distill=float(self.distill))

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -175,14 +174,13 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         storage_path = storage.strip(storage_path)
     cpus = _worker_cpus(cfg)
     dev_corpus = p.pop("dev_corpus")
-    stop_note = storage.join(_checkpoint_root(cfg), name, STOP_NOTE)
-    _remove(stop_note)  # an earlier run's, under the same name
     trainer = TorchTrainer(
         train_loop,
         # the examples go to the object store once, shared by the workers of a node, instead of
         # inside every worker's pickled config
         train_loop_config={"config": cfg.to_dict(), "plan": p, "examples": ray.put((train, dev, dev_corpus)),
-                           "tracker": tracker, "threads": cpus, "stop_note": stop_note,
+                           "tracker": tracker, "threads": cpus,
+                           "run_record": {"uri": storage.join(run_dir, RUN_RECORD), "settings": settings},
                            "verbose": log.isEnabledFor(logging.DEBUG)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
@@ -195,7 +193,7 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         ),
     )
     result = trainer.fit()
-    stopped = _read_note(stop_note)
+    stopped = _read_record(run_dir).get("stopped", {})
     nan = stopped.get("reason") == "nan_loss"
     best = _best(result, primary)
     if best is None:
@@ -217,7 +215,7 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         config = Path(d) / "train_config.json"
         config.write_text(json.dumps(cfg.to_dict(), indent=2))
         version = tracking.finish_run(tracker, out, {"report": report, "config": config}, register)
-    _record_run(run_dir, settings, finished=True)
+    _record_run(run_dir, settings, finished=True, stopped=stopped)
     return {"output": str(out), "run_id": tracker.run_id, "registered_version": version,
             "nan_loss": nan, "best": card.metrics, "trainable_parameters": card.trainable_parameters,
             "total_parameters": card.total_parameters}
@@ -237,14 +235,13 @@ def _worker_cpus(cfg: TrainConfig) -> int:
     return max(1, min(free // cfg.workers, largest))
 
 
-STOP_NOTE = "stopped.json"  # rank 0's note of why training stopped early (a loss not finite)
 RECORDED_PATHS = ("train", "dev", "dev_corpus", "replay", "output", "model")  # absolute in MLflow
-RUN_RECORD = "semvec-run.json"  # beside a run's checkpoints: the settings they were made with
+# Beside a run's checkpoints: the settings they were made with, whether the run finished, and
+# why training stopped early, when it did (rank 0's note: Ray Train keeps only reports with a
+# checkpoint).
+RUN_RECORD = "semvec-run.json"
 # What may change between an interrupted run and its resumption: how it runs, not what it learns.
 OPERATIONAL = ("name", "max_failures", "keep_checkpoints", "cpus_per_worker")
-
-
-FLOATS = {f.name: "float" in str(f.type) for f in dataclasses.fields(TrainConfig)}  # YAML's 1 is --l2sp's 1.0
 
 
 def settings_hash(cfg: TrainConfig, p: dict, train: list[dict], dev: list[dict]) -> str:
@@ -253,8 +250,7 @@ def settings_hash(cfg: TrainConfig, p: dict, train: list[dict], dev: list[dict])
     continues. By content, not path: a retraining round's data is merged into a new temporary
     file each time."""
     digest = hashlib.sha256()
-    settings = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) and FLOATS.get(k) else v
-                for k, v in cfg.to_dict().items() if k not in OPERATIONAL + RECORDED_PATHS}
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL + RECORDED_PATHS}
     settings["lr"] = cfg.learning_rate  # unset or the default given: the same run
     for part in (settings, p["fingerprint"], train, dev, p["dev_corpus"], p["replay_digest"]):
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
@@ -265,14 +261,12 @@ def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_c
     """Checkpoints under the run's name are resumed only when made with these settings and data.
     A finished run's (new data into the same output, say) are removed: this run starts afresh and
     replaces its model. An unfinished run of other settings that has checkpoints is refused, and
-    they are kept (unless restart_changed). The record of these settings is written before training."""
+    they are kept (unless restart_changed). The run's record is written afresh before training: an
+    earlier run's note of why it stopped goes; a finished run resumed stays finished."""
     fs, root = storage.filesystem(run_dir), storage.strip(run_dir)
-    record = f"{root}/{RUN_RECORD}"
     held = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
-    if held:
-        earlier = json.loads(fs.cat_file(record)) if fs.exists(record) else {}
-        if earlier.get("settings") == settings:
-            return
+    earlier = _read_record(run_dir) if held else {}
+    if held and earlier.get("settings") != settings:
         progress = any(n.startswith("checkpoint_") for n in held)  # a stop before the first has none
         if progress and not earlier.get("finished") and not restart_changed:
             raise ConfigError(f"the checkpoints of an unfinished run named {name!r} "
@@ -283,24 +277,18 @@ def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_c
                     "run has other settings or data", name,
                     "finished" if earlier.get("finished") else "unfinished")
         fs.rm(root, recursive=True)
-    _record_run(run_dir, settings, finished=False)
+    resumed_finished = earlier.get("settings") == settings and bool(earlier.get("finished"))
+    _record_run(run_dir, settings, finished=resumed_finished)
 
 
-def _record_run(run_dir: str, settings: str, finished: bool) -> None:
-    fs, root = storage.filesystem(run_dir), storage.strip(run_dir)
-    record = {"settings": settings, "finished": finished}
-    storage.write_atomic(fs, f"{root}/{RUN_RECORD}", json.dumps(record).encode())
+def _record_run(run_dir: str, settings: str, finished: bool, stopped: dict | None = None) -> None:
+    record = {"settings": settings, "finished": finished, **({"stopped": stopped} if stopped else {})}
+    storage.put_atomic(storage.join(run_dir, RUN_RECORD), json.dumps(record).encode())
 
 
-def _read_note(uri: str) -> dict:
-    fs, path = storage.filesystem(uri), storage.strip(uri)
+def _read_record(run_dir: str) -> dict:
+    fs, path = storage.filesystem(run_dir), storage.strip(storage.join(run_dir, RUN_RECORD))
     return json.loads(fs.cat_file(path)) if fs.exists(path) else {}
-
-
-def _remove(uri: str) -> None:
-    fs, path = storage.filesystem(uri), storage.strip(uri)
-    if fs.exists(path):
-        fs.rm(path)
 
 
 def _checkpoint_root(cfg: TrainConfig) -> str:

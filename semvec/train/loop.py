@@ -195,7 +195,7 @@ class Worker:
         self.plan = loop_config["plan"]
         self.train, self.dev, self.dev_corpus = session.examples(loop_config["examples"])
         self.tracker = loop_config.get("tracker")
-        self.stop_note = loop_config.get("stop_note")  # where rank 0 says why training stopped
+        self.run_record = loop_config.get("run_record")  # where rank 0 notes why training stopped
         self.session = session
         self.rank, self.world = session.rank, session.world
         random.seed(cfg.seed)
@@ -284,13 +284,13 @@ class Worker:
         return False
 
     def _note_stop(self, note: dict) -> None:
-        """Why training stopped, for the driver: Ray Train keeps only reports with a checkpoint.
-        A note that cannot be written costs the message only, never the run."""
-        if not self.stop_note:
+        """Why training stopped, for the driver, in the run's record: Ray Train keeps only reports
+        with a checkpoint. A note that cannot be written costs the message only, never the run."""
+        if not self.run_record:
             return
+        record = {"settings": self.run_record["settings"], "finished": False, "stopped": note}
         try:
-            storage.write_atomic(storage.filesystem(self.stop_note), storage.strip(self.stop_note),
-                                 json.dumps(note).encode())
+            storage.put_atomic(self.run_record["uri"], json.dumps(record).encode())
         except Exception as exc:  # noqa: BLE001 - the stop itself must stay clean
             say(f"semvec train: could not note why training stopped ({type(exc).__name__})")
 

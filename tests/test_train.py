@@ -1,6 +1,7 @@
 """Fine-tuning: the whole method x task matrix learns in process; a covering subset on Ray Train with
 2 CPU workers (gloo) learns, exports and tracks."""
 
+import dataclasses
 import json
 import random
 import shutil
@@ -177,7 +178,8 @@ def test_the_loop_ranks_a_dev_corpus_beside_the_dev_positives(tiny_models, tmp_p
 
 # On Ray Train with 2 workers (DDP), through export: a merged method, an adapter-style one whose
 # weights live beside the model, and full tuning with a token head.
-COVERING = [(Method.FULL, Task.NER), (Method.LORA, Task.STS), (Method.PROMPT, Task.CLASSIFICATION)]
+# with the MLflow test below (prompt tuning, classification): every method family under DDP once
+COVERING = [(Method.FULL, Task.NER), (Method.LORA, Task.STS)]
 
 
 @pytest.mark.parametrize("method, task", COVERING, ids=[f"{m.value}-{t.value}" for m, t in COVERING])
@@ -245,16 +247,19 @@ def _export_round_trips(out: Path, ray_local, tmp_path: Path) -> None:
 def test_mlflow_holds_params_metrics_model_and_registered_version(
     ray_local, tiny_models, tmp_path, mlflow_store, capsys
 ):
+    """Prompt tuning on classification, two workers: it learns, and MLflow holds its params,
+    metrics, report, model and registered version, which scores dev as its best checkpoint did."""
     from mlflow.tracking import MlflowClient
 
-    train, dev = make_task_data(Task.CLASSIFICATION, tmp_path)
-    summary = fit(load_train_config(None, task="classification", method="full", train=str(train),
-                                    dev=str(dev), output=str(tmp_path / "model"), lr=2e-4,
-                                    model=str(tiny_models["bert"]), epochs=3, workers=2),
-                  register="tiny-clf")
+    cfg = tiny_config(Task.CLASSIFICATION, Method.PROMPT, tmp_path, tiny_models, epochs=3)
+    before = _untrained_score(cfg, "dev_accuracy")
+    train, dev = Path(cfg.train), Path(cfg.dev)
+    summary = fit(cfg, register="tiny-clf")
+    assert summary["best"]["dev_accuracy"] > before, (before, summary["best"])
+    assert summary["trainable_parameters"] < summary["total_parameters"]
     client = MlflowClient(mlflow_store)
     run_ = client.get_run(summary["run_id"])
-    assert run_.data.params["method"] == "full" and run_.data.params["task"] == "classification"
+    assert run_.data.params["method"] == "prompt" and run_.data.params["task"] == "classification"
     assert "dev_accuracy" in run_.data.metrics and run_.info.status == "FINISHED"
     names = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"model", "report", "config"} <= names
@@ -293,9 +298,7 @@ def test_mlflow_holds_params_metrics_model_and_registered_version(
 
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     write_jsonl(tmp_path / "more.jsonl", rows + rows[:32])
-    again = fit(load_train_config(None, task="classification", method="full", train="more.jsonl",
-                                  dev=str(dev), output=str(tmp_path / "model"), lr=2e-4,
-                                  model=str(tiny_models["bert"]), epochs=1, workers=2))
+    again = fit(dataclasses.replace(cfg, train="more.jsonl", epochs=1))
     assert again["run_id"] != summary["run_id"]
     assert not client.get_metric_history(again["run_id"], "resumed_from_step")
     assert client.get_run(again["run_id"]).data.params["train"] == str(tmp_path / "more.jsonl")

@@ -302,6 +302,8 @@ def test_mlflow_holds_params_metrics_model_and_registered_version(
     assert again["run_id"] != summary["run_id"]
     assert not client.get_metric_history(again["run_id"], "resumed_from_step")
     assert client.get_run(again["run_id"]).data.params["train"] == str(tmp_path / "more.jsonl")
+    config = client.download_artifacts(again["run_id"], "config/train_config.json", str(tmp_path / "again"))
+    assert json.loads(Path(config).read_text())["train"] == str(tmp_path / "more.jsonl")
     assert max(m.value for m in client.get_metric_history(again["run_id"], "step")) == (160 + 32) // 2 // 16
     held = list((tmp_path / "model-checkpoints").iterdir())
     assert len(held) == 1 and json.loads((held[0] / RUN_RECORD).read_text())["finished"] is True

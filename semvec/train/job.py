@@ -213,7 +213,7 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         except Exception as exc:  # noqa: BLE001 - the pictures never cost the model its run
             log.warning("the run's report folder is incomplete: %s", redact(f"{type(exc).__name__}: {exc}"))
         config = Path(d) / "train_config.json"
-        config.write_text(json.dumps(cfg.to_dict(), indent=2))
+        config.write_text(json.dumps({**cfg.to_dict(), **paths}, indent=2))  # as the params: absolute
         version = tracking.finish_run(tracker, out, {"report": report, "config": config}, register)
     _record_run(run_dir, settings, finished=True, stopped=stopped)
     return {"output": str(out), "run_id": tracker.run_id, "registered_version": version,

@@ -1,7 +1,8 @@
 """sentence-transformers' ONNX int8 backend, timed the way benchmarks/throughput.py times its float32
 reference: model loaded and warmed first, then one `encode` pass over the texts, nothing written.
 
-    PYTHON benchmarks/st_onnx_int8.py --model DIR --texts FILE.json --batch-sizes 16,32 --out DIR
+    PYTHON benchmarks/st_onnx_int8.py --model DIR --texts FILE.json --batch-sizes 16,32 --out DIR \
+        [--threads N]
 
 Run by throughput.py (--st-onnx-int8 PYTHON) in an environment of its own: the backend needs
 optimum-onnx, which today wants transformers 4 (semvec runs transformers 5), e.g.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +30,8 @@ import numpy as np
 QUANTISED = "onnx/model_qint8_avx512_vnni.onnx"
 
 
-def quantised_model(model: Path, cache: Path):
+def quantised_model(model: Path, cache: Path, threads: int):
+    import onnxruntime
     from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
 
     copy = cache / "model"
@@ -38,8 +41,10 @@ def quantised_model(model: Path, cache: Path):
         onnx = SentenceTransformer(str(copy), device="cpu", backend="onnx")  # exports onnx/model.onnx
         onnx.save_pretrained(str(copy))
         export_dynamic_quantized_onnx_model(onnx, "avx512_vnni", str(copy))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads  # as many as the float32 reference's torch threads
     return SentenceTransformer(str(copy), device="cpu", backend="onnx",
-                               model_kwargs={"file_name": QUANTISED})
+                               model_kwargs={"file_name": QUANTISED, "session_options": options})
 
 
 def main() -> None:
@@ -48,11 +53,12 @@ def main() -> None:
     ap.add_argument("--texts", required=True, type=Path, help="a JSON list of strings")
     ap.add_argument("--batch-sizes", default="16,32")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
 
     texts = json.loads(args.texts.read_text(encoding="utf-8"))
     args.out.mkdir(parents=True, exist_ok=True)
-    model = quantised_model(args.model, args.out)
+    model = quantised_model(args.model, args.out, args.threads)
     seconds = {}
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         model.encode(texts[:64], batch_size=16)  # warm-up

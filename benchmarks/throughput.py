@@ -108,10 +108,10 @@ class OnnxInt8Reference:
     is a fresh process that loads the quantised graph (exported once into `cache`) and times one
     encode pass per batch size."""
 
-    def __init__(self, python: str, texts: list[str], cache: Path):
+    def __init__(self, python: str, texts: list[str], cache: Path, threads: int):
         from semvec.models import resolve_model
 
-        self.python, self.cache = python, cache
+        self.python, self.cache, self.threads = python, cache, threads
         self.texts = cache / "texts.json"
         cache.mkdir(parents=True, exist_ok=True)
         self.texts.write_text(json.dumps(texts), encoding="utf-8")
@@ -120,7 +120,7 @@ class OnnxInt8Reference:
     def time(self, batch_sizes: list[int]) -> tuple[dict[int, float], Path]:
         cmd = [self.python, str(REPO / "benchmarks" / "st_onnx_int8.py"), "--model", self.model,
                "--texts", str(self.texts), "--batch-sizes", ",".join(map(str, batch_sizes)),
-               "--out", str(self.cache)]
+               "--out", str(self.cache), "--threads", str(self.threads)]
         result = subprocess.run(cmd, capture_output=True, text=True,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if result.returncode != 0:
@@ -160,7 +160,7 @@ def main() -> None:
         corpus = Path(tmp) / "mixed.jsonl"
         corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
         if args.st_onnx_int8:
-            int8 = OnnxInt8Reference(args.st_onnx_int8, texts, Path(tmp) / "onnx-int8")
+            int8 = OnnxInt8Reference(args.st_onnx_int8, texts, Path(tmp) / "onnx-int8", args.threads)
             first, path = int8.time([int(b) for b in args.st_batch_sizes.split(",")])
             onnx_bs = min(first, key=first.get)
             onnx_rounds.append(first[onnx_bs])

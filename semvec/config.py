@@ -383,12 +383,15 @@ def _parse_enum_fields(self) -> None:
 
 def floats_as_floats(config: Any) -> None:
     """A whole number given for a float setting (YAML's `1` for --l2sp's 1.0) becomes a float, so
-    the config, what records it (MLflow params, manifests) and hashes of it read the same however
-    it was written. Runs after validation, which takes either."""
+    the config, what records it (MLflow params) and hashes of it read the same however it was
+    written. Runs after validation, which takes either."""
     for name, hint in typing.get_type_hints(type(config)).items():
         value = getattr(config, name, None)
         if float in (hint, *typing.get_args(hint)) and isinstance(value, int) and not isinstance(value, bool):
-            setattr(config, name, float(value))
+            try:
+                setattr(config, name, float(value))
+            except OverflowError:
+                raise ConfigError(f"{name} is too large a number, got {value}") from None
 
 
 def nested_settings(cls: type, what: str, value: Any):

@@ -158,7 +158,7 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     name = _run_name(cfg)
     settings = settings_hash(cfg, p, train, dev)
     run_dir = storage.join(_checkpoint_root(cfg), name)
-    _keep_or_clear_checkpoints(run_dir, settings, name, restart_changed)
+    record = _keep_or_clear_checkpoints(run_dir, settings, name, restart_changed)
     paths = {k: models.recorded(v) for k in RECORDED_PATHS if isinstance(v := getattr(cfg, k), str)}
     params = {**cfg.to_dict(), **paths, "base_fingerprint": p["fingerprint"], "train_examples": len(train),
               "dev_examples": len(dev), "dev_corpus_documents": len(p["dev_corpus"])}
@@ -180,7 +180,7 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
         # inside every worker's pickled config
         train_loop_config={"config": cfg.to_dict(), "plan": p, "examples": ray.put((train, dev, dev_corpus)),
                            "tracker": tracker, "threads": cpus,
-                           "run_record": {"uri": storage.join(run_dir, RUN_RECORD), "settings": settings},
+                           "run_record": {"uri": storage.join(run_dir, RUN_RECORD), "record": record},
                            "verbose": log.isEnabledFor(logging.DEBUG)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
@@ -257,12 +257,12 @@ def settings_hash(cfg: TrainConfig, p: dict, train: list[dict], dev: list[dict])
     return digest.hexdigest()[:20]
 
 
-def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_changed: bool) -> None:
+def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_changed: bool) -> dict:
     """Checkpoints under the run's name are resumed only when made with these settings and data.
     A finished run's (new data into the same output, say) are removed: this run starts afresh and
     replaces its model. An unfinished run of other settings that has checkpoints is refused, and
     they are kept (unless restart_changed). The run's record is written afresh before training: an
-    earlier run's note of why it stopped goes; a finished run resumed stays finished."""
+    earlier run's note of why it stopped goes; a finished run resumed stays finished. Returns it."""
     fs, root = storage.filesystem(run_dir), storage.strip(run_dir)
     held = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
     earlier = _read_record(run_dir) if held else {}
@@ -278,12 +278,13 @@ def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_c
                     "finished" if earlier.get("finished") else "unfinished")
         fs.rm(root, recursive=True)
     resumed_finished = earlier.get("settings") == settings and bool(earlier.get("finished"))
-    _record_run(run_dir, settings, finished=resumed_finished)
+    return _record_run(run_dir, settings, finished=resumed_finished)
 
 
-def _record_run(run_dir: str, settings: str, finished: bool, stopped: dict | None = None) -> None:
+def _record_run(run_dir: str, settings: str, finished: bool, stopped: dict | None = None) -> dict:
     record = {"settings": settings, "finished": finished, **({"stopped": stopped} if stopped else {})}
     storage.put_atomic(storage.join(run_dir, RUN_RECORD), json.dumps(record).encode())
+    return record
 
 
 def _read_record(run_dir: str) -> dict:

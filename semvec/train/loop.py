@@ -288,7 +288,7 @@ class Worker:
         with a checkpoint. A note that cannot be written costs the message only, never the run."""
         if not self.run_record:
             return
-        record = {"settings": self.run_record["settings"], "finished": False, "stopped": note}
+        record = {**self.run_record["record"], "stopped": note}  # the driver's, with the note
         try:
             storage.put_atomic(self.run_record["uri"], json.dumps(record).encode())
         except Exception as exc:  # noqa: BLE001 - the stop itself must stay clean

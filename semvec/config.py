@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -290,13 +291,28 @@ def _require_positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+class _SettingsLoader(yaml.SafeLoader):
+    """YAML as people write settings: `lr: 2e-5` and `1e3` are numbers. PyYAML follows YAML 1.1,
+    where a float needs a dot and a signed exponent, so those were strings (and `lr` refused)."""
+
+
+_SettingsLoader.add_implicit_resolver(  # after SafeLoader's own: ints and dotted floats stay theirs
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text (a config file, a flag's value) as settings: safe, with exponent numbers."""
+    return yaml.load(text, Loader=_SettingsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml_settings(path: Path) -> dict[str, Any]:
     """The mapping of settings in a YAML config file, or a one-line ConfigError naming the file
     and, for a YAML that does not parse, the problem and its line."""
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = load_yaml(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read ({type(exc).__name__})") from None
     except UnicodeDecodeError as exc:

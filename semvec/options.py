@@ -19,10 +19,12 @@ from typing import Any
 
 import yaml
 
+from semvec.config import load_yaml
+
 
 def _yaml(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a YAML value") from None
 

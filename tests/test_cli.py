@@ -175,6 +175,24 @@ def test_a_whole_number_for_a_float_setting_is_the_same_setting(tmp_path):
     assert settings_hash(from_yaml, p, [], []) != settings_hash(load_train_config(cfg, l2sp=2), p, [], [])
 
 
+def test_a_yaml_number_with_an_exponent_is_a_number(tmp_path):
+    """`lr: 2e-5` in a config file, as people write a learning rate: PyYAML (YAML 1.1) read it as
+    the string '2e-5' and the config refused it. Ints, dotted floats and words stay as they were."""
+    from semvec.cli import build_parser
+    from semvec.config import load_yaml
+    from semvec.train.config import load_train_config
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("task: sts\nmethod: full\ntrain: t.jsonl\noutput: o\nlr: 2e-5\nwarmup_ratio: 1E-1\n")
+    loaded = load_train_config(cfg)
+    assert loaded.lr == 2e-5 and loaded.warmup_ratio == 0.1
+    assert load_yaml("{a: 42, b: 1.5, c: 1e3, d: -.5e-3, e: 2e, f: 1_000, g: e5}") == {
+        "a": 42, "b": 1.5, "c": 1000.0, "d": -0.0005, "e": "2e", "f": 1000, "g": "e5"}
+    # a mapping given as a flag's YAML value reads the same way
+    args = build_parser().parse_args(["retrain", "--config", "r.yaml", "--train", "{lr: 3e-4, epochs: 2}"])
+    assert args.train == {"lr": 3e-4, "epochs": 2}
+
+
 def test_pipeline_entry_point_reports_bad_config(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"input: {tmp_path}/missing.jsonl\noutput: {tmp_path}/out\n")

@@ -9,7 +9,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
+import types
 import typing
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -356,6 +358,7 @@ def load_settings(cls: type, path: str | Path | None, required: tuple[str, ...],
     for name in required:
         if name not in data:
             raise ConfigError(f"missing required setting {name!r}")
+    texts_are_text(cls, data, "")
     try:
         return cls(**data)
     except TypeError as exc:  # a wrong type that the dataclass itself rejects
@@ -428,7 +431,20 @@ def nested_settings(cls: type, what: str, value: Any):
     missing = [f.name for f in fields(cls) if f.name not in value and _required(f)]
     if missing:
         raise ConfigError(f"{what} needs {missing}")
+    texts_are_text(cls, value, f"{what} ")
     return cls(**value)
+
+
+def texts_are_text(cls: type, data: dict[str, Any], what: str) -> None:
+    """A text setting given a number in YAML (`name: 2024`, `name: 1e3`, which YAML reads as 1000.0)
+    is a one-line error asking for quotes, not a run named "1000.0" or a crash inside the job."""
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        hint = hints.get(name)
+        text = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                               and str in typing.get_args(hint))
+        if text and value is not None and not isinstance(value, (str, Enum, os.PathLike)):
+            raise ConfigError(f"{what}{name} must be text, got {value!r}; in YAML, quote it: {name}: '...'")
 
 
 def plain_settings(value: Any) -> Any:

@@ -193,6 +193,25 @@ def test_a_yaml_number_with_an_exponent_is_a_number(tmp_path):
     assert args.train == {"lr": 3e-4, "epochs": 2}
 
 
+
+def test_a_number_for_a_text_setting_asks_for_quotes(tmp_path):
+    """YAML reads `name: 1e3` as 1000.0 and `name: 2024` as an int: a run would be named "1000.0",
+    or a job would fail inside on a number. Either is a one-line error before work; quoted, text."""
+    from semvec.train.config import load_train_config
+
+    cfg = tmp_path / "train.yaml"
+    for value, shown in (("1e3", "1000.0"), ("2024", "2024")):
+        cfg.write_text(f"task: sts\nmethod: full\ntrain: t.jsonl\noutput: o\nname: {value}\n")
+        with pytest.raises(ConfigError, match=rf"^name must be text, got {shown}; in YAML, quote it"):
+            load_train_config(cfg)
+    cfg.write_text("task: sts\nmethod: full\ntrain: t.jsonl\noutput: o\nname: '1e3'\n")
+    assert load_train_config(cfg).name == "1e3"
+    embed = tmp_path / "embed.yaml"
+    embed.write_text("input: in.jsonl\noutput: 2024\n")
+    with pytest.raises(ConfigError, match="^output must be text, got 2024"):
+        load_embed_config(embed)
+    assert load_embed_config(input="in.jsonl", output="o").output == "o"
+
 def test_pipeline_entry_point_reports_bad_config(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"input: {tmp_path}/missing.jsonl\noutput: {tmp_path}/out\n")

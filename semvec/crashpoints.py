@@ -5,7 +5,8 @@ lease write, and the lease's release) calls `wrote()`. The count is kept across 
 the job (driver and Ray workers) in a counter file, so N names one moment of the whole job, and the
 process that makes the N-th write kills the driver's session (the driver, a local Ray and all its
 workers), and itself: no clean-up runs anywhere, as after a power cut. Linux only, like the tests.
-Unset (the default), `wrote()` does nothing.
+Unset (the default), `wrote()` does nothing. SEMVEC_CRASH_ONLY=TEXT counts only the writes whose
+description holds TEXT (a retraining round's own writes, say, not those of the training inside it).
 
 The driver calls `arm()` before Ray starts; it fixes the counter file and the driver's pid in the
 environment, and `worker_env()` hands them to Ray workers (through the job's runtime_env).
@@ -19,6 +20,7 @@ import signal
 import tempfile
 
 CRASH_AT = "SEMVEC_CRASH_AT"
+ONLY = "SEMVEC_CRASH_ONLY"
 COUNTER = "SEMVEC_CRASH_COUNTER"
 DRIVER = "SEMVEC_CRASH_DRIVER_PID"
 
@@ -40,12 +42,14 @@ def arm() -> None:
 
 def worker_env() -> dict[str, str]:
     """The variables a Ray worker needs to count and crash with the driver (empty when unset)."""
-    return {k: os.environ[k] for k in (CRASH_AT, COUNTER, DRIVER) if os.environ.get(k)}
+    return {k: os.environ[k] for k in (CRASH_AT, ONLY, COUNTER, DRIVER) if os.environ.get(k)}
 
 
 def wrote(what: str = "") -> None:
     """Count one durable write; the N-th one kills the whole job."""
     if not armed() or not os.environ.get(COUNTER):  # set, but this job never armed: no crash point
+        return
+    if os.environ.get(ONLY) and os.environ[ONLY] not in what:
         return
     at = int(os.environ[CRASH_AT])
     with open(os.environ[COUNTER], "a+") as f:

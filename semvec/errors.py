@@ -13,7 +13,8 @@ def choice_error(what: str, value: object, allowed) -> ConfigError:
 
 
 class OutputMismatch(ConfigError):
-    """The output prefix holds a backfill written with another model or config."""
+    """The output prefix holds a backfill written with another model or config, or parts whose
+    manifest is gone (an --overwrite cut short)."""
 
 
 class JobFailed(RuntimeError):

@@ -100,6 +100,7 @@ def register_model(ref: str, name: str, alias: str | None = None, experiment: st
     tracking.check_model_name(name)
     if alias is not None:
         tracking.check_alias(alias)
+    crashpoints.arm()
     model_dir = resolve_model(ref)
     run_id = tracking.log_model_dir(experiment, f"register-{name}", model_dir,
                                     {"model": recorded(ref), "fingerprint": fingerprint(model_dir)})
@@ -270,7 +271,8 @@ def check_output(output: str, replace: bool) -> None:
     output that holds the model it reads (storage.check_apart with holding)."""
     fs, root = storage.filesystem(output), storage.strip(output)
     try:
-        taken = fs.exists(root) and bool(fs.ls(root))
+        taken = fs.exists(root) and any(not p.rstrip("/").rsplit("/", 1)[-1].startswith(storage.PROBE_MARK)
+                                        for p in fs.ls(root, detail=False))  # a crash's probe is no model
     except Exception as exc:  # noqa: BLE001 - a store that cannot be listed cannot be written
         raise ConfigError(f"output {storage.display(output)!r} cannot be listed "
                           f"({type(exc).__name__})") from None

@@ -152,7 +152,7 @@ def check_writable(uri: str) -> None:
             raise ConfigError(f"output {display(uri)!r} {said}; an output is a folder (or s3:// "
                               "prefix) of its own")
         where = str(there)
-    probe = join(where, f"_probe-{uuid.uuid4().hex}")
+    probe = join(where, f"{PROBE_MARK}{uuid.uuid4().hex}")
     try:
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
@@ -206,17 +206,19 @@ def check_apart(source: str, output: str, what: str, source_what: str = "the vec
 
 
 TEMP_MARK = ".tmp-"  # a local write in progress: `<path>.tmp-<uuid>`, renamed into place when whole
+PROBE_MARK = "_probe-"  # check_writable's object: a crash may leave one; outputs ignore it
 
 
-def put_atomic(uri: str, data: bytes) -> None:
+def put_atomic(uri: str, data: bytes, what: str = "") -> None:
     """write_atomic to a local path or s3:// URI."""
-    write_atomic(filesystem(uri), strip(uri), data)
+    write_atomic(filesystem(uri), strip(uri), data, what)
 
 
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, what: str = "") -> None:
     """Write a whole object so that readers see all of it or nothing.
 
-    S3 PUTs are atomic already; on a local disk write a temporary file and rename it.
+    S3 PUTs are atomic already; on a local disk write a temporary file and rename it. `what`
+    describes the write to the crash points (the path when not given).
     """
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     if "s3" in protocols:
@@ -230,7 +232,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    crashpoints.wrote(path)
+    crashpoints.wrote(f"{what}: {path}" if what else path)
 
 
 class Prefix:

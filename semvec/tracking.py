@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from semvec import storage
+from semvec import crashpoints, storage
 from semvec.errors import ConfigError
 from semvec.redact import redact
 
@@ -227,8 +227,10 @@ SETTINGS_TAG = "semvec.settings"  # what a run's checkpoints depend on (semvec.t
 
 
 def start_run(experiment: str, run_name: str, params: dict, settings: str | None = None) -> Tracker:
-    """Reuse the unfinished run of the same name and settings (a resumed job keeps one run id);
-    else start one (an unfinished run of other settings is marked KILLED: it is not resumed)."""
+    """Reuse the latest run of the same name and settings, unfinished or finished (a resumed job
+    keeps one run id, and a rerun of a finished one, after a crash between its last steps, say,
+    makes no second run); else start one (an unfinished run of other settings is marked KILLED:
+    it is not resumed)."""
     mlflow = _mlflow()
     from mlflow.tracking import MlflowClient
 
@@ -239,11 +241,10 @@ def start_run(experiment: str, run_name: str, params: dict, settings: str | None
         experiment, artifact_location=_artifact_location(uri))
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
-    if found and found[0].info.status != "FINISHED":
-        if found[0].data.tags.get(SETTINGS_TAG) == settings:
-            return Tracker(uri, found[0].info.run_id)
-        if found[0].info.status == "RUNNING":
-            client.set_terminated(found[0].info.run_id, "KILLED")
+    if found and settings and found[0].data.tags.get(SETTINGS_TAG) == settings:
+        return Tracker(uri, found[0].info.run_id)
+    if found and found[0].info.status == "RUNNING":
+        client.set_terminated(found[0].info.run_id, "KILLED")
     tags = {RUN_NAME_TAG: run_name, **({SETTINGS_TAG: settings} if settings else {})}
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     client.log_batch(run.info.run_id, params=[
@@ -258,10 +259,11 @@ def finish_run(tracker: Tracker, model_dir: Path, artifacts: dict[str, Path], re
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracker.uri)
-    client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
-    for name, path in artifacts.items():  # a folder's files go under name/
-        log = client.log_artifacts if Path(path).is_dir() else client.log_artifact
-        log(tracker.run_id, str(path), artifact_path=name)
+    if client.get_run(tracker.run_id).info.status != "FINISHED":  # a finished run holds them all
+        client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
+        for name, path in artifacts.items():  # a folder's files go under name/
+            log = client.log_artifacts if Path(path).is_dir() else client.log_artifact
+            log(tracker.run_id, str(path), artifact_path=name)
     version = register_run_model(register, tracker.run_id) if register else None
     client.set_terminated(tracker.run_id, status)
     return version
@@ -357,14 +359,17 @@ def require_alias(name: str, alias: str) -> str:
 
 def set_alias(name: str, alias: str, version: str) -> None:
     _client().set_registered_model_alias(name, alias, version)
+    crashpoints.wrote(f"{name}@{alias} = v{version}")
 
 
 def delete_alias(name: str, alias: str) -> None:
     _client().delete_registered_model_alias(name, alias)
+    crashpoints.wrote(f"{name}@{alias} deleted")
 
 
 def tag_version(name: str, version: str, key: str, value: str) -> None:
     _client().set_model_version_tag(name, version, key, redact(value))
+    crashpoints.wrote(f"{name} v{version} tagged {key}")
 
 
 def _register(client, name: str, source: str, run_id: str | None, tags: dict) -> str:
@@ -388,27 +393,50 @@ def _create_model(client, name: str, lookup: BaseException) -> None:
 
 
 def register_run_model(name: str, run_id: str, tags: dict | None = None) -> str:
-    """A new version of NAME from the model directory logged by run_id (artifact path ``model``)."""
+    """The version of NAME from the model directory logged by run_id (artifact path ``model``):
+    made once. A rerun after a crash that came after the registration finds it (tags set again)."""
     client = _client()
+    tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
+    made = _version_of_run(client, name, run_id)
+    if made is not None:
+        for k, v in tags.items():
+            client.set_model_version_tag(name, made, k, v)
+        return made
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    return _register(client, name, source, run_id, {k: redact(str(v)) for k, v in (tags or {}).items()})
+    version = _register(client, name, source, run_id, tags)
+    crashpoints.wrote(f"registered {name} v{version}")
+    return version
+
+
+def _version_of_run(client, name: str, run_id: str) -> str | None:
+    """The first version of NAME registered from run_id, or None (no such model or version)."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except Exception as exc:  # noqa: BLE001 - no model of that name yet
+        _raise_unless_absent(client, name, exc)
+        return None
+    return str(min(int(v.version) for v in found)) if found else None
 
 
 def log_model_dir(experiment: str, run_name: str, model_dir: Path, params: dict) -> str:
     """A finished run holding model_dir as its ``model`` artifact; returns the run id."""
     tracker = start_run(experiment, run_name, params, settings=params.get("fingerprint"))
     client = _client()
-    client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
-    client.set_terminated(tracker.run_id, "FINISHED")
+    if client.get_run(tracker.run_id).info.status != "FINISHED":  # the same files, logged before
+        client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")
+        client.set_terminated(tracker.run_id, "FINISHED")
     return tracker.run_id
 
 
 def log_result(run_id: str, metrics: dict, tags: dict) -> None:
-    """Metrics (at step 0) and tags on a run; tag values pass through redact."""
-    from mlflow.entities import Metric
+    """Metrics (at step 0) and tags on a run, in one batch, once; tag values pass through redact."""
+    from mlflow.entities import Metric, RunTag
 
     client = _client()
+    tags = {k: redact(str(v)) for k, v in tags.items()}
+    held = client.get_run(run_id).data.tags
+    if tags and all(held.get(k) == v for k, v in tags.items()):  # logged before (one batch): not twice
+        return
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()])
-    for k, v in tags.items():
-        client.set_tag(run_id, k, redact(str(v)))
+    client.log_batch(run_id, metrics=[Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])

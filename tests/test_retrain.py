@@ -9,6 +9,7 @@ restores the previous champion, whose missing vectors the next round then writes
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,12 +33,18 @@ from tests.test_train import make_task_data
 pytestmark = pytest.mark.slow
 
 
-def semvec_retrain(settings: dict, tmp_path: Path) -> tuple[int, dict, str]:
-    """`semvec retrain --config` in a fresh process, as a scheduler runs it."""
+def semvec_retrain(settings: dict, tmp_path: Path, crash_at: str | None = None) -> tuple[int, dict, str]:
+    """`semvec retrain --config` in a fresh process, as a scheduler runs it; killed right after its
+    first write described by `crash_at`, when given."""
     config = tmp_path / f"retrain-{uuid.uuid4().hex[:6]}.yaml"
     config.write_text(yaml.safe_dump(settings))
-    result = subprocess.run([sys.executable, "-m", "semvec.cli", "retrain", "--config", str(config),
-                             "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    return semvec_command(["retrain", "--config", str(config)], tmp_path, crash_at)
+
+
+def semvec_command(args: list[str], cwd: Path, crash_at: str | None = None) -> tuple[int, dict, str]:
+    env = dict(os.environ, **({"SEMVEC_CRASH_AT": "1", "SEMVEC_CRASH_ONLY": crash_at} if crash_at else {}))
+    result = subprocess.run([sys.executable, "-m", "semvec.cli", *args, "--json"], capture_output=True,
+                            text=True, cwd=cwd, timeout=600, env=env, start_new_session=True)
     # with --json, stdout holds the summary line alone (Ray's forwarded lines go to stderr)
     return result.returncode, (json.loads(result.stdout) if result.returncode == 0 else {}), result.stderr
 
@@ -84,12 +91,30 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
         config.write_text(yaml.safe_dump(settings))
         return run_round(load_retrain_config(config))
 
-    # 1. a challenger that learned the task beats the untrained champion: promoted, re-embedded
-    #    (through the command: its exit code and its JSON line)
+    # 1. a challenger that learned the task beats the untrained champion: promoted, re-embedded.
+    #    The round is killed right after it writes its decision ahead (trained and scored), then
+    #    each rerun one write further into its record: the version registered, @previous,
+    #    @champion, the snapshot copied to the replay store; each rerun finishes what the one
+    #    before began and trains nothing. The last runs through the command in this process: its
+    #    exit code and its JSON line.
+    for write in ("retrain: decision", "registered", "@previous", "@champion", "retrain: replay copy"):
+        code, _, err = semvec_retrain(world["cfg"], tmp, crash_at=write)
+        assert code == -9, f"no crash after {write!r}: {err[-3000:]}"
+        state = json.loads(fs.cat_file(f"{prefix}/state/state.json"))
+        assert state["pending"]["decision"] == "promoted" and not state["trained"], write
+        assert "was cut short after its decision" in err or write == "retrain: decision"
     first = retrain()
     assert first["decision"] == "promoted", first["reasons"]
     assert tracking.alias_version(name, "champion") == "2" == first["challenger_version"]
     assert tracking.alias_version(name, "previous") == "1"
+    # once: one version of the challenger, one run of it, one copy of its snapshot to replay
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'")) == [1, 2]
+    assert [r.info.run_id for r in client.search_runs(
+        [client.get_run(first["run_id"]).info.experiment_id],
+        filter_string=f"tags.`mlflow.runName` = '{client.get_run(first['run_id']).info.run_name}'")] == [
+        first["run_id"]]
+    assert len(fs.ls(f"{prefix}/state/replay/", refresh=True)) == 1
+    assert "pending" not in json.loads(fs.cat_file(f"{prefix}/state/state.json"))
     manifest = json.loads(fs.cat_file(f"{prefix}/vectors/v2/_manifest.json"))
     assert manifest["status"] == "complete" and manifest["model"]["reference"] == f"models:/{name}/2"
     assert fs.cat_file(f"{prefix}/vectors/CURRENT").decode().strip() == f"{prefix}/vectors/v2"
@@ -106,15 +131,21 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
     assert again["decision"] == "nothing-new" and first["run_id"] in again["message"]
     assert tracking.alias_version(name, "champion") == "2"
 
-    # 3. new data whose scores are inverted teaches the opposite: the challenger is refused
+    # 3. new data whose scores are inverted teaches the opposite: the challenger is refused. The
+    #    round is killed right after its record (state.json) is written: the rerun has nothing new
     rows = [json.loads(line) for line in world["train"].read_text().splitlines()]
     worse = write_jsonl(world["train"].parent / "worse.jsonl",
                         [{**r, "score": 5.0 - r["score"]} for r in rows])
     fs.put(str(worse), f"{prefix}/incoming/batch2.jsonl")
+    code, _, err = semvec_retrain(world["cfg"], tmp, crash_at="retrain: recorded")
+    assert code == -9, err[-3000:]
     third = retrain_here()
-    assert third["decision"] == "refused", third["reasons"]
+    assert third["decision"] == "nothing-new" and len(fs.ls(f"{prefix}/state/replay/", refresh=True)) == 2
+    refused = [t for t in json.loads(fs.cat_file(f"{prefix}/state/state.json"))["trained"].values()
+               if t["decision"] == "refused"]
+    assert len(refused) == 1 and refused[0]["version"] == "3", refused
     assert tracking.alias_version(name, "champion") == "2"
-    assert client.get_model_version(name, third["challenger_version"]).tags["semvec.decision"] == "refused"
+    assert client.get_model_version(name, "3").tags["semvec.decision"] == "refused"
     assert fs.cat_file(f"{prefix}/vectors/CURRENT").decode().strip() == f"{prefix}/vectors/v2"
 
     # 4. a run while another holds the lock is refused before any work; a stale lock is taken
@@ -128,12 +159,19 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
     assert taken["decision"] == "nothing-new" and taken["took_stale_lock"]["token"] == "dead"
     assert not fs.exists(lock)  # released
 
-    # 5. rollback: v1 is champion again; v1 has no backfill, so CURRENT stays and says so
+    # 5. rollback: v1 is champion again; v1 has no backfill, so CURRENT stays and says so. Killed
+    #    after it tags v2 rolled back, then after @champion moves: each rerun finishes it
+    for write in ("semvec.rolled_back", "@champion = v1"):
+        code, _, err = semvec_command(["rollback", name, "--backfill-root", f"{prefix}/vectors"], tmp,
+                                      crash_at=write)
+        assert code == -9, f"no crash after {write!r}: {err[-3000:]}"
+        assert tracking.alias_version(name, "previous") == "1"
     restored = rollback(name, f"{prefix}/vectors")
     assert restored["champion_version"] == "1" and restored["current"] is None
     assert tracking.alias_version(name, "champion") == "1"
     assert tracking.alias_version(name, "previous") is None
     assert client.get_model_version(name, "2").tags["semvec.rolled_back"] == "true"
+    assert "semvec.rolled_back" not in client.get_model_version(name, "1").tags  # the restored one
 
     # 6. the next round has nothing to train, but the champion's vectors are missing: it embeds
     #    the corpus with v1 and CURRENT follows, as after a promotion whose backfill had failed

@@ -68,3 +68,29 @@ def test_a_sqlite_store_keeps_artifacts_beside_its_file(tmp_path, monkeypatch):
     tracker = tracking.start_run("artifacts-here", "r", {"a": 1})
     run = MlflowClient(tracker.uri).get_run(tracker.run_id)
     assert run.info.artifact_uri.startswith((db.parent / "mlartifacts").as_uri())
+
+
+def test_register_cut_short_anywhere_then_rerun_makes_one_version(tiny_models, tmp_path, monkeypatch,
+                                                                  mlflow_server):
+    """`semvec register` killed right after its version is made, then right after the alias is set:
+    each rerun finds the run and the version it made (the same model files), so the registry ends
+    as after one uncut run: one run, one version, the alias on it."""
+    import subprocess
+    import sys
+
+    from semvec import models
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
+    name = "tiny-register-crash"
+    args = [sys.executable, "-m", "semvec.cli", "register", str(tiny_models["bert"]), "--name", name,
+            "--alias", "champion"]
+    for write in ("registered", "@champion"):
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300, start_new_session=True,
+                              env=dict(os.environ, SEMVEC_CRASH_AT="1", SEMVEC_CRASH_ONLY=write))
+        assert done.returncode == -9, f"no crash after {write!r}: {done.stderr[-2000:]}"
+    assert models.register_model(str(tiny_models["bert"]), name, "champion") == "1"
+    client = MlflowClient(mlflow_server["uri"])
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    experiment = client.get_experiment_by_name("semvec").experiment_id
+    assert len(client.search_runs([experiment], f"tags.`mlflow.runName` = 'register-{name}'")) == 1

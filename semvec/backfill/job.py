@@ -112,10 +112,11 @@ def _check_output(p: Plan) -> dict[str, list[str]]:
     parts = out.parts_by_source()
     if manifest is None:
         if parts or out.has_foreign_files():
-            raise ConfigError(
-                f"output {storage.display(p.config.output)!r} is not empty and holds no semvec "
-                "manifest; choose an empty prefix or pass --overwrite"
-            )
+            # parts without their manifest: an --overwrite cut short (the manifest goes first), which
+            # a retraining round's own prefix then clears again; anything else is not semvec's
+            error = OutputMismatch if parts else ConfigError
+            raise error(f"output {storage.display(p.config.output)!r} is not empty and holds no semvec "
+                        "manifest; choose an empty prefix or pass --overwrite")
         return parts
     if manifest.get("config_hash") != p.config_hash:
         raise OutputMismatch(

@@ -56,7 +56,7 @@ class OutputDir(storage.Prefix):
             return False
         for p in self.fs.ls(self.root, detail=False):
             name = p.rstrip("/").rsplit("/", 1)[-1]
-            ours = name.startswith(("part-", "_probe-")) or name in (MANIFEST, QUARANTINE_DIR, LEASE)
+            ours = name.startswith(("part-", storage.PROBE_MARK)) or name in (MANIFEST, QUARANTINE_DIR, LEASE)
             if not ours:
                 return True
         return False

@@ -101,7 +101,8 @@ class CompressedDir(storage.Prefix):
             return False
         for p in self.fs.ls(self.root, detail=False):
             name = _name(p.rstrip("/"))
-            if not (name.startswith(("part-", "_probe-")) or name in OURS or storage.TEMP_MARK in name):
+            ours = name.startswith(("part-", storage.PROBE_MARK)) or name in OURS
+            if not (ours or storage.TEMP_MARK in name):
                 return True
         return False
 

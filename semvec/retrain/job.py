@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from semvec import models, storage, tracking
+from semvec import crashpoints, models, storage, tracking
 from semvec.datasets import load_examples
 from semvec.errors import ConfigError, OutputMismatch
 from semvec.retrain import promotion
@@ -30,11 +30,13 @@ from semvec.retrain.lock import Lock
 log = logging.getLogger("semvec.retrain")
 
 STATE = "state.json"
+PENDING = "pending"  # in state.json: a round decided, not yet wholly recorded
 CURRENT = "CURRENT"
 
 
 def retrain(cfg: RetrainConfig) -> dict:
     """One retraining round; returns a summary with the decision and every metric."""
+    crashpoints.arm()
     snapshots = [f for uri in cfg.snapshots for f in storage.list_inputs(uri, "snapshots")]
     _check(cfg)
     tracking.require_alias(cfg.name, "champion")  # a champion exists: checked before the lock is taken
@@ -48,6 +50,10 @@ def retrain(cfg: RetrainConfig) -> dict:
 
 def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
     state = _read_state(cfg.state)
+    if state.get(PENDING):  # a round cut short after its decision: its record is finished first
+        log.warning("semvec retrain: the round of run %s was cut short after its decision; recording "
+                    "it now (new snapshots, if any, wait for the next round)", state[PENDING]["run_id"])
+        return _record(cfg, state, snapshots)
     new = [(f, _content_hash(f.uri)) for f in snapshots]
     seen = [(f, h) for f, h in new if h in state["trained"]]
     new = [(f, h) for f, h in new if h not in state["trained"]]
@@ -59,20 +65,40 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
             # an earlier promotion's backfill failed, or a rollback found none: catch up (it resumes)
             summary["backfill"] = publish_backfill(cfg, champion)
         return summary
-    summary = _round(cfg, champion, new)
-    for f, h in new:  # trained on, whatever the decision: the same data is not tried twice
-        state["trained"][h] = {"uri": storage.display(f.uri), "run_id": summary["run_id"],
-                               "version": summary["challenger_version"],
-                               "decision": summary["decision"], "at": time.time()}
-        _copy(f.uri, storage.join(cfg.state, "replay", f"{h[:16]}-{Path(f.relative).name}"))
-    storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode())
+    state[PENDING] = _round(cfg, champion, new)
+    # written ahead: from here a rerun records this decision, and neither trains nor scores again
+    storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode(),
+                       what="retrain: decision")
+    return _record(cfg, state, snapshots)
+
+
+def _record(cfg: RetrainConfig, state: dict, snapshots: list) -> dict:
+    """The decided round into the registry (its version, and @previous/@champion on promotion),
+    its snapshots into the replay store and state.json, then the backfill. Each step may be redone:
+    a rerun after a crash anywhere in here finishes it without a second version or copy."""
+    round_ = state[PENDING]
+    version = promotion.record_decision(
+        cfg.name, round_["run_id"], round_["champion_version"], round_["decision"], round_["reasons"],
+        round_["scores"], round_["metrics"], round_["primary"])
+    summary = {k: round_[k] for k in ("decision", "reasons", "scores", "run_id", "champion_version")}
+    summary.update(challenger_version=version, snapshots=[s["uri"] for s in round_["snapshots"]])
+    print(f"semvec retrain: challenger v{version} {round_['decision']} against champion "
+          f"v{round_['champion_version']}: " + "; ".join(round_["reasons"]), flush=True)
+    sources = {storage.display(f.uri): f.uri for f in snapshots}
+    for s in round_["snapshots"]:  # trained on, whatever the decision: the same data is not tried twice
+        state["trained"][s["hash"]] = {"uri": s["uri"], "run_id": round_["run_id"], "version": version,
+                                       "decision": round_["decision"], "at": round_["at"]}
+        _to_replay(cfg, sources.get(s["uri"]), s)
+    del state[PENDING]
+    storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode(),
+                       what="retrain: recorded")
     try:  # the challenger lives in MLflow now; its folder and checkpoints go
         _clear_challengers(cfg)
     except Exception as exc:  # noqa: BLE001 - scratch space: the round is recorded, the backfill is due
         log.warning("the challengers under %s were not all removed (%s); the next round removes them",
                     storage.display(cfg.state), type(exc).__name__)
     if summary["decision"] == "promoted" and cfg.backfill is not None:
-        summary["backfill"] = publish_backfill(cfg, summary["challenger_version"])
+        summary["backfill"] = publish_backfill(cfg, version)
     return summary
 
 
@@ -118,14 +144,11 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
         trained = fit(tc, experiment=cfg.experiment, restart_changed=True)
     scores = _score(cfg, f"models:/{cfg.name}/{champion}", tc.output)
     decision, reasons = decide(cfg, scores)
-    version = promotion.record_decision(
-        cfg.name, trained["run_id"], champion, decision, reasons, scores,
-        {s.name: s.metric for s in cfg.suites}, cfg.primary)
-    print(f"semvec retrain: challenger v{version} {decision} against champion v{champion}: "
-          + "; ".join(reasons), flush=True)
     return {"decision": decision, "reasons": reasons, "scores": scores, "run_id": trained["run_id"],
-            "champion_version": champion, "challenger_version": version,
-            "snapshots": [storage.display(f.uri) for f, _ in new]}
+            "champion_version": champion, "metrics": {s.name: s.metric for s in cfg.suites},
+            "primary": cfg.primary, "at": time.time(),
+            "snapshots": [{"uri": storage.display(f.uri), "hash": h, "name": Path(f.relative).name}
+                          for f, h in new]}
 
 
 def _clear_challengers(cfg: RetrainConfig, keep: str | None = None) -> None:
@@ -240,20 +263,27 @@ def _current_is(cfg: RetrainConfig, version: str) -> bool:
 
 
 def point_current(root: str, output: str) -> None:
-    storage.put_atomic(storage.join(root, CURRENT), (output.rstrip("/") + "\n").encode())
+    storage.put_atomic(storage.join(root, CURRENT), (output.rstrip("/") + "\n").encode(),
+                       what="retrain: CURRENT")
 
 
 def rollback(name: str, backfill_root: str | None = None) -> dict:
     """@champion goes back to @previous; CURRENT follows when that version's backfill is complete."""
-    version = promotion.rollback(name)
-    result = {"name": name, "champion_version": version, "current": None}
-    if backfill_root:
+    result = {"name": name, "champion_version": None, "current": None}
+
+    def follow(version: str) -> None:  # before @previous is cleared: a rerun after a crash redoes it
+        result["champion_version"] = version
+        if not backfill_root:
+            return
         output = storage.join(backfill_root, f"v{version}")
         fs = storage.filesystem(output)
         manifest = storage.strip(storage.join(output, "_manifest.json"))
         if fs.exists(manifest) and json.loads(fs.cat_file(manifest)).get("status") == "complete":
             point_current(backfill_root, output)
             result["current"] = storage.display(output)
+
+    crashpoints.arm()
+    promotion.rollback(name, then=follow)
     return result
 
 
@@ -283,9 +313,17 @@ def _content_hash(uri: str) -> str:
     return digest.hexdigest()
 
 
-def _copy(src: str, dst: str) -> None:
-    data = storage.filesystem(src).cat_file(storage.strip(src))
-    storage.put_atomic(dst, data)
+def _to_replay(cfg: RetrainConfig, source: str | None, snapshot: dict) -> None:
+    """A snapshot the round trained on, into the replay store (state.json names it as printed,
+    without credentials: its URI is found again among the snapshots), if it is still what the
+    round read."""
+    data = storage.filesystem(source).cat_file(storage.strip(source)) if source else None
+    if data is None or hashlib.sha256(data).hexdigest() != snapshot["hash"]:
+        log.warning("semvec retrain: snapshot %s %s since the round trained on it; it is not copied "
+                    "to the replay store", snapshot["uri"], "is gone" if data is None else "changed")
+        return
+    storage.put_atomic(storage.join(cfg.state, "replay", f"{snapshot['hash'][:16]}-{snapshot['name']}"),
+                       data, what="retrain: replay copy")
 
 
 def _merge(cfg: RetrainConfig, uris: list[str], out: Path) -> Path:

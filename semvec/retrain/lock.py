@@ -1,4 +1,5 @@
-"""One retraining at a time per state prefix: a lock object with a stale-lock timeout.
+"""One retraining at a time per state prefix: a lock object with a stale-lock timeout; a lock whose
+holder ran on this machine (same boot, same process namespace) and has ended is taken at once.
 
 On a local disk the lock is created with O_EXCL, which is atomic. Plain S3 has no create-if-absent
 for every S3-compatible store, so there the lock is written, read back after a pause, and held
@@ -17,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 
 from semvec import storage
 from semvec.errors import ConfigError
@@ -41,11 +43,11 @@ class Lock:
 
     def acquire(self) -> None:
         record = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                  "since": time.time()}
+                  "since": time.time(), "processes": _process_space()}
         held = self._read()
         if held is not None:
             age = time.time() - float(held.get("since", 0))
-            if age < self.timeout_s:
+            if age < self.timeout_s and not _holder_gone(held):
                 raise LockHeld(
                     f"another retraining holds {storage.display(self.uri)} (host {held.get('host')}, "
                     f"pid {held.get('pid')}, for {age:.0f} s; stale after {self.timeout_s:.0f} s)")
@@ -86,3 +88,27 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _process_space() -> str | None:
+    """This boot of this machine and this process namespace (Linux): where a pid names one process."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _holder_gone(held: dict) -> bool:
+    """The holder ran where this process runs (same boot, same pid namespace) and has ended: a run
+    killed on this machine, whose lock is taken over at once rather than after the timeout."""
+    here = _process_space()
+    if here is None or held.get("processes") != here or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False

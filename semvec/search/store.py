@@ -43,7 +43,8 @@ class IndexDir(storage.Prefix):
         if not self.fs.exists(self.root):
             return False
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
-        return any(n not in OURS and storage.TEMP_MARK not in n for n in names)
+        return any(n not in OURS and storage.TEMP_MARK not in n and not n.startswith(storage.PROBE_MARK)
+                   for n in names)
 
     def clear(self) -> None:
         """Remove the index files (not the lease): a record first, so no reader opens a mix."""

@@ -276,6 +276,9 @@ def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_c
         log.warning("semvec train: the checkpoints of the earlier run named %r (%s) are replaced: this "
                     "run has other settings or data", name,
                     "finished" if earlier.get("finished") else "unfinished")
+        for entry in fs.ls(root, detail=False):  # the record last: cut short, a rerun decides again
+            if entry.rstrip("/").rsplit("/", 1)[-1] != RUN_RECORD:
+                fs.rm(entry, recursive=True)
         fs.rm(root, recursive=True)
     resumed_finished = earlier.get("settings") == settings and bool(earlier.get("finished"))
     return _record_run(run_dir, settings, finished=resumed_finished)

@@ -226,11 +226,13 @@ def _artifact_location(uri: str) -> str | None:
 SETTINGS_TAG = "semvec.settings"  # what a run's checkpoints depend on (semvec.train.job.settings_hash)
 
 
-def start_run(experiment: str, run_name: str, params: dict, settings: str | None = None) -> Tracker:
-    """Reuse the latest run of the same name and settings, unfinished or finished (a resumed job
-    keeps one run id, and a rerun of a finished one, after a crash between its last steps, say,
-    makes no second run); else start one (an unfinished run of other settings is marked KILLED:
-    it is not resumed)."""
+def start_run(experiment: str, run_name: str, params: dict, settings: str | None = None,
+              reuse_finished: bool = False) -> Tracker:
+    """Reuse the latest run of the same name when it is unfinished and has these settings (a resumed
+    job keeps one run id); with `reuse_finished` (the caller knows that run finished: its output
+    holds its model), the latest of the same name and settings, finished or not, so that a rerun
+    after a crash between its last steps makes no second run. Else start one (an unfinished run of
+    other settings is marked KILLED: it is not resumed)."""
     mlflow = _mlflow()
     from mlflow.tracking import MlflowClient
 
@@ -239,9 +241,13 @@ def start_run(experiment: str, run_name: str, params: dict, settings: str | None
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=_artifact_location(uri))
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
-    if found and settings and found[0].data.tags.get(SETTINGS_TAG) == settings:
+    wanted = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+    if reuse_finished and settings:
+        wanted += f" and tags.`{SETTINGS_TAG}` = '{settings}'"
+    found = client.search_runs([exp_id], filter_string=wanted, max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    if found and settings and found[0].data.tags.get(SETTINGS_TAG) == settings and (
+            reuse_finished or found[0].info.status != "FINISHED"):
         return Tracker(uri, found[0].info.run_id)
     if found and found[0].info.status == "RUNNING":
         client.set_terminated(found[0].info.run_id, "KILLED")
@@ -367,6 +373,10 @@ def delete_alias(name: str, alias: str) -> None:
     crashpoints.wrote(f"{name}@{alias} deleted")
 
 
+def version_tags(name: str, version: str) -> dict[str, str]:
+    return dict(_client().get_model_version(name, version).tags)
+
+
 def tag_version(name: str, version: str, key: str, value: str) -> None:
     _client().set_model_version_tag(name, version, key, redact(value))
     crashpoints.wrote(f"{name} v{version} tagged {key}")
@@ -409,18 +419,15 @@ def register_run_model(name: str, run_id: str, tags: dict | None = None) -> str:
 
 
 def _version_of_run(client, name: str, run_id: str) -> str | None:
-    """The first version of NAME registered from run_id, or None (no such model or version)."""
-    try:
-        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except Exception as exc:  # noqa: BLE001 - no model of that name yet
-        _raise_unless_absent(client, name, exc)
-        return None
+    """The first version of NAME registered from run_id, or None. By run id alone (a hex id; a
+    name may hold quotes): any failure of the search is raised, never taken for "none yet"."""
+    found = [v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
     return str(min(int(v.version) for v in found)) if found else None
 
 
 def log_model_dir(experiment: str, run_name: str, model_dir: Path, params: dict) -> str:
     """A finished run holding model_dir as its ``model`` artifact; returns the run id."""
-    tracker = start_run(experiment, run_name, params, settings=params.get("fingerprint"))
+    tracker = start_run(experiment, run_name, params, settings=params.get("fingerprint"), reuse_finished=True)
     client = _client()
     if client.get_run(tracker.run_id).info.status != "FINISHED":  # the same files, logged before
         client.log_artifacts(tracker.run_id, str(model_dir), artifact_path="model")

@@ -209,3 +209,31 @@ def test_a_second_run_into_a_held_prefix_is_refused_and_changes_nothing(ray_loca
             {p: b for p, b in files.items() if p.name != LEASE}
     # released: the next run does the new row
     assert run(load_embed_config(None, input=str(src), output=str(out), **opts))["rows_this_run"] == 41
+
+
+def test_an_overwrite_cut_short_is_refused_plainly_and_finished_by_overwrite(tiny_models, tmp_path):
+    """--overwrite removes the manifest first, then the parts. Killed after the manifest went, and
+    after the first part went, the prefix holds parts and no manifest: a plain rerun is refused in
+    one line (as OutputMismatch, which a retraining round, whose prefix it is, answers by
+    overwriting), and a rerun with --overwrite gives the uninterrupted output."""
+    import shutil
+
+    from semvec.errors import OutputMismatch
+
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", 12, every=3)
+    opts = {"model": str(tiny_models["bert"]), "id_field": "id", "rows_per_file": 6, "batch_rows": 6}
+    reference = tmp_path / "reference"
+    run(load_embed_config(None, input=str(src), output=str(reference), **opts))
+    want = snapshot(reference)
+    for n, write in enumerate(("overwrite: manifest removed", "overwrite: part removed")):
+        out = tmp_path / f"cut{n}"
+        shutil.copytree(reference, out)
+        crashed = start_cli(str(src), str(out), *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()],
+                            "--overwrite", env={"SEMVEC_CRASH_AT": "1", "SEMVEC_CRASH_ONLY": write})
+        _, err = crashed.communicate(timeout=300)
+        assert crashed.returncode == -9, f"no crash after {write!r}: {err[-1500:]}"
+        assert not (out / "_manifest.json").exists() and glob.glob(str(out / "part-*.parquet"))
+        with pytest.raises(OutputMismatch, match="holds no semvec manifest; choose an empty prefix or pass"):
+            run(load_embed_config(None, input=str(src), output=str(out), **opts))
+        run(load_embed_config(None, input=str(src), output=str(out), overwrite=True, **opts))
+        assert_same(snapshot(out), want)

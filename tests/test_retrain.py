@@ -92,17 +92,21 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
         return run_round(load_retrain_config(config))
 
     # 1. a challenger that learned the task beats the untrained champion: promoted, re-embedded.
-    #    The round is killed right after it writes its decision ahead (trained and scored), then
-    #    each rerun one write further into its record: the version registered, @previous,
-    #    @champion, the snapshot copied to the replay store; each rerun finishes what the one
-    #    before began and trains nothing. The last runs through the command in this process: its
-    #    exit code and its JSON line.
-    for write in ("retrain: decision", "registered", "@previous", "@champion", "retrain: replay copy"):
+    #    The round is killed right after its snapshot is copied to the replay store (trained and
+    #    scored, nothing decided yet: the rerun trains and scores again, in the same MLflow run,
+    #    and does not replay that copy), then right after it writes its decision ahead, then each
+    #    rerun one write further into its record: the version registered, @previous, @champion;
+    #    each finishes what the one before began and trains nothing. The last runs through the
+    #    command in this process: its exit code and its JSON line.
+    for write in ("retrain: replay copy", "retrain: decision", "registered", "@previous", "@champion"):
         code, _, err = semvec_retrain(world["cfg"], tmp, crash_at=write)
         assert code == -9, f"no crash after {write!r}: {err[-3000:]}"
+        if write == "retrain: replay copy":
+            assert not fs.exists(f"{prefix}/state/state.json")
+            continue
         state = json.loads(fs.cat_file(f"{prefix}/state/state.json"))
         assert state["pending"]["decision"] == "promoted" and not state["trained"], write
-        assert "was cut short after its decision" in err or write == "retrain: decision"
+        assert ("was cut short after its decision" in err) == (write != "retrain: decision"), err[-3000:]
     first = retrain()
     assert first["decision"] == "promoted", first["reasons"]
     assert tracking.alias_version(name, "champion") == "2" == first["challenger_version"]
@@ -232,3 +236,50 @@ def test_a_backfill_cut_off_by_a_crash_resumes_in_the_next_round(ray_local, worl
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["model"]["normalize"] is False
     assert not any(p.exists() and p.stat().st_mtime_ns == t for p, t in before.items())
+
+
+def test_a_versions_prefix_left_without_its_manifest_is_embedded_again(world, tmp_path):
+    """An --overwrite of a version's prefix cut short after its manifest went leaves parts and no
+    manifest; the next round's catch-up embeds the version again there (it is the round's own
+    prefix) rather than failing every night, and CURRENT follows."""
+    root = tmp_path / "vectors"
+    cfg = load_retrain_config(None, **dict(world["cfg"], backfill={
+        "input": world["cfg"]["backfill"]["input"], "output_root": str(root)}))
+    assert publish_backfill(cfg, "1")["embedded"] == 3
+    (root / "v1" / "_manifest.json").unlink()
+    (root / "CURRENT").unlink()
+    assert publish_backfill(cfg, "1")["embedded"] == 3
+    assert json.loads((root / "v1" / "_manifest.json").read_text())["status"] == "complete"
+    assert (root / "CURRENT").read_text().strip() == str(root / "v1")
+
+
+def test_a_promotion_recorded_after_the_aliases_moved_promotes_nothing(world, tiny_models):
+    """A rerun records a round cut short after its decision: if @champion moved meanwhile, or the
+    challenger was rolled back since, the version stays registered and is not promoted."""
+    from semvec.retrain import promotion
+
+    name, client = world["name"], world["client"]
+    model = Path(tiny_models["bert"])
+
+    def challenger(tag: str) -> str:  # a run holding a model, as a round's training leaves one
+        return tracking.log_model_dir("semvec", f"challenger-{tag}", model, {"fingerprint": tag})
+
+    def record(run_id: str) -> tuple[str, str]:
+        scores = {"dev": {"champion": 0.1, "challenger": 0.5}}
+        return promotion.record_decision(name, run_id, "1", "promoted", ["dev better"], scores,
+                                         {"dev": "spearman"}, "dev")
+
+    # someone else's version became champion while the round's record was cut short
+    other = tracking.register_run_model(name, challenger("other"))
+    tracking.set_alias(name, "champion", other)
+    version, decision = record(challenger("a"))
+    assert decision == "refused" and tracking.alias_version(name, "champion") == other
+    assert client.get_model_version(name, version).tags["semvec.decision"] == "refused"
+    assert "not v1" in client.get_model_version(name, version).tags["semvec.not_promoted"]
+    # promoted, then rolled back before the round's rerun: the rerun does not promote it again
+    tracking.set_alias(name, "champion", "1")
+    run_b = challenger("b")
+    version, decision = record(run_b)
+    assert decision == "promoted" and tracking.alias_version(name, "champion") == version
+    assert promotion.rollback(name) == "1"
+    assert record(run_b) == (version, "refused") and tracking.alias_version(name, "champion") == "1"

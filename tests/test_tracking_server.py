@@ -90,7 +90,7 @@ def test_register_cut_short_anywhere_then_rerun_makes_one_version(tiny_models, t
         assert done.returncode == -9, f"no crash after {write!r}: {done.stderr[-2000:]}"
     assert models.register_model(str(tiny_models["bert"]), name, "champion") == "1"
     client = MlflowClient(mlflow_server["uri"])
-    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     experiment = client.get_experiment_by_name("semvec").experiment_id
     assert len(client.search_runs([experiment], f"tags.`mlflow.runName` = 'register-{name}'")) == 1

@@ -281,7 +281,7 @@ def test_mlflow_holds_params_metrics_model_and_registered_version(
     # finished): the same MLflow run and version, none made twice
     rerun = fit(cfg, register="tiny-clf")
     assert (rerun["run_id"], str(rerun["registered_version"])) == (summary["run_id"], "1")
-    assert [v.version for v in client.search_model_versions("name = 'tiny-clf'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny-clf'")] == ["1"]
     client.set_registered_model_alias("tiny-clf", "champion", "1")
     code, out, err = cli(capsys, "evaluate", "classification", "--model", "models:/tiny-clf@champion",
                          "--data", str(dev), "--json", "--report", str(tmp_path / "evaluation.json"))

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from semvec import storage
+from semvec import crashpoints, storage
 from semvec.backfill.read import RAW_LIMIT
 from semvec.backfill.stages import QUARANTINE_DIR, file_rows_of, source_key
 from semvec.storage import InputFile
@@ -68,8 +68,10 @@ class OutputDir(storage.Prefix):
         (with --overwrite again) clears, and without it refuses as not semvec's."""
         if self.fs.exists(self.path(MANIFEST)):
             self.fs.rm(self.path(MANIFEST))
+            crashpoints.wrote("overwrite: manifest removed")
         for p in self.list_parts() + self.list_parts(quarantine=True):
             self.fs.rm(p)
+            crashpoints.wrote(f"overwrite: part removed {p}")
         self.remove_temporaries()
 
     def remove_temporaries(self) -> None:

@@ -53,7 +53,7 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
     if state.get(PENDING):  # a round cut short after its decision: its record is finished first
         log.warning("semvec retrain: the round of run %s was cut short after its decision; recording "
                     "it now (new snapshots, if any, wait for the next round)", state[PENDING]["run_id"])
-        return _record(cfg, state, snapshots)
+        return _record(cfg, state)
     new = [(f, _content_hash(f.uri)) for f in snapshots]
     seen = [(f, h) for f, h in new if h in state["trained"]]
     new = [(f, h) for f, h in new if h not in state["trained"]]
@@ -66,29 +66,29 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
             summary["backfill"] = publish_backfill(cfg, champion)
         return summary
     state[PENDING] = _round(cfg, champion, new)
+    for f, h in new:  # read by later rounds once state.json lists them as trained (not before)
+        _copy(f.uri, storage.join(cfg.state, "replay", _replay_name(h, f.relative)))
     # written ahead: from here a rerun records this decision, and neither trains nor scores again
     storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode(),
                        what="retrain: decision")
-    return _record(cfg, state, snapshots)
+    return _record(cfg, state)
 
 
-def _record(cfg: RetrainConfig, state: dict, snapshots: list) -> dict:
+def _record(cfg: RetrainConfig, state: dict) -> dict:
     """The decided round into the registry (its version, and @previous/@champion on promotion),
-    its snapshots into the replay store and state.json, then the backfill. Each step may be redone:
-    a rerun after a crash anywhere in here finishes it without a second version or copy."""
+    then into state.json (its snapshots trained on: replayed from now on), then the backfill. Each
+    step may be redone: a rerun after a crash anywhere in here finishes it, with no second version."""
     round_ = state[PENDING]
-    version = promotion.record_decision(
+    version, decision = promotion.record_decision(
         cfg.name, round_["run_id"], round_["champion_version"], round_["decision"], round_["reasons"],
         round_["scores"], round_["metrics"], round_["primary"])
-    summary = {k: round_[k] for k in ("decision", "reasons", "scores", "run_id", "champion_version")}
-    summary.update(challenger_version=version, snapshots=[s["uri"] for s in round_["snapshots"]])
-    print(f"semvec retrain: challenger v{version} {round_['decision']} against champion "
+    summary = {k: round_[k] for k in ("reasons", "scores", "run_id", "champion_version")}
+    summary.update(decision=decision, challenger_version=version, snapshots=list(round_["snapshots"]))
+    print(f"semvec retrain: challenger v{version} {decision} against champion "
           f"v{round_['champion_version']}: " + "; ".join(round_["reasons"]), flush=True)
-    sources = {storage.display(f.uri): f.uri for f in snapshots}
-    for s in round_["snapshots"]:  # trained on, whatever the decision: the same data is not tried twice
-        state["trained"][s["hash"]] = {"uri": s["uri"], "run_id": round_["run_id"], "version": version,
-                                       "decision": round_["decision"], "at": round_["at"]}
-        _to_replay(cfg, sources.get(s["uri"]), s)
+    for uri, h in round_["snapshots"].items():  # trained on, whatever the decision: not tried twice
+        state["trained"][h] = {"uri": uri, "run_id": round_["run_id"], "version": version,
+                               "decision": decision, "at": round_["at"]}
     del state[PENDING]
     storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode(),
                        what="retrain: recorded")
@@ -147,8 +147,7 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
     return {"decision": decision, "reasons": reasons, "scores": scores, "run_id": trained["run_id"],
             "champion_version": champion, "metrics": {s.name: s.metric for s in cfg.suites},
             "primary": cfg.primary, "at": time.time(),
-            "snapshots": [{"uri": storage.display(f.uri), "hash": h, "name": Path(f.relative).name}
-                          for f, h in new]}
+            "snapshots": {storage.display(f.uri): h for f, h in new}}
 
 
 def _clear_challengers(cfg: RetrainConfig, keep: str | None = None) -> None:
@@ -295,14 +294,18 @@ def _read_state(state: str) -> dict:
 
 
 def _replay_store(cfg: RetrainConfig) -> list:
+    """The copies of the snapshots state.json lists as trained on; a copy made by a round cut short
+    before its decision was written is not one of them (that round trains again, on it as new)."""
     store = storage.join(cfg.state, "replay")
     fs = storage.filesystem(store)
     if not fs.exists(storage.strip(store)):
         return []
     try:
-        return storage.list_inputs(store)
+        held = storage.list_inputs(store)
     except ConfigError:  # an empty folder
         return []
+    trained = {h[:16] for h in _read_state(cfg.state)["trained"]}
+    return [f for f in held if Path(f.relative).name.split("-", 1)[0] in trained]
 
 
 def _content_hash(uri: str) -> str:
@@ -313,17 +316,13 @@ def _content_hash(uri: str) -> str:
     return digest.hexdigest()
 
 
-def _to_replay(cfg: RetrainConfig, source: str | None, snapshot: dict) -> None:
-    """A snapshot the round trained on, into the replay store (state.json names it as printed,
-    without credentials: its URI is found again among the snapshots), if it is still what the
-    round read."""
-    data = storage.filesystem(source).cat_file(storage.strip(source)) if source else None
-    if data is None or hashlib.sha256(data).hexdigest() != snapshot["hash"]:
-        log.warning("semvec retrain: snapshot %s %s since the round trained on it; it is not copied "
-                    "to the replay store", snapshot["uri"], "is gone" if data is None else "changed")
-        return
-    storage.put_atomic(storage.join(cfg.state, "replay", f"{snapshot['hash'][:16]}-{snapshot['name']}"),
-                       data, what="retrain: replay copy")
+def _replay_name(digest: str, relative: str) -> str:
+    return f"{digest[:16]}-{Path(relative).name}"
+
+
+def _copy(src: str, dst: str) -> None:
+    data = storage.filesystem(src).cat_file(storage.strip(src))
+    storage.put_atomic(dst, data, what="retrain: replay copy")
 
 
 def _merge(cfg: RetrainConfig, uris: list[str], out: Path) -> Path:

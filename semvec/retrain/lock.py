@@ -51,6 +51,8 @@ class Lock:
                 raise LockHeld(
                     f"another retraining holds {storage.display(self.uri)} (host {held.get('host')}, "
                     f"pid {held.get('pid')}, for {age:.0f} s; stale after {self.timeout_s:.0f} s)")
+            if self._read() != held:  # another run took it over first
+                raise LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
             self.took_stale = held  # its holder died: take it over
             self.fs.rm(self.path)
         data = json.dumps(record).encode()

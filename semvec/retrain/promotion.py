@@ -12,12 +12,15 @@ from semvec import storage, tracking
 from semvec.errors import ConfigError
 
 CHAMPION, PREVIOUS = "champion", "previous"
+ROLLED_BACK = "semvec.rolled_back"
 log = logging.getLogger("semvec.retrain")
 
 
 def record_decision(name: str, run_id: str, champion: str, decision: str, reasons: list[str],
-                    scores: dict, metrics: dict, primary: str) -> str:
-    """Register the challenger logged by run_id; returns its version. scores: {suite: {"champion":
+                    scores: dict, metrics: dict, primary: str) -> tuple[str, str]:
+    """Register the challenger logged by run_id; returns its version and the decision as it ended:
+    "promoted" becomes "refused" when @champion is no longer the one the round scored against,
+    or the version was rolled back since (a rerun after a crash). scores: {suite: {"champion":
     x, "challenger": y}}; metrics: {suite: metric name}."""
     flat = {f"{suite}.{metrics[suite]}.{who}": value
             for suite, pair in scores.items() for who, value in pair.items()}
@@ -26,16 +29,25 @@ def record_decision(name: str, run_id: str, champion: str, decision: str, reason
             "semvec.scores": json.dumps(scores)[:5000]}
     tracking.log_result(run_id, flat, tags)
     version = tracking.register_run_model(name, run_id, tags)  # once, though this may run again
-    if decision == "promoted":
-        now = tracking.alias_version(name, CHAMPION)
-        if now not in (champion, version):  # moved since this round read it (by hand, a rollback)
-            log.warning("semvec retrain: @%s of %r is v%s, not v%s as when this round began: v%s is "
-                        "registered but not promoted", CHAMPION, name, now, champion, version)
-            return version
-        if now == champion:  # a rerun after @champion moved leaves @previous as it is
-            tracking.set_alias(name, PREVIOUS, champion)
-        tracking.set_alias(name, CHAMPION, version)
-    return version
+    if decision != "promoted":
+        return version, decision
+    now = tracking.alias_version(name, CHAMPION)
+    if now not in (champion, version):
+        why = f"@{CHAMPION} is v{now}, not v{champion} that this round scored against"
+    elif tracking.version_tags(name, version).get(ROLLED_BACK) == "true":
+        why = f"v{version} was rolled back since"
+    else:
+        why = None
+    if why is not None:  # a rerun of a round cut short, after someone moved the aliases
+        log.warning("semvec retrain: v%s is registered but not promoted: %s", version, why)
+        for key, value in (("semvec.decision", "refused"), ("semvec.not_promoted", why)):
+            tracking.tag_version(name, version, key, value)
+        tracking.log_result(run_id, {}, {"semvec.decision": "refused", "semvec.not_promoted": why})
+        return version, "refused"
+    if now == champion:  # a rerun after @champion moved leaves @previous as it is
+        tracking.set_alias(name, PREVIOUS, champion)
+    tracking.set_alias(name, CHAMPION, version)
+    return version, decision
 
 
 def rollback(name: str, then: Callable[[str], None] | None = None) -> str:
@@ -51,7 +63,7 @@ def rollback(name: str, then: Callable[[str], None] | None = None) -> str:
                           f"{storage.display(tracking.tracking_uri())}: nothing to roll back to")
     if current != previous:  # (equal: a rollback cut short after @champion moved back)
         if current is not None:
-            tracking.tag_version(name, current, "semvec.rolled_back", "true")
+            tracking.tag_version(name, current, ROLLED_BACK, "true")
         tracking.set_alias(name, CHAMPION, previous)
     if then is not None:
         then(previous)

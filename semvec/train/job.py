@@ -162,7 +162,8 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     paths = {k: models.recorded(v) for k in RECORDED_PATHS if isinstance(v := getattr(cfg, k), str)}
     params = {**cfg.to_dict(), **paths, "base_fingerprint": p["fingerprint"], "train_examples": len(train),
               "dev_examples": len(dev), "dev_corpus_documents": len(p["dev_corpus"])}
-    tracker = tracking.start_run(experiment, name, params, settings=settings)
+    tracker = tracking.start_run(experiment, name, params, settings=settings,
+                                 reuse_finished=record["finished"])
     crashpoints.arm()  # the test aid counts rank 0's stop note and the model's publish
     init_ray(crashpoints.worker_env())
     import ray
@@ -214,8 +215,9 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
             log.warning("the run's report folder is incomplete: %s", redact(f"{type(exc).__name__}: {exc}"))
         config = Path(d) / "train_config.json"
         config.write_text(json.dumps({**cfg.to_dict(), **paths}, indent=2))  # as the params: absolute
+        # finished before MLflow hears it: a rerun after a crash in finish_run reuses this run
+        _record_run(run_dir, settings, finished=True, stopped=stopped)
         version = tracking.finish_run(tracker, out, {"report": report, "config": config}, register)
-    _record_run(run_dir, settings, finished=True, stopped=stopped)
     return {"output": str(out), "run_id": tracker.run_id, "registered_version": version,
             "nan_loss": nan, "best": card.metrics, "trainable_parameters": card.trainable_parameters,
             "total_parameters": card.total_parameters}

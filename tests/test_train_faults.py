@@ -151,3 +151,26 @@ def test_a_crash_after_the_stop_note_then_rerun(ray_local, tiny_models, tmp_path
                                         rf"{note['step']} "):
         fit(load_train_config(None, **settings))
     assert not (tmp_path / "model" / "config.json").exists()  # no model exported
+
+
+def test_checkpoints_replaced_part_way_then_rerun(tmp_path):
+    """A finished run's checkpoints are removed before a run of other settings trains afresh; the
+    run's record goes last. Killed after the first checkpoint went, a rerun decides as before
+    (the earlier run finished: replace) rather than refusing an "unfinished run of other settings"."""
+    from semvec.train.job import _keep_or_clear_checkpoints, _read_record
+
+    run_dir = tmp_path / "model-checkpoints" / "run"
+    for step in ("checkpoint_000001", "checkpoint_000002"):
+        (run_dir / step).mkdir(parents=True)
+        (run_dir / step / "model.safetensors").write_bytes(b"x")
+    (run_dir / RUN_RECORD).write_text(json.dumps({"settings": "old", "finished": True}))
+    script = ("from semvec import crashpoints; from semvec.train.job import _keep_or_clear_checkpoints; "
+              f"crashpoints.arm(); _keep_or_clear_checkpoints({str(run_dir)!r}, 'new', 'run', False)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          start_new_session=True,
+                          env=dict(os.environ, SEMVEC_CRASH_AT="1", SEMVEC_CRASH_ONLY="train: removed"))
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert len(list(run_dir.glob("checkpoint_*"))) == 1 and _read_record(str(run_dir))["settings"] == "old"
+    record = _keep_or_clear_checkpoints(str(run_dir), "new", "run", False)
+    assert record == {"settings": "new", "finished": False}
+    assert [p.name for p in run_dir.iterdir()] == [RUN_RECORD]

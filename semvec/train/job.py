@@ -281,6 +281,7 @@ def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_c
         for entry in fs.ls(root, detail=False):  # the record last: cut short, a rerun decides again
             if entry.rstrip("/").rsplit("/", 1)[-1] != RUN_RECORD:
                 fs.rm(entry, recursive=True)
+                crashpoints.wrote(f"train: removed {entry}")
         fs.rm(root, recursive=True)
     resumed_finished = earlier.get("settings") == settings and bool(earlier.get("finished"))
     return _record_run(run_dir, settings, finished=resumed_finished)

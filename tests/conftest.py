@@ -28,8 +28,8 @@ from semvec.testing import build_tiny_model, corpus_sentences  # noqa: F401
 # The files that take longest, started first, slowest first (the sums of their tests' times in a
 # whole run, --durations=0): pytest-xdist (--dist loadfile) hands out files in collection order, and
 # one of these started last keeps a worker busy long after the other is done.
-SLOWEST_FIRST = ("test_train_faults.py", "test_train.py", "test_exactly_once.py", "test_retrain.py",
-                 "test_mlflow_auth.py", "test_faults.py", "test_job_submit.py", "test_backfill_failures.py",
+SLOWEST_FIRST = ("test_retrain.py", "test_train_faults.py", "test_train.py", "test_exactly_once.py",
+                 "test_faults.py", "test_mlflow_auth.py", "test_job_submit.py", "test_backfill_failures.py",
                  "test_static.py", "test_parity_bundled.py", "test_search.py", "test_encode.py",
                  "test_tracking_server.py", "test_chunking.py", "test_compress.py", "test_benchmarks.py")
 

@@ -51,7 +51,7 @@ def retrain(cfg: RetrainConfig) -> dict:
 def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
     state = _read_state(cfg.state)
     if state.get(PENDING):  # a round cut short after its decision: its record is finished first
-        log.warning("semvec retrain: the round of run %s was cut short after its decision; recording "
+        log.warning("the round of run %s was cut short after its decision; recording "
                     "it now (new snapshots, if any, wait for the next round)", state[PENDING]["run_id"])
         return _record(cfg, state)
     new = [(f, _content_hash(f.uri)) for f in snapshots]

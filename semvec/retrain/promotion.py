@@ -39,7 +39,7 @@ def record_decision(name: str, run_id: str, champion: str, decision: str, reason
     else:
         why = None
     if why is not None:  # a rerun of a round cut short, after someone moved the aliases
-        log.warning("semvec retrain: v%s is registered but not promoted: %s", version, why)
+        log.warning("v%s is registered but not promoted: %s", version, why)
         for key, value in (("semvec.decision", "refused"), ("semvec.not_promoted", why)):
             tracking.tag_version(name, version, key, value)
         tracking.log_result(run_id, {}, {"semvec.decision": "refused", "semvec.not_promoted": why})

@@ -237,3 +237,24 @@ def test_an_overwrite_cut_short_is_refused_plainly_and_finished_by_overwrite(tin
             run(load_embed_config(None, input=str(src), output=str(out), **opts))
         run(load_embed_config(None, input=str(src), output=str(out), overwrite=True, **opts))
         assert_same(snapshot(out), want)
+
+
+def test_a_changed_input_whose_old_parts_are_removed_part_way_then_rerun(tiny_models, tmp_path):
+    """An input rewritten since its vectors were written: its old parts are removed before it is
+    read again. Killed after the first went, the rerun removes the rest and gives what a first run
+    on the new input gives: no stale vector kept, no row missing or twice."""
+    src = bad_and_good_corpus(tmp_path / "in.jsonl", 12, every=3)
+    opts = {"model": str(tiny_models["bert"]), "id_field": "id", "rows_per_file": 6, "batch_rows": 6}
+    out = tmp_path / "out"
+    run(load_embed_config(None, input=str(src), output=str(out), **opts))
+    bad_and_good_corpus(src, 12, every=3, seed=11)  # other texts under the same ids
+    os.utime(src, (time.time() + 60, time.time() + 60))  # a version (mtime) of its own, surely
+    fresh = tmp_path / "fresh"
+    run(load_embed_config(None, input=str(src), output=str(fresh), **opts))
+    crashed = start_cli(str(src), str(out), *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()],
+                        env={"SEMVEC_CRASH_AT": "1", "SEMVEC_CRASH_ONLY": "stale part removed"})
+    _, err = crashed.communicate(timeout=300)
+    assert crashed.returncode == -9, err[-1500:]
+    assert 0 < len(glob.glob(str(out / "**" / "part-*.parquet"), recursive=True)) < 4  # of 4
+    run(load_embed_config(None, input=str(src), output=str(out), **opts))
+    assert_same(snapshot(out), snapshot(fresh))

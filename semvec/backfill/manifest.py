@@ -115,8 +115,12 @@ class OutputDir(storage.Prefix):
         return np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.int64)
 
     def remove(self, parts: list[str]) -> None:
+        """Remove parts (of an input that changed since they were written). The manifest still
+        holds the input's old version until the run writes its own: cut short, a rerun removes the
+        rest."""
         for p in parts:
             self.fs.rm(p)
+            crashpoints.wrote(f"stale part removed {p}")
 
     def account(self, files: list[InputFile], has_rows: Callable[[InputFile], bool]) -> dict:
         """Per input: rows embedded and quarantined (by reason), chunks (None: not chunked) and

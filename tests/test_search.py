@@ -282,6 +282,31 @@ def test_crash_after_every_write_of_a_build_and_a_batch_search_then_rerun(beir, 
     assert (crashes[writes] / "answers.jsonl").read_text() == answers
 
 
+def test_an_overwrite_cut_short_then_rerun_builds_the_new_index(beir, tmp_path):
+    """--overwrite removes the old index (the record first, so no reader opens a mix) before the
+    new one is built. Killed after each removal, the rerun builds what an uncut one builds."""
+    reference = tmp_path / "reference"
+    index(beir["docs"], reference, kind="exact")
+    want = json.loads((reference / "_index.json").read_text())
+    for removed in ("_index.json", "index.faiss", "ids.parquet"):
+        ix = tmp_path / f"cut-{removed}"
+        index(beir["docs"], ix, kind="ivf", nlist=4)
+        script = ("from semvec.cli import main; "
+                  f"main(['index', {beir['docs']!r}, {str(ix)!r}, '--kind', 'exact', '--overwrite'])")
+        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, start_new_session=True,
+                              env={**os.environ, "SEMVEC_CRASH_AT": "1",
+                                   "SEMVEC_CRASH_ONLY": f"removed {removed}"})
+        assert done.returncode == -9, f"no crash after {removed} went: {done.stderr[-1500:]}"
+        assert not (ix / "_index.json").exists()  # no reader opens what is left
+        with pytest.raises(ConfigError, match="no _index.json"):
+            open_index(str(ix))
+        index(beir["docs"], ix, kind="exact", overwrite=True)
+        got = json.loads((ix / "_index.json").read_text())
+        assert (got["index_hash"], got["files"]) == (want["index_hash"], want["files"]), removed
+        assert open_index(str(ix)).ids == open_index(str(reference)).ids
+
+
 def test_ivf_searches_one_list_in_20_by_default():
     from semvec.search.build import default_nprobe
 

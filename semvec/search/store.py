@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from semvec import storage
+from semvec import crashpoints, storage
 from semvec.errors import ConfigError
 
 RECORD = "_index.json"
@@ -51,6 +51,7 @@ class IndexDir(storage.Prefix):
         for name in (RECORD, INDEX, IDS):
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name))
+                crashpoints.wrote(f"index: removed {name}")
 
     def write(self, index_bytes: bytes, ids: list[str], record: dict,
               still_ours: Callable[[], None] = lambda: None) -> None:

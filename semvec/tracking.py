@@ -67,11 +67,12 @@ def _require_reachable(uri: str) -> None:
 
 
 def check_model_name(name: str) -> None:
-    """MLflow's rule for registered model names, before any work: not empty, no '/' or ':'."""
-    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/:") \
+    """MLflow's rule for registered model names, before any work: not empty, no '/' or ':'; and
+    no quotes, which the registry's and runs' searches (by name) would have to escape."""
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/:'\"") \
             or name.strip() in (".", ".."):
         raise ConfigError(f"model name {name!r} cannot be registered: MLflow takes a name that is not "
-                          "empty and has no '/' or ':'")
+                          "empty and has no '/' or ':' (and semvec none with quotes)")
 
 
 def check_alias(alias: str) -> None:
@@ -272,6 +273,7 @@ def finish_run(tracker: Tracker, model_dir: Path, artifacts: dict[str, Path], re
             log(tracker.run_id, str(path), artifact_path=name)
     version = register_run_model(register, tracker.run_id) if register else None
     client.set_terminated(tracker.run_id, status)
+    crashpoints.wrote(f"mlflow: run {status.lower()}")
     return version
 
 

@@ -329,6 +329,7 @@ def test_registry_commands_refuse_before_touching_a_store(tmp_path, capsys, tiny
          "and has no '/' or ':'"),
         (["train", "--task", "sts", "--method", "full", "--train", "t.jsonl", "--output", "o",
           "--register", "a:b"], "model name 'a:b' cannot be registered"),
+        (["register", str(tiny_bert), "--name", "o'x"], "(and semvec none with quotes)"),
         # register made the version, then MLflow refused the alias: an orphan version each time
         (["register", str(tiny_bert), "--name", "ok", "--alias", "bad alias/x"],
          "alias 'bad alias/x' cannot be set: MLflow takes 1 to 255 letters, digits"),

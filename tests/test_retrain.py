@@ -92,17 +92,19 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
         return run_round(load_retrain_config(config))
 
     # 1. a challenger that learned the task beats the untrained champion: promoted, re-embedded.
-    #    The round is killed right after its snapshot is copied to the replay store (trained and
-    #    scored, nothing decided yet: the rerun trains and scores again, in the same MLflow run,
-    #    and does not replay that copy), then right after it writes its decision ahead, then each
-    #    rerun one write further into its record: the version registered, @previous, @champion;
-    #    each finishes what the one before began and trains nothing. The last runs through the
-    #    command in this process: its exit code and its JSON line.
-    for write in ("retrain: replay copy", "retrain: decision", "registered", "@previous", "@champion"):
+    #    The round is killed right after it copies its snapshot to the replay store (before
+    #    training: the copy is what it trains on), then right after its training is recorded as
+    #    finished (nothing decided yet: the rerun trains and scores again, in the same MLflow run,
+    #    and does not replay its own copy), then right after it writes its decision ahead, then
+    #    each rerun one write further into its record: the version registered, @previous,
+    #    @champion; each finishes what the one before began and trains nothing. The last runs
+    #    through the command in this process: its exit code and its JSON line.
+    before_decision = ("retrain: replay copy", "train: run finished")
+    for write in (*before_decision, "retrain: decision", "registered", "@previous", "@champion"):
         code, _, err = semvec_retrain(world["cfg"], tmp, crash_at=write)
         assert code == -9, f"no crash after {write!r}: {err[-3000:]}"
-        if write == "retrain: replay copy":
-            assert not fs.exists(f"{prefix}/state/state.json")
+        if write in before_decision:
+            assert not fs.exists(f"{prefix}/state/state.json"), write
             continue
         state = json.loads(fs.cat_file(f"{prefix}/state/state.json"))
         assert state["pending"]["decision"] == "promoted" and not state["trained"], write

@@ -86,7 +86,8 @@ def test_rerun_with_the_same_name_resumes_a_killed_job_and_a_crashed_publish(ray
     cmd = [sys.executable, "-m", "semvec.cli", "train", "--task", "sts", "--method", "full",
            "--train", str(train), "--dev", str(dev), "--output", str(tmp_path / "model"),
            "--model", str(tiny_models["bert"]), "--epochs", "2", "--workers", "1",
-           "--eval-steps", "5", "--patience", "100", "--lr", "1e-3", "--name", "resumable", "--json"]
+           "--eval-steps", "5", "--patience", "100", "--lr", "1e-3", "--name", "resumable",
+           "--register", "resumable-model", "--json"]
     # its own session, so the kill takes the job's local Ray down with it, as a lost machine would
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,6 +107,13 @@ def test_rerun_with_the_same_name_resumes_a_killed_job_and_a_crashed_publish(ray
     staged = [p for p in tmp_path.iterdir() if p.name.startswith(".model.tmp-")]
     assert len(staged) == 1 and (staged[0] / "semvec.json").is_file()
 
+    # a rerun killed right after its MLflow run is marked finished (its model logged and registered
+    # as v1), before the run's own record says so
+    third = subprocess.run(cmd, cwd=tmp_path, start_new_session=True, capture_output=True, text=True,
+                           timeout=600, env={**env, "SEMVEC_CRASH_AT": "1",
+                                             "SEMVEC_CRASH_ONLY": "mlflow: run finished"})
+    assert third.returncode == -9, third.stderr[-2000:]
+
     # the last rerun in this process, on the tests' Ray: what it resumes from is on disk and in
     # MLflow; it publishes the model and removes the staged copy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -113,11 +121,13 @@ def test_rerun_with_the_same_name_resumes_a_killed_job_and_a_crashed_publish(ray
     summary = fit(load_train_config(
         None, task="sts", method="full", train=str(train), dev=str(dev), output=str(tmp_path / "model"),
         model=str(tiny_models["bert"]), epochs=2, workers=1, eval_steps=5, patience=100, lr=1e-3,
-        name="resumable"))
+        name="resumable"), register="resumable-model")
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("semvec").experiment_id])
-    assert [r.info.run_id for r in runs] == [summary["run_id"]]  # one run across the restart
+    assert [r.info.run_id for r in runs] == [summary["run_id"]]  # one run across the restarts
     assert runs[0].info.status == "FINISHED"
+    assert str(summary["registered_version"]) == "1"  # and one version
+    assert [str(v.version) for v in client.search_model_versions("name = 'resumable-model'")] == ["1"]
     resumed = _metric_history(uri, summary["run_id"], "resumed_from_step")
     assert resumed and min(resumed) > 0
     assert max(_metric_history(uri, summary["run_id"], "step")) == 2 * 15  # 240 a batch of 16, twice

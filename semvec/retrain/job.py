@@ -65,9 +65,11 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
             # an earlier promotion's backfill failed, or a rollback found none: catch up (it resumes)
             summary["backfill"] = publish_backfill(cfg, champion)
         return summary
+    # copied to the replay store first, and trained from the copies: what is trained on, replayed
+    # later and hashed is one read of each file. Later rounds replay a copy once state.json lists
+    # its snapshot as trained (a round cut short before its decision trains again on it as new).
+    new = [(f, h, _keep_for_replay(cfg, f, h)) for f, h in new]
     state[PENDING] = _round(cfg, champion, new)
-    for f, h in new:  # read by later rounds once state.json lists them as trained (not before)
-        _copy(f.uri, storage.join(cfg.state, "replay", _replay_name(h, f.relative)))
     # written ahead: from here a rerun records this decision, and neither trains nor scores again
     storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode(),
                        what="retrain: decision")
@@ -131,9 +133,9 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
 
     champion_dir = models.resolve_model(f"models:/{cfg.name}/{champion}")
     _check_continuable(champion_dir, f"models:/{cfg.name}/{champion}", cfg.suites)
-    key = hashlib.sha1("".join(h for _, h in new).encode()).hexdigest()[:12]
+    key = hashlib.sha1("".join(h for _, h, _ in new).encode()).hexdigest()[:12]
     with tempfile.TemporaryDirectory() as tmp:
-        train = _merge(cfg, [f.uri for f, _ in new], Path(tmp) / "new.jsonl")
+        train = _merge(cfg, [copy for _, _, copy in new], Path(tmp) / "new.jsonl")
         past = [f.uri for f in _replay_store(cfg)]
         past += [f.uri for uri in cfg.replay for f in storage.list_inputs(uri, "replay")]
         replay = _merge(cfg, past, Path(tmp) / "replay.jsonl") if past else None
@@ -147,7 +149,7 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
     return {"decision": decision, "reasons": reasons, "scores": scores, "run_id": trained["run_id"],
             "champion_version": champion, "metrics": {s.name: s.metric for s in cfg.suites},
             "primary": cfg.primary, "at": time.time(),
-            "snapshots": {storage.display(f.uri): h for f, h in new}}
+            "snapshots": {storage.display(f.uri): h for f, h, _ in new}}
 
 
 def _clear_challengers(cfg: RetrainConfig, keep: str | None = None) -> None:
@@ -320,9 +322,15 @@ def _replay_name(digest: str, relative: str) -> str:
     return f"{digest[:16]}-{Path(relative).name}"
 
 
-def _copy(src: str, dst: str) -> None:
-    data = storage.filesystem(src).cat_file(storage.strip(src))
-    storage.put_atomic(dst, data, what="retrain: replay copy")
+def _keep_for_replay(cfg: RetrainConfig, snapshot, digest: str) -> str:
+    """The snapshot's bytes, as hashed, into the replay store; returns the copy's URI."""
+    data = storage.filesystem(snapshot.uri).cat_file(storage.strip(snapshot.uri))
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ConfigError(f"snapshot {storage.display(snapshot.uri)!r} changed while this round read it; "
+                          "rerun once it is written whole")
+    copy = storage.join(cfg.state, "replay", _replay_name(digest, snapshot.relative))
+    storage.put_atomic(copy, data, what="retrain: replay copy")
+    return copy
 
 
 def _merge(cfg: RetrainConfig, uris: list[str], out: Path) -> Path:

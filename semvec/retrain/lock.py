@@ -54,7 +54,11 @@ class Lock:
             if self._read() != held:  # another run took it over first
                 raise LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
             self.took_stale = held  # its holder died: take it over
-            self.fs.rm(self.path)
+            try:
+                self.fs.rm(self.path)
+            except FileNotFoundError:
+                raise LockHeld(f"another retraining took {storage.display(self.uri)} at the same "
+                               "moment") from None
         data = json.dumps(record).encode()
         if storage.is_remote(self.uri):
             storage.write_atomic(self.fs, self.path, data)
@@ -70,6 +74,10 @@ class Lock:
                 f"another retraining took {storage.display(self.uri)} at the same moment") from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        if self.took_stale is not None:  # two runs taking one stale lock over: read back, as on S3
+            time.sleep(1.0)
+            if (self._read() or {}).get("token") != self.token:
+                raise LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
 
     def release(self) -> None:
         if (self._read() or {}).get("token") == self.token:

@@ -163,7 +163,7 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
     params = {**cfg.to_dict(), **paths, "base_fingerprint": p["fingerprint"], "train_examples": len(train),
               "dev_examples": len(dev), "dev_corpus_documents": len(p["dev_corpus"])}
     tracker = tracking.start_run(experiment, name, params, settings=settings,
-                                 reuse_finished=record["finished"])
+                                 reuse_finished=record["finished"] or record.get("exported", False))
     crashpoints.arm()  # the test aid counts rank 0's stop note and the model's publish
     init_ray(crashpoints.worker_env())
     import ray
@@ -215,9 +215,11 @@ def fit(cfg: TrainConfig, register: str | None = None, experiment: str = "semvec
             log.warning("the run's report folder is incomplete: %s", redact(f"{type(exc).__name__}: {exc}"))
         config = Path(d) / "train_config.json"
         config.write_text(json.dumps({**cfg.to_dict(), **paths}, indent=2))  # as the params: absolute
-        # finished before MLflow hears it: a rerun after a crash in finish_run reuses this run
-        _record_run(run_dir, settings, finished=True, stopped=stopped)
+        # exported, before MLflow hears it: a rerun after a crash in finish_run (its run finished
+        # there, say, and not here) reuses that run and its version
+        _record_run(run_dir, settings, finished=False, stopped=stopped, exported=True)
         version = tracking.finish_run(tracker, out, {"report": report, "config": config}, register)
+    _record_run(run_dir, settings, finished=True, stopped=stopped, exported=True)
     return {"output": str(out), "run_id": tracker.run_id, "registered_version": version,
             "nan_loss": nan, "best": card.metrics, "trainable_parameters": card.trainable_parameters,
             "total_parameters": card.total_parameters}
@@ -283,13 +285,19 @@ def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_c
                 fs.rm(entry, recursive=True)
                 crashpoints.wrote(f"train: removed {entry}")
         fs.rm(root, recursive=True)
-    resumed_finished = earlier.get("settings") == settings and bool(earlier.get("finished"))
-    return _record_run(run_dir, settings, finished=resumed_finished)
+    same = earlier.get("settings") == settings
+    return _record_run(run_dir, settings, finished=same and bool(earlier.get("finished")),
+                       exported=same and bool(earlier.get("exported")))
 
 
-def _record_run(run_dir: str, settings: str, finished: bool, stopped: dict | None = None) -> dict:
-    record = {"settings": settings, "finished": finished, **({"stopped": stopped} if stopped else {})}
-    storage.put_atomic(storage.join(run_dir, RUN_RECORD), json.dumps(record).encode())
+def _record_run(run_dir: str, settings: str, finished: bool, stopped: dict | None = None,
+                exported: bool = False) -> dict:
+    """finished: the model exported and logged to MLflow; exported: the model exported (its
+    MLflow run may be finished too: a rerun reuses that run, whatever its state)."""
+    record = {"settings": settings, "finished": finished, **({"exported": True} if exported else {}),
+              **({"stopped": stopped} if stopped else {})}
+    storage.put_atomic(storage.join(run_dir, RUN_RECORD), json.dumps(record).encode(),
+                       what="train: run finished" if finished else "train: run record")
     return record
 
 

@@ -98,6 +98,16 @@ def registered(name: str) -> bool:
         return False
 
 
+def run_alive(run_id: str) -> bool:
+    """Whether the tracking store holds this run, not deleted."""
+    client = _client()
+    try:
+        return client.get_run(run_id).info.lifecycle_stage != "deleted"
+    except Exception as exc:  # noqa: BLE001 - not found, or refused
+        _raise_if_refused(exc)
+        return False
+
+
 def refusal(exc: BaseException) -> ConfigError | None:
     """The tracking server's 401 (no or wrong login) or 403 (not permitted) behind exc, as one line
     naming the user and the request (never the password); None for any other error. Follows the

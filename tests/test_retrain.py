@@ -285,3 +285,19 @@ def test_a_promotion_recorded_after_the_aliases_moved_promotes_nothing(world, ti
     assert decision == "promoted" and tracking.alias_version(name, "champion") == version
     assert promotion.rollback(name) == "1"
     assert record(run_b) == (version, "refused") and tracking.alias_version(name, "champion") == "1"
+
+
+def test_a_round_decided_in_a_run_deleted_since_says_what_to_do(world, tmp_path):
+    """state.json holds a round decided in an MLflow run that someone deleted before the round's
+    record was finished: one line naming the run and the entry to remove, before any work."""
+    from semvec import storage
+
+    run_id = tracking.log_model_dir("semvec", "deleted-challenger", Path(tmp_path), {"fingerprint": "x"})
+    world["client"].delete_run(run_id)
+    state = f"{world['prefix']}/state/state.json"
+    world["fs"].pipe(state, json.dumps({"trained": {}, "pending": {"run_id": run_id}}).encode())
+    storage.filesystem(state).invalidate_cache()
+    with pytest.raises(ConfigError, match=rf"decided in MLflow run {run_id}, which .* no longer has "
+                                          r"\(deleted\?\); remove its \"pending\" entry"):
+        run_round(load_retrain_config(None, **world["cfg"]))
+    assert json.loads(world["fs"].cat_file(state))["pending"] == {"run_id": run_id}  # left as it was

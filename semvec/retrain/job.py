@@ -51,6 +51,11 @@ def retrain(cfg: RetrainConfig) -> dict:
 def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
     state = _read_state(cfg.state)
     if state.get(PENDING):  # a round cut short after its decision: its record is finished first
+        if not tracking.run_alive(state[PENDING]["run_id"]):
+            raise ConfigError(
+                f"{storage.display(storage.join(cfg.state, STATE))} holds a round decided in MLflow run "
+                f"{state[PENDING]['run_id']}, which {storage.display(tracking.tracking_uri())} no longer "
+                f"has (deleted?); remove its \"{PENDING}\" entry there to train those snapshots again")
         log.warning("the round of run %s was cut short after its decision; recording "
                     "it now (new snapshots, if any, wait for the next round)", state[PENDING]["run_id"])
         return _record(cfg, state)

@@ -112,6 +112,12 @@ def processes_named(marker: str, root: int | None = None) -> list:
     return found
 
 
+def crash_after(write: str) -> dict[str, str]:
+    """Environment that kills a job right after its first write described by `write`
+    (semvec.crashpoints: SEMVEC_CRASH_AT with SEMVEC_CRASH_ONLY)."""
+    return {"SEMVEC_CRASH_AT": "1", "SEMVEC_CRASH_ONLY": write}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -21,7 +21,7 @@ from semvec.config import load_embed_config
 from semvec.crashpoints import kill_session
 from semvec.lease import Lease
 from semvec.testing import corpus_sentences
-from tests.conftest import REPO, VECTOR_ATOL
+from tests.conftest import REPO, VECTOR_ATOL, crash_after
 
 pytestmark = pytest.mark.slow
 
@@ -229,7 +229,7 @@ def test_an_overwrite_cut_short_is_refused_plainly_and_finished_by_overwrite(tin
         out = tmp_path / f"cut{n}"
         shutil.copytree(reference, out)
         crashed = start_cli(str(src), str(out), *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()],
-                            "--overwrite", env={"SEMVEC_CRASH_AT": "1", "SEMVEC_CRASH_ONLY": write})
+                            "--overwrite", env=crash_after(write))
         _, err = crashed.communicate(timeout=300)
         assert crashed.returncode == -9, f"no crash after {write!r}: {err[-1500:]}"
         assert not (out / "_manifest.json").exists() and glob.glob(str(out / "part-*.parquet"))
@@ -252,7 +252,7 @@ def test_a_changed_input_whose_old_parts_are_removed_part_way_then_rerun(tiny_mo
     fresh = tmp_path / "fresh"
     run(load_embed_config(None, input=str(src), output=str(fresh), **opts))
     crashed = start_cli(str(src), str(out), *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()],
-                        env={"SEMVEC_CRASH_AT": "1", "SEMVEC_CRASH_ONLY": "stale part removed"})
+                        env=crash_after("stale part removed"))
     _, err = crashed.communicate(timeout=300)
     assert crashed.returncode == -9, err[-1500:]
     assert 0 < len(glob.glob(str(out / "**" / "part-*.parquet"), recursive=True)) < 4  # of 4

@@ -27,7 +27,7 @@ from semvec.errors import ConfigError
 from semvec.retrain.config import load_retrain_config
 from semvec.retrain.job import publish_backfill, rollback
 from semvec.retrain.job import retrain as run_round
-from tests.conftest import cli, write_jsonl
+from tests.conftest import cli, crash_after, write_jsonl
 from tests.test_train import make_task_data
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def semvec_retrain(settings: dict, tmp_path: Path, crash_at: str | None = None) 
 
 
 def semvec_command(args: list[str], cwd: Path, crash_at: str | None = None) -> tuple[int, dict, str]:
-    env = dict(os.environ, **({"SEMVEC_CRASH_AT": "1", "SEMVEC_CRASH_ONLY": crash_at} if crash_at else {}))
+    env = dict(os.environ, **(crash_after(crash_at) if crash_at else {}))
     result = subprocess.run([sys.executable, "-m", "semvec.cli", *args, "--json"], capture_output=True,
                             text=True, cwd=cwd, timeout=600, env=env, start_new_session=True)
     # with --json, stdout holds the summary line alone (Ray's forwarded lines go to stderr)

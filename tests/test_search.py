@@ -18,7 +18,7 @@ from semvec.evaluate.vectors import load_vectors
 from semvec.search import open as open_index
 from semvec.search.build import build, default_nlist
 from semvec.search.config import IndexConfig, load_index_config
-from tests.conftest import REPO, cli, write_jsonl
+from tests.conftest import REPO, cli, crash_after, write_jsonl
 from tests.test_exactly_once import run_at_most
 
 
@@ -295,8 +295,7 @@ def test_an_overwrite_cut_short_then_rerun_builds_the_new_index(beir, tmp_path):
                   f"main(['index', {beir['docs']!r}, {str(ix)!r}, '--kind', 'exact', '--overwrite'])")
         done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                               timeout=300, start_new_session=True,
-                              env={**os.environ, "SEMVEC_CRASH_AT": "1",
-                                   "SEMVEC_CRASH_ONLY": f"removed {removed}"})
+                              env={**os.environ, **crash_after(f"removed {removed}")})
         assert done.returncode == -9, f"no crash after {removed} went: {done.stderr[-1500:]}"
         assert not (ix / "_index.json").exists()  # no reader opens what is left
         with pytest.raises(ConfigError, match="no _index.json"):

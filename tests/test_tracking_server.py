@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from semvec.datasets import Task
 from semvec.train.config import load_train_config
 from semvec.train.job import fit
-from tests.conftest import cli, write_jsonl
+from tests.conftest import cli, crash_after, write_jsonl
 from tests.test_train import make_task_data
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def test_register_cut_short_anywhere_then_rerun_makes_one_version(tiny_models, t
             "--alias", "champion"]
     for write in ("registered", "@champion"):
         done = subprocess.run(args, capture_output=True, text=True, timeout=300, start_new_session=True,
-                              env=dict(os.environ, SEMVEC_CRASH_AT="1", SEMVEC_CRASH_ONLY=write))
+                              env={**os.environ, **crash_after(write)})
         assert done.returncode == -9, f"no crash after {write!r}: {done.stderr[-2000:]}"
     assert models.register_model(str(tiny_models["bert"]), name, "champion") == "1"
     client = MlflowClient(mlflow_server["uri"])

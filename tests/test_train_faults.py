@@ -18,7 +18,7 @@ from semvec.datasets import Task
 from semvec.errors import JobFailed
 from semvec.train.config import load_train_config
 from semvec.train.job import RUN_RECORD, fit
-from tests.conftest import processes_named
+from tests.conftest import crash_after, processes_named
 from tests.test_train import make_task_data
 
 pytestmark = pytest.mark.slow
@@ -110,8 +110,7 @@ def test_rerun_with_the_same_name_resumes_a_killed_job_and_a_crashed_publish(ray
     # a rerun killed right after its MLflow run is marked finished (its model logged and registered
     # as v1), before the run's own record says so
     third = subprocess.run(cmd, cwd=tmp_path, start_new_session=True, capture_output=True, text=True,
-                           timeout=600, env={**env, "SEMVEC_CRASH_AT": "1",
-                                             "SEMVEC_CRASH_ONLY": "mlflow: run finished"})
+                           timeout=600, env={**env, **crash_after("mlflow: run finished")})
     assert third.returncode == -9, third.stderr[-2000:]
 
     # the last rerun in this process, on the tests' Ray: what it resumes from is on disk and in
@@ -178,7 +177,7 @@ def test_checkpoints_replaced_part_way_then_rerun(tmp_path):
               f"crashpoints.arm(); _keep_or_clear_checkpoints({str(run_dir)!r}, 'new', 'run', False)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           start_new_session=True,
-                          env=dict(os.environ, SEMVEC_CRASH_AT="1", SEMVEC_CRASH_ONLY="train: removed"))
+                          env={**os.environ, **crash_after("train: removed")})
     assert done.returncode == -9, done.stderr[-2000:]
     assert len(list(run_dir.glob("checkpoint_*"))) == 1 and _read_record(str(run_dir))["settings"] == "old"
     record = _keep_or_clear_checkpoints(str(run_dir), "new", "run", False)

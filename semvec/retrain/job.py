@@ -73,8 +73,8 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
     # copied to the replay store first, and trained from the copies: what is trained on, replayed
     # later and hashed is one read of each file. Later rounds replay a copy once state.json lists
     # its snapshot as trained (a round cut short before its decision trains again on it as new).
-    new = [(f, h, _keep_for_replay(cfg, f, h)) for f, h in new]
-    state[PENDING] = _round(cfg, champion, new)
+    kept = [(f, h, _keep_for_replay(cfg, f, h)) for f, h in new]
+    state[PENDING] = _round(cfg, champion, kept)
     # written ahead: from here a rerun records this decision, and neither trains nor scores again
     storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode(),
                        what="retrain: decision")
@@ -134,6 +134,8 @@ def _check(cfg: RetrainConfig) -> None:
 
 
 def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
+    """Train a challenger on the new snapshots ((file, hash, replay copy) each), score it against
+    the champion and decide; returns the decision as state.json's pending round holds it."""
     from semvec.train.job import fit
 
     champion_dir = models.resolve_model(f"models:/{cfg.name}/{champion}")

@@ -52,32 +52,35 @@ class Lock:
                     f"another retraining holds {storage.display(self.uri)} (host {held.get('host')}, "
                     f"pid {held.get('pid')}, for {age:.0f} s; stale after {self.timeout_s:.0f} s)")
             if self._read() != held:  # another run took it over first
-                raise LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
+                raise self._raced()
             self.took_stale = held  # its holder died: take it over
             try:
                 self.fs.rm(self.path)
             except FileNotFoundError:
-                raise LockHeld(f"another retraining took {storage.display(self.uri)} at the same "
-                               "moment") from None
+                raise self._raced() from None
         data = json.dumps(record).encode()
         if storage.is_remote(self.uri):
             storage.write_atomic(self.fs, self.path, data)
-            time.sleep(1.0)
-            if (self._read() or {}).get("token") != self.token:
-                raise LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
+            self._read_back()
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            raise LockHeld(
-                f"another retraining took {storage.display(self.uri)} at the same moment") from None
+            raise self._raced() from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         if self.took_stale is not None:  # two runs taking one stale lock over: read back, as on S3
-            time.sleep(1.0)
-            if (self._read() or {}).get("token") != self.token:
-                raise LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
+            self._read_back()
+
+    def _read_back(self) -> None:
+        """Held only if the lock, read a second after this run wrote it, still carries its token."""
+        time.sleep(1.0)
+        if (self._read() or {}).get("token") != self.token:
+            raise self._raced()
+
+    def _raced(self) -> LockHeld:
+        return LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
 
     def release(self) -> None:
         if (self._read() or {}).get("token") == self.token:

@@ -161,12 +161,14 @@ def recall(found: list[list[str]], exact: list[list[str]]) -> float:
 
 def measure(scale: str, vectors: Path, queries: np.ndarray, out: Path) -> list[dict]:
     from semvec.search import open_index
+    from semvec.search.store import files_of
 
     rows, exact = [], None
     for kind in ("exact", "hnsw", "ivf"):
         target = out / f"index-{scale}-{kind}"
         built = semvec("index", str(vectors), str(target), "--kind", kind, "--overwrite")
         index = open_index(str(target))
+        index_bytes = index.record["files"][files_of(index.record)["index"]]["bytes"]
         for setting in SWEEP[kind]:
             api, bare, found = qps(index, queries, setting)
             exact = exact if exact is not None else found
@@ -174,7 +176,7 @@ def measure(scale: str, vectors: Path, queries: np.ndarray, out: Path) -> list[d
                    "recall@10": round(recall(found, exact), 4), "queries_per_s": round(api, 1),
                    "bare_queries_per_s": round(bare, 1),
                    "build_s": built.get("seconds"), "built_on": index.record.get("built_on"),
-                   "params": index.record["params"], "index_bytes": (target / "index.faiss").stat().st_size}
+                   "params": index.record["params"], "index_bytes": index_bytes}
             print(json.dumps(row), flush=True)
             rows.append(row)
         del index

@@ -80,7 +80,8 @@ def special_tokens(tok) -> int:
 def check_windows(tok, chunk_tokens: int, overlap: int, max_length: int) -> int:
     """The content tokens per window, or a one-line ConfigError for settings the model cannot take."""
     if chunk_tokens > max_length:
-        raise ConfigError(f"chunk_tokens {chunk_tokens} exceeds the model's max_length {max_length}; "
+        raise ConfigError(f"chunk_tokens {chunk_tokens} exceeds max_length {max_length} (--max-length, "
+                          "else the model's own); "
                           f"allowed: {special_tokens(tok) + 1} to {max_length}")
     size = chunk_tokens - special_tokens(tok)
     if size < 1:

@@ -388,8 +388,8 @@ def _words(args) -> dict:
     if not args.json:
         print(f"semvec words: {s['words']:,} words x {s['dim']} dims ({s['kind']} model, {s['format']}) "
               f"in {s['seconds']} s; {s['blank_lines']} blank line(s) skipped, {s['duplicates']} "
-              f"repeated line(s) kept once, {s['unknown']} word(s) only unknown pieces; "
-              f"output {s['output']}")
+              f"repeated line(s) kept once, {s['unknown']} word(s) only unknown pieces, "
+              f"{s['no_pieces']} with no piece; output {s['output']}")
     return s
 
 
@@ -415,10 +415,13 @@ def _search(args) -> dict:
         raise ConfigError("--output goes with --queries; --query answers print to stdout")
     if args.k < 1:
         raise ConfigError(f"-k must be an integer >= 1, got {args.k}")
+    if args.query and (args.id_field or args.text_field != "text"):
+        raise ConfigError("--text-field and --id-field read a --queries file; --query is the text itself")
     if args.queries:
         check_output(args.queries, args.output)
     opened = open_index(args.index)
     tuning = {"ef_search": args.ef_search, "nprobe": args.nprobe}
+    opened.check_tuning(args.k, **tuning)  # before a model loads or a query is read
     if args.queries:
         summary = search_file(opened, args.queries, args.output, args.k, args.text_field,
                               args.id_field, args.model, **tuning)

@@ -19,6 +19,7 @@ import logging
 import math
 import posixpath
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from enum import Enum
 
@@ -164,8 +165,13 @@ def read_beir(corpus: str, queries: str, qrels: str) -> tuple[dict, dict, dict]:
             raise ConfigError(f"{name} line {exc.row}: {exc}") from None
         return rows
 
+    records = jsonl(corpus, ("_id",))
     docs = {str(d["_id"]): (str(d.get("title") or "") + " " + str(d.get("text") or "")).strip()
-            for d in jsonl(corpus, ("_id",))}
+            for d in records}
+    if len(docs) < len(records):  # a dict keeps the last: said, as the backfill says its repeats
+        example = next(i for i, n in Counter(str(d["_id"]) for d in records).items() if n > 1)
+        log.warning("%s: %d document(s) repeat an _id another has (e.g. %r); the last of each is "
+                    "scored", storage.display(corpus), len(records) - len(docs), example[:80])
     judged: dict[str, dict[str, int]] = {}
     name = storage.display(qrels)
     cells = _tab_cells(_decode(_read_bytes(qrels, name), name, latin1=False))

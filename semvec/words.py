@@ -194,6 +194,12 @@ def export_words(config: WordsConfig) -> dict:
     encoder = Encoder(model_dir, batch_tokens=config.batch_tokens)
     _report(words, config.vocab)
     vectors, pieces, unknown = word_vectors(encoder, words.words)
+    if not pieces.all():
+        empty = [w for w, n in zip(words.words, pieces, strict=True) if n == 0]
+        log.warning("vocab %s: %d word(s) have no piece in this model's vocabulary (e.g. %r): their "
+                    "vectors carry no meaning (a static model's is zero, a transformer's pools only "
+                    "its special tokens); n_pieces is 0 in parquet", storage.display(config.vocab),
+                    len(empty), empty[0][:80])
     data = (word2vec_bytes(words.words, vectors) if config.format == WordFormat.WORD2VEC
             else parquet_bytes(words.words, vectors, pieces))
     fs = storage.filesystem(config.output)

@@ -51,6 +51,11 @@ def test_judged_documents_missing_from_the_corpus_count_and_are_said(tmp_path, c
     assert r["judged_not_in_corpus"] == 1 and r["recall@100"] == pytest.approx(0.75)
     assert "1 judgement(s) of these queries name documents not in corpus" in caplog.text
     assert "'gone'" in caplog.text
+    # a repeated document id kept its last record without a word
+    with open(files[0], "a") as f:
+        f.write(json.dumps({"_id": "d2", "title": "", "text": "again"}) + "\n")
+    assert read_beir(*files)[0]["d2"] == "again"
+    assert "1 document(s) repeat an _id another has (e.g. 'd2'); the last of each is scored" in caplog.text
 
 
 def test_a_retrieval_suite_on_s3_reads_as_the_local_one(tmp_path, s3_env):
@@ -209,3 +214,42 @@ def test_the_data_is_read_before_the_model_loads(tmp_path, kind):
                                                             "qrels": missing}
     with pytest.raises(ConfigError, match=r"missing.jsonl'? does not exist"):
         evaluate.evaluate(kind, model=str(tmp_path / "no-model"), **files)
+
+
+def test_query_vectors_of_another_model_and_flags_nothing_reads_are_refused(tiny_models, tmp_path, capsys):
+    """Query vectors from another model (an older one of the same dim, say) were scored as if they
+    matched; a flag the chosen scoring does not read was ignored without a word."""
+    from semvec.compress.config import load_compress_config
+    from semvec.compress.job import run as compress
+
+    files = _beir(tmp_path, [("q1", "d1", 1), ("q2", "d2", 1)])
+    corpus, queries, qrels = files
+    for name, src, model in (("docs", corpus, "bert"), ("q-bert", queries, "bert"),
+                             ("q-gpt", queries, "gpt")):
+        run(load_embed_config(None, input=src, output=str(tmp_path / name), model=str(tiny_models[model]),
+                              id_field="_id"))
+    compress(load_compress_config(None, vectors=str(tmp_path / "docs"), output=str(tmp_path / "packed"),
+                                  quantize="int8"))
+    beir = {"corpus": corpus, "queries": queries, "qrels": qrels}
+    for docs in ("docs", "packed"):
+        assert evaluate.evaluate("retrieval", vectors=str(tmp_path / docs),
+                                 query_vectors=str(tmp_path / "q-bert"), **beir)["queries"] == 2
+        with pytest.raises(ConfigError, match=r"query vectors .*q-gpt.* have fingerprint .*: queries must be "
+                                              "embedded by the same model"):
+            evaluate.evaluate("retrieval", vectors=str(tmp_path / docs),
+                              query_vectors=str(tmp_path / "q-gpt"), **beir)
+    # the queries looked up in the documents' own output, where they are not: the error says why
+    with pytest.raises(ConfigError, match="without --query-vectors the queries are looked up in --vectors"):
+        evaluate.evaluate("retrieval", vectors=str(tmp_path / "docs"), **beir)
+    q, docs = str(tmp_path / "q-bert"), str(tmp_path / "docs")
+    ignored = [({"query_vectors": q}, "--query-vectors goes with --vectors or --index"),
+               ({"model": "bundled", "vectors": docs}, "give --model or --vectors, not both"),
+               ({"model": "bundled", "index": str(tmp_path / "ix"), "query_vectors": q},
+                "with --query-vectors nothing is embedded")]
+    for flags, says in ignored:
+        with pytest.raises(ConfigError, match=says):
+            evaluate.evaluate("retrieval", **flags, **beir)
+    with pytest.raises(ConfigError, match="--query-vectors and --index are retrieval's"):
+        evaluate.evaluate("sts", data=corpus, query_vectors=str(tmp_path / "q-bert"))
+    with pytest.raises(ConfigError, match="give --model or --vectors, not both"):
+        evaluate.evaluate("sts", data=corpus, model="bundled", vectors=str(tmp_path / "docs"))

@@ -5,6 +5,7 @@ a crash after every write of a build and of a batch search, each followed by a r
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ from semvec.evaluate.vectors import load_vectors
 from semvec.search import open as open_index
 from semvec.search.build import build, default_nlist
 from semvec.search.config import IndexConfig, load_index_config
-from tests.conftest import REPO, cli, crash_after, write_jsonl
+from semvec.search.store import IndexDir, files_of
+from tests.conftest import REPO, cli, write_jsonl
 from tests.test_exactly_once import run_at_most
 
 
@@ -134,9 +136,9 @@ def test_an_index_built_from_and_to_the_s3_server_is_queried_there(beir, s3_env,
     summary = json.loads(out)
     assert (summary["rows"], summary["kind"], summary["built"]) == (beir["n_docs"], "ivf", True)
     assert s3_env["secret"] not in out + err
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{prefix}/ix")) == \
-        ["_index.json", "ids.parquet", "index.faiss"]  # the lease is gone with its holder
     record = json.loads(fs.cat(f"{prefix}/ix/_index.json"))
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{prefix}/ix")) == \
+        sorted(["_index.json", *record["files"]])  # the lease is gone with its holder
     assert record["source"]["uri"] == src and s3_env["secret"] not in json.dumps(record)
 
     # queried from the store, by the API and by a batch search writing back to the store
@@ -188,6 +190,15 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
         (["search", str(tmp_path / "nothing"), "--query", "x", "-k", "0"], "-k must be an integer >= 1"),
         (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "q.jsonl"), "--output",
           str(tmp_path / "q.jsonl")], "is the queries file"),
+        # among the queries (a rerun would read the answers as queries), a folder, or --query's
+        (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path), "--output",
+          str(tmp_path / "answers.jsonl")], "lies among the queries"),
+        (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "*.jsonl"), "--output",
+          str(tmp_path / "answers.jsonl")], "lies among the queries"),
+        (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "q.jsonl"), "--output",
+          str(tmp_path / "empty")], "is a directory; give a file name"),
+        (["search", str(tmp_path / "nothing"), "--query", "x", "--id-field", "qid"],
+         "--text-field and --id-field read a --queries file"),
     ]
     for argv, says in cases:
         code, out, err = cli(capsys, *argv)
@@ -195,7 +206,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
     assert not (tmp_path / "a").exists()
     # a file changed under its record is refused when the index is opened
     index(beir["docs"], tmp_path / "ix")
-    ids = tmp_path / "ix" / "ids.parquet"
+    ids = tmp_path / "ix" / files_of(json.loads((tmp_path / "ix" / "_index.json").read_text()))["ids"]
     ids.write_bytes(ids.read_bytes()[:-10])
     code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x")
     assert code == 2 and "not the file its _index.json describes" in err
@@ -208,6 +219,12 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
     assert code == 2 and "nprobe tunes ivf indexes; the index at" in error_line(err) and "is exact" in err
     code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--query", "x", "--query", "  ")
     assert code == 2 and "query 2 of 2 is empty" in error_line(err) and not out
+    # a file of queries is refused the same before it is read: nothing written, even with no good row
+    write_jsonl(tmp_path / "bad.jsonl", [{"text": ""}])
+    code, out, err = cli(capsys, "search", str(tmp_path / "ix"), "--queries", str(tmp_path / "bad.jsonl"),
+                         "--output", str(tmp_path / "answers.jsonl"), "--ef-search", "8")
+    assert code == 2 and "(--ef-search) tunes hnsw indexes" in error_line(err)
+    assert not (tmp_path / "answers.jsonl").exists()
     with pytest.raises(ConfigError, match="hnsw_m must be an integer >= 2"):
         IndexConfig("a", "b", hnsw_m=1)
 
@@ -217,7 +234,13 @@ def test_search_defaults_change_the_record_only_and_overwrite_rebuilds(beir, tmp
     again = index(beir["docs"], tmp_path / "ix", kind="hnsw", ef_search=32)
     assert again["built"] is False and again["params"]["ef_search"] == 32
     assert open_index(str(tmp_path / "ix")).record["params"]["ef_search"] == 32
-    assert index(beir["docs"], tmp_path / "ix", kind="hnsw", seed=7)["built"] is False  # ivf's seed
+    # a setting of another kind was ignored; it is refused, as `semvec search` refuses it
+    for kind, setting, says in (("hnsw", {"seed": 7}, "seed (--seed) tunes ivf indexes; this index is hnsw"),
+                                ("exact", {"nprobe": 8}, "nprobe (--nprobe) tunes ivf"),
+                                ("ivf", {"hnsw_m": 16}, "hnsw_m (--hnsw-m) tunes hnsw"),
+                                ("exact", {"ef_search": 64}, "ef_search (--ef-search) tunes hnsw")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            index(beir["docs"], tmp_path / "ix", kind=kind, **setting)
     assert index(beir["docs"], tmp_path / "ix", kind="hnsw", overwrite=True)["built"] is True
 
 
@@ -248,7 +271,7 @@ def test_crash_after_every_write_of_a_build_and_a_batch_search_then_rerun(beir, 
         hits = opened.search_vectors(np.stack(list(load_vectors(beir["queries"]).values())), 5)
         return {"ids": opened.ids, "hits": [h.ids for h in hits], "files": record["files"],
                 "index_hash": record["index_hash"],
-                "leftovers": [p.name for p in ix.iterdir() if ".tmp-" in p.name]}
+                "names": sorted(p.name for p in ix.iterdir() if p.name != "answers.jsonl")}
 
     settings = {"kind": "ivf", "nlist": 4}
     index(beir["docs"], tmp_path / "ref", **settings)
@@ -282,28 +305,82 @@ def test_crash_after_every_write_of_a_build_and_a_batch_search_then_rerun(beir, 
     assert (crashes[writes] / "answers.jsonl").read_text() == answers
 
 
-def test_an_overwrite_cut_short_then_rerun_builds_the_new_index(beir, tmp_path):
-    """--overwrite removes the old index (the record first, so no reader opens a mix) before the
-    new one is built. Killed after each removal, the rerun builds what an uncut one builds."""
+def test_an_overwrite_answers_readers_until_its_record_and_a_cut_one_reruns(beir, tmp_path):
+    """--overwrite writes the new files beside the old index, which answers every reader until the
+    new record replaces its own; then the files no record names go. Killed after each of those
+    writes, a reader opens the old index or the new one, whole, and the rerun leaves what an uncut
+    rebuild leaves."""
     reference = tmp_path / "reference"
     index(beir["docs"], reference, kind="exact")
     want = json.loads((reference / "_index.json").read_text())
-    for removed in ("_index.json", "index.faiss", "ids.parquet"):
-        ix = tmp_path / f"cut-{removed}"
-        index(beir["docs"], ix, kind="ivf", nlist=4)
+    queries = np.stack(list(load_vectors(beir["queries"]).values()))
+    # lease, index file, ids file (the old one's name: the same ids), record, the old index file removed
+    writes = 5
+    crashes = {n: tmp_path / f"cut{n}" for n in range(2, writes + 1)}
+
+    def start(n: int, ix: Path) -> subprocess.Popen:
         script = ("from semvec.cli import main; "
                   f"main(['index', {beir['docs']!r}, {str(ix)!r}, '--kind', 'exact', '--overwrite'])")
-        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                              timeout=300, start_new_session=True,
-                              env={**os.environ, **crash_after(f"removed {removed}")})
-        assert done.returncode == -9, f"no crash after {removed} went: {done.stderr[-1500:]}"
-        assert not (ix / "_index.json").exists()  # no reader opens what is left
-        with pytest.raises(ConfigError, match="no _index.json"):
-            open_index(str(ix))
-        index(beir["docs"], ix, kind="exact", overwrite=True)
+        return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "SEMVEC_CRASH_AT": str(n)}, start_new_session=True)
+
+    for ix in crashes.values():
+        index(beir["docs"], ix, kind="ivf", nlist=2)
+        old_hits = [h.ids for h in open_index(str(ix)).search_vectors(queries, 5)]
+    codes = run_at_most(3, {n: (lambda n=n, ix=ix: start(n, ix)) for n, ix in crashes.items()})
+    for n, ix in crashes.items():
+        assert codes[n][0] == -9, f"no crash at write {n}: {codes[n][1][-1500:]}"
+        opened = open_index(str(ix))
+        if n < 4:  # before the new record: the old index answers, as it did
+            assert opened.kind == "ivf" and [h.ids for h in opened.search_vectors(queries, 5)] == old_hits
+            assert index(beir["docs"], ix, kind="exact", overwrite=True)["built"] is True
+        else:  # the new record is there: the new index answers; the rerun only removes what is left
+            assert opened.record["index_hash"] == want["index_hash"]
+            assert index(beir["docs"], ix, kind="exact")["built"] is False
         got = json.loads((ix / "_index.json").read_text())
-        assert (got["index_hash"], got["files"]) == (want["index_hash"], want["files"]), removed
+        assert (got["index_hash"], got["files"]) == (want["index_hash"], want["files"]), n
+        assert sorted(p.name for p in ix.iterdir()) == sorted(p.name for p in reference.iterdir()), n
         assert open_index(str(ix)).ids == open_index(str(reference)).ids
+
+
+def test_a_reader_whose_files_went_with_a_rebuild_reads_the_new_record(beir, tmp_path):
+    ix = tmp_path / "ix"
+    index(beir["docs"], ix, kind="ivf", nlist=2)
+    before = json.loads((ix / "_index.json").read_text())
+
+    class LateReader(IndexDir):
+        """A reader that read the record just before a rebuild replaced it and removed its files."""
+        reads = 0
+
+        def read_record(self):
+            self.reads += 1
+            return before if self.reads == 1 else super().read_record()
+
+    index(beir["docs"], ix, kind="exact", overwrite=True)
+    assert not (ix / files_of(before)["index"]).exists()  # the ids, the same, kept their file
+    record, _, ids = LateReader(str(ix)).read()
+    assert record["kind"] == "exact" and len(ids) == beir["n_docs"]
+    # a file gone under a record that stays is refused in one line
+    (ix / files_of(record)["index"]).unlink()
+    with pytest.raises(ConfigError, match=r"lacks index-[0-9a-f]{16}\.faiss: rebuild it"):
+        open_index(str(ix))
+
+
+def test_an_index_built_before_files_were_named_by_content_still_opens(beir, tmp_path):
+    ix = tmp_path / "ix"
+    index(beir["docs"], ix, kind="exact")
+    record = json.loads((ix / "_index.json").read_text())
+    legacy = {}
+    for role, name in files_of(record).items():
+        old = {"index": "index.faiss", "ids": "ids.parquet"}[role]
+        (ix / name).rename(ix / old)
+        legacy[old] = {k: v for k, v in record["files"][name].items() if k != "role"}
+    (ix / "_index.json").write_text(json.dumps({**record, "files": legacy}))
+    assert len(open_index(str(ix)).ids) == beir["n_docs"]
+    # a rebuild of other settings replaces it and removes the old names
+    index(beir["docs"], ix, kind="hnsw", overwrite=True)
+    assert not (ix / "index.faiss").exists() and not (ix / "ids.parquet").exists()
+    assert open_index(str(ix)).kind == "hnsw"
 
 
 def test_ivf_searches_one_list_in_20_by_default():
@@ -338,3 +415,37 @@ def test_repeated_ids_are_counted_and_said_at_build(tiny_models, tmp_path, caplo
     assert "3 vectors of" in caplog.text and "repeat an id another vector has (e.g. 'a')" in caplog.text
     assert json.loads((tmp_path / "ix" / "_index.json").read_text())["duplicate_ids"] == 3
     assert index(str(tmp_path / "v"), tmp_path / "ix")["duplicate_ids"] == 3  # found built: the same
+
+
+def test_vectors_re_embedded_from_an_edited_input_are_not_found_built(tiny_models, tmp_path):
+    """An input edited in place keeps its row count, so the backfill's re-embedded parts keep their
+    names and rows; the index and the compressed output said "already built" and went on serving the
+    old vectors. The inputs' versions are part of what they were made from now."""
+    from semvec.backfill.job import run as backfill
+    from semvec.compress.config import load_compress_config
+    from semvec.compress.job import run as compress
+    from semvec.config import load_embed_config
+
+    src = tmp_path / "q.jsonl"
+    texts = ["my card has not arrived", "how do I top up", "change my PIN", "where is my new card",
+             "top up by bank transfer", "the exchange rate was wrong", "I lost my phone", "close my account"]
+    write_jsonl(src, [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    embed = load_embed_config(None, input=str(src), output=str(tmp_path / "v"),
+                              model=str(tiny_models["bert"]), id_field="id")
+    backfill(embed)
+    index(str(tmp_path / "v"), tmp_path / "ix")
+    pack = {"vectors": str(tmp_path / "v"), "output": str(tmp_path / "c"), "quantize": "int8"}
+    compress(load_compress_config(None, **pack))
+    before = open_index(str(tmp_path / "ix")).search_vectors(np.ones((1, 32), np.float32), 8)[0]
+
+    write_jsonl(src, [{"id": str(i), "text": t} for i, t in enumerate(reversed(texts))])
+    os.utime(src, (os.stat(src).st_atime, os.stat(src).st_mtime + 10))
+    backfill(embed)  # the changed input's stale parts are replaced: same names, same rows
+    with pytest.raises(OutputMismatch, match="other settings or from other vectors"):
+        index(str(tmp_path / "v"), tmp_path / "ix")
+    with pytest.raises(OutputMismatch, match="other settings or from other"):
+        compress(load_compress_config(None, **pack))
+    assert index(str(tmp_path / "v"), tmp_path / "ix", overwrite=True)["built"] is True
+    after = open_index(str(tmp_path / "ix")).search_vectors(np.ones((1, 32), np.float32), 8)[0]
+    assert sorted(after.ids) == sorted(before.ids) and after.ids != before.ids
+    assert compress(load_compress_config(None, **pack, overwrite=True))["vectors"] == 8

@@ -5,6 +5,7 @@ server), word2vec files gensim reads, and one-line errors."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -342,6 +343,23 @@ def test_words_to_parquet_with_pieces(static_model, tmp_path):
     assert pieces["cat"] == 1 and pieces["zebra"] == 5 and pieces["new york"] == 7  # z ##e ##b ##r ##a
     vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
     assert np.allclose(vectors, Encoder(static_model).encode_texts(WORDS + ["new york"]), atol=1e-6)
+
+
+def test_a_word_with_no_piece_is_counted_and_warned(static_model, tmp_path, capsys, caplog):
+    vocab = tmp_path / "words.txt"
+    vocab.write_text("cat\n\u200b\ndog\n")  # a zero-width space: not blank, and BERT drops it
+    logger = logging.getLogger("semvec.words")  # semvec's own handler may not propagate
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="semvec.words"):
+            code = main(["words", "--model", str(static_model), "--vocab", str(vocab), "--output",
+                         str(tmp_path / "w.parquet"), "--format", "parquet"])
+    finally:
+        logger.removeHandler(caplog.handler)
+    out = capsys.readouterr().out
+    assert code == 0 and "3 words x" in out and "only unknown pieces, 1 with no piece; output" in out
+    assert "1 word(s) have no piece in this model's vocabulary (e.g. '\\u200b')" in caplog.text
+    assert pq.read_table(tmp_path / "w.parquet")["n_pieces"].to_pylist() == [1, 0, 1]
 
 
 # ---------------------------------------------------------------- errors and cards

@@ -38,12 +38,18 @@ class Source:
         return sum(p.rows for p in self.parts)
 
     def identity(self) -> str:
-        """What the compressed output was made from: the backfill's config hash and its parts.
+        """What an index or compressed output was made from: the backfill's config hash, its parts,
+        and the version (ETag or mtime) and size of each input it embedded.
 
-        A backfill never replaces a committed part with other rows, so names and row counts name
-        the vectors; a source re-embedded with other settings or other inputs has another identity.
+        Parts are named by input and row range, so a changed input file re-embedded in place (the
+        backfill replaces its stale parts) or an --overwrite of edited text keeps the names and
+        row counts: only the inputs' versions tell those vectors from the old ones. A source
+        re-embedded with other settings or other inputs has another identity.
         """
-        blob = json.dumps([self.manifest.get("config_hash"), [(p.name, p.rows) for p in self.parts]])
+        inputs = sorted((i.get("source"), i.get("size"), i.get("version"))
+                        for i in self.manifest.get("inputs") or [])
+        blob = json.dumps([self.manifest.get("config_hash"), [(p.name, p.rows) for p in self.parts],
+                           inputs])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def lineage(self) -> dict:

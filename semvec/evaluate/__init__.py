@@ -55,11 +55,18 @@ def evaluate(kind: Kind | str, *, model: str | None = None, vectors: str | None 
                               "not --vectors")
         return evaluate_labelled(_need(model, "model", kind), _need(data, "data", kind), kind.value)
     if kind == Kind.STS:
+        if query_vectors or index:
+            raise ConfigError("evaluate sts scores pairs of sentences: --query-vectors and --index are "
+                              "retrieval's")
+        _refuse_ignored(model, vectors, None, None)
         embed = vector_embedder(vectors) if vectors else model_embedder(model or "bundled")
         return evaluate_sts(embed, _need(data, "data", kind))
     files = [_need(corpus, "corpus", kind), _need(queries, "queries", kind), _need(qrels, "qrels", kind)]
+    _refuse_ignored(model, vectors, query_vectors, index)
     if index:
         return _retrieval_on_index(index, files, model, vectors, query_vectors)
+    if vectors and query_vectors:
+        _same_model(vectors, query_vectors)
     if vectors and is_compressed(vectors):
         if not query_vectors:
             raise ConfigError(f"vectors {storage.display(vectors)!r} are compressed: give --query-vectors, "
@@ -74,8 +81,10 @@ def evaluate(kind: Kind | str, *, model: str | None = None, vectors: str | None 
         return evaluate_retrieval(None, vector_embedder(query_vectors), *files, by_id=True,
                                   index_docs=best_chunk_index(chunk_embedder(vectors)))
     if vectors:
-        return evaluate_retrieval(vector_embedder(vectors), vector_embedder(query_vectors or vectors),
-                                  *files, by_id=True)
+        queries_from = vector_embedder(query_vectors) if query_vectors else vector_embedder(
+            vectors, hint=": without --query-vectors the queries are looked up in --vectors; give "
+                          "--query-vectors, a backfill output of the queries (--id-field _id)")
+        return evaluate_retrieval(vector_embedder(vectors), queries_from, *files, by_id=True)
     embed = model_embedder(model or "bundled")
     return evaluate_retrieval(embed, embed, *files)
 
@@ -95,6 +104,33 @@ def _retrieval_on_index(index: str, files: list[str], model: str | None, vectors
                                   index_docs=docs)
     opened.encoder(model)  # another model is refused before any query is embedded
     return evaluate_retrieval(None, lambda texts: opened.embed(texts, model), *files, index_docs=docs)
+
+
+def _refuse_ignored(model: str | None, vectors: str | None, query_vectors: str | None,
+                    index: str | None) -> None:
+    """A flag that the chosen way of scoring would not read was ignored without a word."""
+    if query_vectors and not (vectors or index):
+        raise ConfigError("--query-vectors goes with --vectors or --index (the documents' stored "
+                          "vectors); to embed the queries with a model, give --model alone")
+    if model and vectors:
+        raise ConfigError("give --model or --vectors, not both: stored vectors are scored as they are")
+    if model and index and query_vectors:
+        raise ConfigError("--model embeds the queries for --index; with --query-vectors nothing is "
+                          "embedded: drop one")
+
+
+def _same_model(vectors: str, query_vectors: str) -> None:
+    """Query vectors of another model than the documents' (an older model of the same dim, say)
+    would be scored as if they matched: refused by fingerprint, as an index refuses them."""
+    docs = OutputDir(vectors).read_manifest() or {}
+    model = docs.get("model") or (docs.get("source") or {}).get("model") or {}  # compressed: its source's
+    found = ((OutputDir(query_vectors).read_manifest() or {}).get("model") or {}).get("fingerprint")
+    # no fingerprint: not a backfill output (compressed, say), refused as such when read
+    if model.get("fingerprint") and found and found != model["fingerprint"]:
+        raise ConfigError(f"query vectors {storage.display(query_vectors)!r} have fingerprint "
+                          f"{str(found)[:12]}, but the vectors at {storage.display(vectors)!r} are of "
+                          f"{model.get('reference')!r} (fingerprint {model['fingerprint'][:12]}): "
+                          "queries must be embedded by the same model")
 
 
 def _need(value: str | None, name: str, kind: Kind) -> str:

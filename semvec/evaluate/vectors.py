@@ -106,7 +106,8 @@ def _matrix(table: pa.Table) -> np.ndarray:
     return table["embedding"].combine_chunks().values.to_numpy().reshape(-1, dim)
 
 
-def vector_embedder(prefix: str) -> Embed:
+def vector_embedder(prefix: str, hint: str = "") -> Embed:
+    """ids -> their stored vectors, every id present (else a ConfigError, `hint` appended)."""
     lookup = load_vectors(prefix)
 
     def embed(keys: list[str]) -> np.ndarray:
@@ -114,7 +115,7 @@ def vector_embedder(prefix: str) -> Embed:
         if missing:
             raise ConfigError(
                 f"{len(missing)} ids are not in the vectors at {storage.display(prefix)!r}, "
-                f"e.g. {missing[0][:80]!r}"
+                f"e.g. {missing[0][:80]!r}{hint}"
             )
         return np.stack([lookup[k] for k in keys])
 

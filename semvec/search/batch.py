@@ -10,6 +10,7 @@ row is lost. The output is written whole, once, at the end (a rerun after a cras
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 
@@ -23,11 +24,19 @@ MAX_CHARS = 200_000  # as the backfill's default: a longer query is an error lin
 
 
 def check_output(queries: str, output: str) -> None:
-    """Refuse answers written over the queries file, before any work."""
-    same_store = storage.is_remote(output) == storage.is_remote(queries)
-    if same_store and storage.strip(output) == storage.strip(queries):
-        raise ConfigError(f"--output {storage.display(output)!r} is the queries file; write the "
-                          "answers elsewhere")
+    """Refuse, before any work, answers written over the queries or among them (inside the
+    queries' folder, or matching their glob: a rerun would read them as queries), and an output
+    that cannot be written (a folder, a place not writable)."""
+    if storage.is_remote(output) == storage.is_remote(queries):
+        out, q = storage.strip(output), storage.strip(queries).rstrip("/")
+        if out == q:
+            raise ConfigError(f"--output {storage.display(output)!r} is the queries file; write the "
+                              "answers elsewhere")
+        if out.startswith(q + "/") or (any(c in q for c in "*?[") and fnmatch.fnmatchcase(out, q)):
+            raise ConfigError(f"--output {storage.display(output)!r} lies among the queries "
+                              f"{storage.display(queries)!r}: a rerun would read the answers as "
+                              "queries; write them elsewhere")
+    storage.check_file_writable(output, "--output")
 
 
 def search_file(index: SearchIndex, queries: str, output: str, k: int = 10, text_field: str = "text",
@@ -35,7 +44,7 @@ def search_file(index: SearchIndex, queries: str, output: str, k: int = 10, text
     """Answer every query row of `queries` into the jsonl file `output`; the summary."""
     t0 = time.time()
     check_output(queries, output)
-    storage.check_writable(output.rsplit("/", 1)[0] if "/" in output else ".")
+    index.check_tuning(k, **tuning)
     rows = read_all_rows(queries, text_field, id_field, MAX_CHARS, "queries file")
     good = [i for i, r in enumerate(rows) if r[4] is None]
     index.encoder(model)  # the model and its fingerprint checked before any query is embedded

@@ -3,14 +3,16 @@
     plan (checks, before Ray) -> lease on the index prefix -> an index of this hash there already:
     done -> else vectors read (Ray tasks, one per part, for large sources) -> exact / hnsw: added
     in label order; ivf: lists trained on a seeded sample, then one shard per group of parts added
-    by Ray tasks and merged in label order -> index.faiss, ids.parquet, _index.json -> lease released
+    by Ray tasks and merged in label order -> index-<sha>.faiss, ids-<sha>.parquet, _index.json ->
+    files no record names removed -> lease released
 
 Vectors are L2-normalised and scored by inner product: cosine, as `semvec evaluate` scores them.
 A vector's label is its position over the source's parts in name order, so every build of the
 same source labels alike. Why a crash anywhere ends, after a rerun, in the index of an
 uninterrupted build: nothing counts as built until _index.json is written, last, naming the two
 files' sizes and hashes; a rerun that finds no record (or one of another hash, with --overwrite)
-builds again from the source alone, and an index of this hash is never rebuilt.
+builds again from the source alone, and an index of this hash is never rebuilt. An index there
+before (--overwrite) is left to readers until the new record replaces its own (semvec.search.store).
 """
 
 from __future__ import annotations
@@ -114,8 +116,9 @@ def build(config: IndexConfig) -> dict:
             if record.get("params") != params:  # only the search defaults changed
                 record = {**record, "params": params}
                 out.write_record(record)
+            out.remove_unnamed(record)  # what a build cut short after its record left
             return _summary(record, config.index, built=False, seconds=time.time() - t0)
-        out.clear()
+        # an index there (--overwrite, or files damaged) answers readers until the new record
         if p.on_ray:
             init_ray({**quiet_worker_env(), **crashpoints.worker_env()})
         index, ids, t_train = _build_index(p)
@@ -127,7 +130,7 @@ def build(config: IndexConfig) -> dict:
         still_ours()
         record = _record(p, index, time.time() - t0, t_train)
         record["duplicate_ids"] = _repeated(ids, config.vectors)
-        out.write(as_bytes(faiss_module().serialize_index(index)), ids, record, still_ours)
+        record = out.write(as_bytes(faiss_module().serialize_index(index)), ids, record, still_ours)
     return _summary(record, config.index, built=True, seconds=time.time() - t0)
 
 

@@ -45,7 +45,7 @@ class IndexConfig:
 
     HELP: ClassVar[dict[str, str]] = {
         "vectors": "a complete backfill output prefix (local or s3://) with one row per document",
-        "index": "index prefix, local or s3://: index.faiss, ids.parquet, _index.json",
+        "index": "index prefix, local or s3://: the index file, its ids and _index.json",
         "kind": "exact scores every vector (recall 1); hnsw is a graph; ivf clusters the vectors "
                 "(k-means on a seeded sample) and searches the nearest lists",
         "hnsw_m": "hnsw: neighbours per node (more: better recall, more memory)",
@@ -67,6 +67,9 @@ class IndexConfig:
     # build with other defaults rewrites the record only).
     HASHED = {IndexKind.EXACT: (), IndexKind.HNSW: ("hnsw_m", "ef_construction"),
               IndexKind.IVF: ("nlist", "train_size", "seed")}
+    # The settings only one kind reads.
+    TUNES = {IndexKind.HNSW: ("hnsw_m", "ef_construction", "ef_search"),
+             IndexKind.IVF: ("nlist", "nprobe", "train_size", "seed")}
 
     def __post_init__(self) -> None:
         self.kind = parse_enum(IndexKind, "kind", self.kind)
@@ -80,6 +83,21 @@ class IndexConfig:
             if getattr(self, name) is not None:
                 require_int(name, getattr(self, name), 1)
         require_lease_ttl(self.lease_ttl_s)
+        self._refuse_other_kinds_settings()
+
+    def _refuse_other_kinds_settings(self) -> None:
+        """A setting of another kind (--nprobe on an exact index, --hnsw-m on ivf) was ignored;
+        as `semvec search` refuses it, so does the build. A setting given at its default cannot be
+        told from one not given, and changes nothing."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for kind, names in self.TUNES.items():
+            if kind == self.kind:
+                continue
+            given = [n for n in names if getattr(self, n) != defaults[n]]
+            if given:
+                flag = given[0].replace("_", "-")
+                raise ConfigError(f"{given[0]} (--{flag}) tunes {kind.value} indexes; this index is "
+                                  f"{self.kind.value}: drop it or give --kind {kind.value}")
 
     def index_hash(self, source_identity: str) -> str:
         """Hash of what shapes the index, the source's identity included: a build with another

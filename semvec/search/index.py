@@ -55,14 +55,7 @@ class SearchIndex:
             raise ConfigError(f"query vectors have dim {queries.shape[1]}, the index at "
                               f"{storage.display(self.uri)!r} holds dim {self.record['dim']}: embed "
                               "the queries with the index's model")
-        for name, value in (("k", k), ("ef_search", ef_search), ("nprobe", nprobe)):
-            if (value is not None or name == "k") and (not isinstance(value, int)
-                                                       or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        for name, value, kind in (("ef_search", ef_search, "hnsw"), ("nprobe", nprobe, "ivf")):
-            if value is not None and self.kind != kind:
-                raise ConfigError(f"{name} tunes {kind} indexes; the index at {storage.display(self.uri)!r} "
-                                  f"is {self.kind}")
+        self.check_tuning(k, ef_search, nprobe)
         self._tune(ef_search, nprobe)
         scores, labels = self.index.search(np.ascontiguousarray(unit(queries)), min(k, len(self.ids)))
         hits = []
@@ -71,6 +64,17 @@ class SearchIndex:
             hits.append(Hits([self.ids[i] for i in row_labels[kept]],
                              [round(float(s), 6) for s in row_scores[kept]]))
         return hits
+
+    def check_tuning(self, k: int = 10, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """k and the search settings, each an integer >= 1 and of this index's kind, or a ConfigError."""
+        for name, value in (("k", k), ("ef_search", ef_search), ("nprobe", nprobe)):
+            if (value is not None or name == "k") and (not isinstance(value, int)
+                                                       or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, value, kind in (("ef_search", ef_search, "hnsw"), ("nprobe", nprobe, "ivf")):
+            if value is not None and self.kind != kind:
+                raise ConfigError(f"{name} tunes {kind} indexes; the index at {storage.display(self.uri)!r} "
+                                  f"is {self.kind}")
 
     def search(self, texts: list[str] | str, k: int = 10, model: str | None = None,
                **tuning) -> list[Hits]:

@@ -1,22 +1,30 @@
 """An index prefix: the one module that reads and writes it.
 
 Under the prefix:
-    index.faiss    the FAISS index (faiss.serialize_index); a vector's label is its row in ids.parquet
-    ids.parquet    `id` of every vector, in label order
-    _index.json    written last, so an index is complete exactly when it is there: kind, settings
-                   and their hash, dim, rows, the model (reference, fingerprint, pooling, normalize,
-                   max length) and the source's lineage, each file's size and sha256, timings
-    _lease.json    one builder at a time (semvec.lease)
+    index-<sha>.faiss   the FAISS index (faiss.serialize_index); a vector's label is its row in the ids
+    ids-<sha>.parquet   `id` of every vector, in label order
+    _index.json         written last, so an index is complete exactly when it is there: kind, settings
+                        and their hash, dim, rows, the model (reference, fingerprint, pooling,
+                        normalize, max length) and the source's lineage, the two files' names, sizes
+                        and sha256, timings
+    _lease.json         one builder at a time (semvec.lease)
 
-Each object is written whole (storage.write_atomic). A build that dies before _index.json leaves
-an index that no reader opens; the next build writes every file again. A reader checks both
-files against the sizes and hashes in _index.json, so a file replaced under a record is refused.
+The two files are named by the first 16 hex digits of their content's sha256, so a build never
+writes over a file another record names: a rebuild (--overwrite) writes its files beside the old
+index, which answers every reader until the new record replaces the old one; only then are the
+files no record names removed. Each object is written whole (storage.write_atomic). A build that
+dies before _index.json leaves the old index (or none) for readers and unnamed files that the next
+build removes. A reader checks both files against the sizes and hashes in the record, so a file
+replaced under a record is refused; a reader that finds a file gone because a rebuild just
+replaced the record reads the new record. Indexes built before the files were named by content
+(index.faiss, ids.parquet) open as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -27,10 +35,11 @@ from semvec import crashpoints, storage
 from semvec.errors import ConfigError
 
 RECORD = "_index.json"
-INDEX = "index.faiss"
+INDEX = "index.faiss"  # the names before files were named by content: read, never written
 IDS = "ids.parquet"
 LEASE = "_lease.json"
-OURS = (RECORD, INDEX, IDS, LEASE)
+FILE = re.compile(r"(index-[0-9a-f]{16}\.faiss|ids-[0-9a-f]{16}\.parquet)$")  # the names written now
+READ_TRIES = 3  # a reader whose files went with a rebuild's new record reads that record again
 
 
 class IndexDir(storage.Prefix):
@@ -39,30 +48,44 @@ class IndexDir(storage.Prefix):
     def read_record(self) -> dict | None:
         return self.read_json(RECORD)
 
-    def holds_other_files(self) -> bool:
+    def _names(self) -> list[str]:
         if not self.fs.exists(self.root):
-            return False
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
-        return any(n not in OURS and storage.TEMP_MARK not in n and not n.startswith(storage.PROBE_MARK)
-                   for n in names)
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
 
-    def clear(self) -> None:
-        """Remove the index files (not the lease): a record first, so no reader opens a mix."""
-        for name in (RECORD, INDEX, IDS):
-            if self.fs.exists(self.path(name)):
-                self.fs.rm(self.path(name))
-                crashpoints.wrote(f"index: removed {name}")
+    def holds_other_files(self) -> bool:
+        return any(not _ours(n) and storage.TEMP_MARK not in n and not n.startswith(storage.PROBE_MARK)
+                   for n in self._names())
+
+    def remove_unnamed(self, record: dict | None) -> list[str]:
+        """Remove the index files the record does not name (an index the record replaced, or the
+        files of a build that died before its record); the names removed."""
+        keep = set(files_of(record).values()) if record else set()
+        gone = [n for n in self._names() if n not in keep and (n in (INDEX, IDS) or FILE.match(n))]
+        for name in gone:
+            self.fs.rm(self.path(name))
+            crashpoints.wrote(f"index: removed {name}")
+        return gone
 
     def write(self, index_bytes: bytes, ids: list[str], record: dict,
-              still_ours: Callable[[], None] = lambda: None) -> None:
-        """The two files, then the record naming their sizes and hashes (three durable writes).
-        `still_ours` raises when the prefix went to another build (a lost lease) before the record."""
-        ids_bytes = _ids_parquet(ids)
-        storage.write_atomic(self.fs, self.path(INDEX), index_bytes)
-        storage.write_atomic(self.fs, self.path(IDS), ids_bytes)
+              still_ours: Callable[[], None] = lambda: None) -> dict:
+        """The two files under names of their content, then the record naming them with their sizes
+        and hashes (three durable writes), then the files the record does not name are removed. An
+        index there before answers readers until the record is replaced. `still_ours` raises when
+        the prefix went to another build (a lost lease) before the record. Returns the record."""
+        blobs = {"index": index_bytes, "ids": _ids_parquet(ids)}
+        files = {}
+        for role, blob in blobs.items():
+            described = _described(blob)
+            name = f"{role}-{described['sha256'][:16]}.{'faiss' if role == 'index' else 'parquet'}"
+            storage.write_atomic(self.fs, self.path(name), blob)
+            files[name] = {"role": role, **described}
         still_ours()
-        files = {INDEX: _described(index_bytes), IDS: _described(ids_bytes)}
-        self.write_json(RECORD, {**record, "files": files})
+        record = {**record, "files": files}
+        self.write_json(RECORD, record)
+        still_ours()  # a build that took the prefix over may have files its record will name
+        self.remove_unnamed(record)
+        return record
 
     def write_record(self, record: dict) -> None:
         """The record again (same files, other search defaults)."""
@@ -71,8 +94,8 @@ class IndexDir(storage.Prefix):
     def files_match(self, record: dict) -> bool:
         """Whether both files are there with the sizes the record names (a cheap check; opening
         the index checks the hashes too)."""
-        for name in (INDEX, IDS):
-            want = (record.get("files") or {}).get(name) or {}
+        for name in files_of(record).values():
+            want = record["files"].get(name) or {}
             path = self.path(name)
             if not self.fs.exists(path) or self.fs.info(path).get("size") != want.get("bytes"):
                 return False
@@ -81,22 +104,49 @@ class IndexDir(storage.Prefix):
     def read(self) -> tuple[dict, bytes, list[str]]:
         """(record, index bytes, ids) of a complete index, each file checked against the record."""
         where = storage.display(self.uri)
-        record = self.read_record()
-        if record is None:
-            raise ConfigError(f"no index at {where!r} (no {RECORD}): build one with `semvec index`")
-        blobs = {}
-        for name in (INDEX, IDS):
-            if not self.fs.exists(self.path(name)):
-                raise ConfigError(f"the index at {where!r} lacks {name}: rebuild it with `semvec index "
-                                  "... --overwrite`")
-            with self.fs.open(self.path(name), "rb") as f:
-                blobs[name] = f.read()
-            if _described(blobs[name]) != record.get("files", {}).get(name):
+        for attempt in range(READ_TRIES):
+            record = self.read_record()
+            if record is None:
+                raise ConfigError(f"no index at {where!r} (no {RECORD}): build one with `semvec index`")
+            blobs = self._read_files(record)
+            if blobs is not None:
+                break
+            self.fs.invalidate_cache(self.root)
+            if self.read_record() == record or attempt == READ_TRIES - 1:
+                missing = next((n for n in files_of(record).values() if not self.fs.exists(self.path(n))),
+                               "a file its record names")
+                raise ConfigError(f"the index at {where!r} lacks {missing}: rebuild it with `semvec "
+                                  "index ... --overwrite`")
+        names = files_of(record)
+        for role, name in names.items():
+            if _described(blobs[role]) != {k: v for k, v in record["files"][name].items() if k != "role"}:
                 raise ConfigError(f"{name} at {where!r} is not the file its {RECORD} describes "
                                   "(changed or cut since the build): rebuild it with `semvec index "
                                   "... --overwrite`")
-        ids = pq.read_table(io.BytesIO(blobs[IDS]), columns=["id"])["id"].to_pylist()
-        return record, blobs[INDEX], ids
+        ids = pq.read_table(io.BytesIO(blobs["ids"]), columns=["id"])["id"].to_pylist()
+        return record, blobs["index"], ids
+
+    def _read_files(self, record: dict) -> dict[str, bytes] | None:
+        """{role: bytes} of the files the record names; None when one is gone."""
+        blobs = {}
+        for role, name in files_of(record).items():
+            try:
+                with self.fs.open(self.path(name), "rb") as f:
+                    blobs[role] = f.read()
+            except FileNotFoundError:
+                return None
+        return blobs
+
+
+def files_of(record: dict) -> dict[str, str]:
+    """{"index": name, "ids": name} of the files a record names."""
+    files = record.get("files") or {}
+    by_role = {v.get("role"): name for name, v in files.items() if isinstance(v, dict) and v.get("role")}
+    return {"index": by_role.get("index", INDEX), "ids": by_role.get("ids", IDS)}
+
+
+def _ours(name: str) -> bool:
+    return name in (RECORD, INDEX, IDS, LEASE) or bool(FILE.match(name))
 
 
 def faiss_module():

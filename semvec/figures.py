@@ -41,12 +41,18 @@ def png(fig) -> bytes:
 
 
 def colours(n: int) -> list[tuple]:
-    """n distinct colours: a qualitative palette up to 20, evenly spaced hues beyond."""
+    """n distinct colours, none grey (grey is what a plot leaves uncoloured): a qualitative palette
+    up to 20 (tab10 up to 9, tab20 with two of tab20b for its greys), evenly spaced hues beyond."""
     from matplotlib import colormaps
 
+    def rgb(palette: str, index: int) -> tuple:
+        return colormaps[palette](index)
+
+    if n <= 9:
+        return [rgb("tab10", i) for i in range(10) if i != 7][:n]  # 7: grey
     if n <= 20:
-        palette = colormaps["tab10" if n <= 10 else "tab20"]
-        return [palette(i) for i in range(n)]
+        kept = [rgb("tab20", i) for i in range(20) if i not in (14, 15)]  # 14, 15: greys
+        return (kept + [rgb("tab20b", 0), rgb("tab20b", 16)])[:n]
     palette = colormaps["turbo"].resampled(n)
     return [palette(i) for i in range(n)]
 

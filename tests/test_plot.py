@@ -54,8 +54,11 @@ def test_pca_2d_keeps_the_two_widest_directions():
 def test_every_kept_value_gets_its_own_colour():
     from semvec.figures import colours
 
-    for n in (3, 20, 77):  # 77: BANKING77's intents with --max-colors 77
+    for n in (3, 9, 10, 18, 20, 77):  # 77: BANKING77's intents with --max-colors 77
         assert len(set(colours(n))) == n
+        # none grey, the colour of values left out: tab20's greys took the 15th and 16th values
+        # of BANKING77's map, which then could not be told from "other"
+        assert not [c for c in colours(n) if max(c[:3]) - min(c[:3]) < 0.05], n
 
 
 def test_bad_input_is_one_line_and_exit_2(beir, tmp_path, capsys):

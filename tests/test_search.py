@@ -195,6 +195,9 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
           str(tmp_path / "answers.jsonl")], "lies among the queries"),
         (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "*.jsonl"), "--output",
           str(tmp_path / "answers.jsonl")], "lies among the queries"),
+        # beside the glob's files, not among them: writable, so the refusal is the missing index
+        (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "*.jsonl"), "--output",
+          str(tmp_path / "out" / "answers.jsonl")], "no index at"),
         (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "q.jsonl"), "--output",
           str(tmp_path / "empty")], "is a directory; give a file name"),
         (["search", str(tmp_path / "nothing"), "--query", "x", "--id-field", "qid"],
@@ -277,7 +280,7 @@ def test_crash_after_every_write_of_a_build_and_a_batch_search_then_rerun(beir, 
     index(beir["docs"], tmp_path / "ref", **settings)
     want = snapshot(tmp_path / "ref")
     queries = beir["root"] / "queries.jsonl"
-    writes = 1 + 3 + 1  # the build's lease, index.faiss, ids.parquet, _index.json; the answers
+    writes = 1 + 3 + 1  # the build's lease, the index file, the ids file, _index.json; the answers
     crashes = {n: tmp_path / f"crash{n}" for n in range(1, writes + 2)}  # writes + 1: never fires
 
     def start(n: int, ix: Path) -> subprocess.Popen:
@@ -375,8 +378,16 @@ def test_an_index_built_before_files_were_named_by_content_still_opens(beir, tmp
         old = {"index": "index.faiss", "ids": "ids.parquet"}[role]
         (ix / name).rename(ix / old)
         legacy[old] = {k: v for k, v in record["files"][name].items() if k != "role"}
-    (ix / "_index.json").write_text(json.dumps({**record, "files": legacy}))
+    # and named its vectors without their inputs' versions
+    from semvec.compress.source import open_source
+
+    config = load_index_config(None, vectors=beir["docs"], index=str(ix))
+    older = config.index_hash(open_source(beir["docs"]).identity(inputs=False))
+    (ix / "_index.json").write_text(json.dumps({**record, "files": legacy, "index_hash": older}))
     assert len(open_index(str(ix)).ids) == beir["n_docs"]
+    with pytest.raises(OutputMismatch, match="built from these vectors by an earlier semvec, before an "
+                                             "index named its inputs' versions: pass --overwrite once"):
+        index(beir["docs"], ix)
     # a rebuild of other settings replaces it and removes the old names
     index(beir["docs"], ix, kind="hnsw", overwrite=True)
     assert not (ix / "index.faiss").exists() and not (ix / "ids.parquet").exists()
@@ -424,6 +435,7 @@ def test_vectors_re_embedded_from_an_edited_input_are_not_found_built(tiny_model
     from semvec.backfill.job import run as backfill
     from semvec.compress.config import load_compress_config
     from semvec.compress.job import run as compress
+    from semvec.compress.source import open_source
     from semvec.config import load_embed_config
 
     src = tmp_path / "q.jsonl"
@@ -436,6 +448,15 @@ def test_vectors_re_embedded_from_an_edited_input_are_not_found_built(tiny_model
     index(str(tmp_path / "v"), tmp_path / "ix")
     pack = {"vectors": str(tmp_path / "v"), "output": str(tmp_path / "c"), "quantize": "int8"}
     compress(load_compress_config(None, **pack))
+    # made by an earlier semvec, whose hash named no input versions: said so
+    manifest_path = tmp_path / "c" / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    config = load_compress_config(None, **pack)
+    older = config.output_hash(open_source(str(tmp_path / "v")).identity(inputs=False))
+    manifest_path.write_text(json.dumps({**manifest, "config_hash": older}))
+    with pytest.raises(OutputMismatch, match="compressed from these vectors by an earlier semvec"):
+        compress(config)
+    manifest_path.write_text(json.dumps(manifest))
     before = open_index(str(tmp_path / "ix")).search_vectors(np.ones((1, 32), np.float32), 8)[0]
 
     write_jsonl(src, [{"id": str(i), "text": t} for i, t in enumerate(reversed(texts))])

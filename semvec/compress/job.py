@@ -86,6 +86,10 @@ def _check_output(p: Plan) -> None:
                               "choose an empty prefix or pass --overwrite")
         return
     if manifest.get("config_hash") != p.config_hash:
+        if p.source.named_before_versions(manifest.get("config_hash"), c.output_hash):
+            raise OutputMismatch(f"output {where!r} was compressed from these vectors by an earlier "
+                                 "semvec, before an output named its inputs' versions: pass "
+                                 "--overwrite once to compress them again")
         raise OutputMismatch(f"output {where!r} was compressed with other settings or from other "
                              f"vectors (hash {manifest.get('config_hash')} != {p.config_hash}); pass "
                              "--overwrite to replace it, or choose another output")

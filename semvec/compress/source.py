@@ -37,7 +37,12 @@ class Source:
     def rows(self) -> int:
         return sum(p.rows for p in self.parts)
 
-    def identity(self) -> str:
+    def named_before_versions(self, stored_hash: str | None, hash_of) -> bool:
+        """Whether an output's stored hash is `hash_of` this source's identity as an earlier semvec
+        named it (without the inputs' versions): the same vectors, made before they counted."""
+        return stored_hash == hash_of(self.identity(inputs=False))
+
+    def identity(self, inputs: bool = True) -> str:
         """What an index or compressed output was made from: the backfill's config hash, its parts,
         and the version (ETag or mtime) and size of each input it embedded.
 
@@ -46,10 +51,11 @@ class Source:
         row counts: only the inputs' versions tell those vectors from the old ones. A source
         re-embedded with other settings or other inputs has another identity.
         """
-        inputs = sorted((i.get("source"), i.get("size"), i.get("version"))
-                        for i in self.manifest.get("inputs") or [])
-        blob = json.dumps([self.manifest.get("config_hash"), [(p.name, p.rows) for p in self.parts],
-                           inputs])
+        named = [self.manifest.get("config_hash"), [(p.name, p.rows) for p in self.parts]]
+        if inputs:
+            named.append(sorted((i.get("source"), i.get("size"), i.get("version"))
+                                for i in self.manifest.get("inputs") or []))
+        blob = json.dumps(named)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def lineage(self) -> dict:

@@ -96,6 +96,10 @@ def _check_index(p: Plan) -> dict | None:
                               "choose an empty prefix or pass --overwrite")
         return None
     if record.get("index_hash") != p.index_hash and not p.config.overwrite:
+        if p.source.named_before_versions(record.get("index_hash"), p.config.index_hash):
+            raise OutputMismatch(f"index {where!r} was built from these vectors by an earlier semvec, "
+                                 "before an index named its inputs' versions: pass --overwrite once "
+                                 "to build it again")
         raise OutputMismatch(f"index {where!r} was built with other settings or from other vectors "
                              f"(hash {record.get('index_hash')} != {p.index_hash}); pass --overwrite "
                              "to replace it, or choose another prefix")

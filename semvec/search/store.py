@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
 import re
 from collections.abc import Callable
 
@@ -32,7 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from semvec import crashpoints, storage
-from semvec.errors import ConfigError
+from semvec.errors import ConfigError, JobFailed
+
+log = logging.getLogger("semvec.search")
 
 RECORD = "_index.json"
 INDEX = "index.faiss"  # the names before files were named by content: read, never written
@@ -46,7 +50,17 @@ class IndexDir(storage.Prefix):
     """One index prefix on local disk or s3://."""
 
     def read_record(self) -> dict | None:
-        return self.read_json(RECORD)
+        blob = self._fetch(RECORD)
+        return None if blob is None else json.loads(blob)
+
+    def _fetch(self, name: str) -> bytes | None:
+        """A file's bytes in one request (None when it is not there). One GET, not an open and
+        reads: s3fs's reads of an open file name its ETag, and fail (FileExpired) when a rebuild
+        replaces the record between the two."""
+        try:
+            return self.fs.cat_file(self.path(name))
+        except FileNotFoundError:
+            return None
 
     def _names(self) -> list[str]:
         if not self.fs.exists(self.root):
@@ -83,7 +97,12 @@ class IndexDir(storage.Prefix):
         still_ours()
         record = {**record, "files": files}
         self.write_json(RECORD, record)
-        still_ours()  # a build that took the prefix over may have files its record will name
+        try:
+            still_ours()  # a build that took the prefix over may have files its record will name
+        except JobFailed as exc:  # the index is built and seen; only the tidying waits
+            log.warning("the index at %s is built, but its lease was lost (%s): files of the index "
+                        "it replaced stay until the next build", storage.display(self.uri), exc)
+            return record
         self.remove_unnamed(record)
         return record
 
@@ -95,7 +114,7 @@ class IndexDir(storage.Prefix):
         """Whether both files are there with the sizes the record names (a cheap check; opening
         the index checks the hashes too)."""
         for name in files_of(record).values():
-            want = record["files"].get(name) or {}
+            want = (record.get("files") or {}).get(name) or {}
             path = self.path(name)
             if not self.fs.exists(path) or self.fs.info(path).get("size") != want.get("bytes"):
                 return False
@@ -117,9 +136,9 @@ class IndexDir(storage.Prefix):
                                "a file its record names")
                 raise ConfigError(f"the index at {where!r} lacks {missing}: rebuild it with `semvec "
                                   "index ... --overwrite`")
-        names = files_of(record)
-        for role, name in names.items():
-            if _described(blobs[role]) != {k: v for k, v in record["files"][name].items() if k != "role"}:
+        for role, name in files_of(record).items():
+            want = (record.get("files") or {}).get(name) or {}
+            if _described(blobs[role]) != {k: v for k, v in want.items() if k != "role"}:
                 raise ConfigError(f"{name} at {where!r} is not the file its {RECORD} describes "
                                   "(changed or cut since the build): rebuild it with `semvec index "
                                   "... --overwrite`")
@@ -130,10 +149,8 @@ class IndexDir(storage.Prefix):
         """{role: bytes} of the files the record names; None when one is gone."""
         blobs = {}
         for role, name in files_of(record).items():
-            try:
-                with self.fs.open(self.path(name), "rb") as f:
-                    blobs[role] = f.read()
-            except FileNotFoundError:
+            blobs[role] = self._fetch(name)
+            if blobs[role] is None:
                 return None
         return blobs
 

@@ -11,11 +11,13 @@ import glob as globlib
 import json
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+from fsspec.utils import glob_translate
 
 from semvec import crashpoints, redact
 from semvec.errors import ConfigError
@@ -205,7 +207,28 @@ def check_apart(source: str, output: str, what: str, source_what: str = "the vec
                           f"choose a {'prefix' if is_remote(output) else 'folder'} of its own")
 
 
+def glob_lists(pattern: str, path: str) -> bool:
+    """Whether the input glob `pattern` (local or s3://) matches the file at `path`, as
+    list_inputs would list it (fsspec's glob: `*` stays within a folder, `**` crosses them)."""
+    if is_remote(pattern) != is_remote(path) or not any(c in strip(pattern) for c in "*?["):
+        return False
+    if is_remote(pattern):
+        src, out = strip(pattern), strip(path)
+    else:
+        src, out = os.path.abspath(strip(pattern)), os.path.abspath(strip(path))
+    return re.match(glob_translate(src), out) is not None
+
+
 TEMP_MARK = ".tmp-"  # a local write in progress: `<path>.tmp-<uuid>`, renamed into place when whole
+# a backfill's (and a compression's) part: part-<source key>-<first row>-<last row>.parquet
+# (backfill.stages.part_name). Only these count as parts: `part-0000.parquet` of Spark or pyarrow
+# is someone else's file, never listed, read or removed as ours.
+PART = re.compile(r"part-[0-9a-f]{12}-\d{12}-\d{12}\.parquet")
+
+
+def is_part(path: str) -> bool:
+    """Whether the file at path (its last name) is a part semvec writes."""
+    return PART.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]) is not None
 PROBE_MARK = "_probe-"  # check_writable's object: a crash may leave one; outputs ignore it
 
 

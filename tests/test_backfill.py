@@ -4,6 +4,7 @@ import csv
 import glob
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,42 @@ def test_a_small_job_runs_without_ray_only_off_a_cluster_on_cpus(tmp_path, monke
     assert not runs_here(small, 5)
     with pytest.raises(ConfigError, match="ray_from_rows"):
         load_embed_config(None, **base, ray_from_rows=0)
+
+
+def test_an_output_among_its_input_is_refused_and_overwrite_removes_only_our_parts(tiny_models, tmp_path):
+    """An output inside the input folder (or matching its glob) was embedded, then read back as
+    input on the rerun; a Spark or pyarrow `part-0.parquet` counted as a semvec part, which
+    --overwrite, as the refusal advised, removed."""
+    data = tmp_path / "data"
+    write_jsonl(data / "a.jsonl", [{"text": "the first text"}, {"text": "the second"}])
+    for source, output, says in ((data, data / "vectors", "lies inside the input"),
+                                 (str(data / "**"), data / "vectors", "lies among the input"),
+                                 (data / "a.jsonl", data, "holds the input")):
+        with pytest.raises(ConfigError, match=says):
+            embed(source, output, tiny_models["bert"])
+    assert not (data / "vectors").exists()
+    # someone else's parquet parts: not semvec's, so kept, and never read as vectors
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), out / "part-0.parquet")
+    with pytest.raises(ConfigError, match="not empty and holds no semvec manifest"):
+        embed(data, out, tiny_models["bert"])
+    embed(data, out, tiny_models["bert"], overwrite=True)
+    assert (out / "part-0.parquet").exists() and manifest(out)["totals"]["embedded"] == 2
+    from semvec.evaluate.vectors import load_vectors
+
+    assert len(load_vectors(str(out))) == 2
+
+
+def test_rows_added_to_an_input_copied_with_its_mtime_kept_are_embedded(tiny_models, tmp_path):
+    """A local file's version is its mtime: one copied over with its mtime kept (cp -p, rsync -a)
+    was found finished, and its new rows were never embedded. Its size tells it apart too."""
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"id": str(i), "text": f"text number {i}"} for i in range(4)])
+    embed(src, tmp_path / "out", tiny_models["bert"], id_field="id")
+    stat = src.stat()
+    write_jsonl(src, [{"id": str(i), "text": f"text number {i}"} for i in range(6)])
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    embed(src, tmp_path / "out", tiny_models["bert"], id_field="id")
+    assert manifest(tmp_path / "out")["totals"]["embedded"] == 6
+    assert sorted(read_output(tmp_path / "out")["id"].to_pylist()) == [str(i) for i in range(6)]

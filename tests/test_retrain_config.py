@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from semvec.errors import ConfigError
+from semvec.errors import ConfigError, JobFailed
 from semvec.models import ModelCard, write_card
 from semvec.retrain.config import load_retrain_config
 from semvec.retrain.job import _check_continuable, decide
@@ -102,9 +102,10 @@ def test_local_lock_refuses_a_second_holder_and_takes_a_stale_one(tmp_path):
         Lock(str(tmp_path), timeout_s=60).acquire()
     assert held.value.exit_code == 3
     record = json.loads((tmp_path / "lock.json").read_text())
-    (tmp_path / "lock.json").write_text(json.dumps({**record, "since": time.time() - 120}))
+    (tmp_path / "lock.json").write_text(json.dumps({**record, "since": time.time() - 120,
+                                                    "renewed_at": time.time() - 120}))
     second = Lock(str(tmp_path), timeout_s=60)
-    second.acquire()  # older than the timeout: its holder is gone
+    second.acquire()  # not renewed for longer than the timeout: its holder is gone
     assert second.took_stale["token"] == first.token
     first.release()  # not its lock any more: leaves it alone
     assert (tmp_path / "lock.json").exists()
@@ -123,6 +124,13 @@ def test_retraining_continues_only_champions_whose_weights_are_all_in_the_model(
             _check_continuable(tmp_path, "models:/m/1")
 
 
+@pytest.mark.parametrize("method", ["adapter", "prompt"])
+def test_a_round_is_not_set_to_train_a_challenger_it_could_not_continue_from(method):
+    """Promoted, an adapter or prompt challenger stopped every later round at its start."""
+    with pytest.raises(ConfigError, match=f"method {method}: its weights live beside the model"):
+        load_retrain_config(None, **{**BASE, "method": method})
+
+
 def test_a_task_suite_needs_a_champion_with_that_head(tmp_path):
     """A classification guard suite over a champion without a head failed after training (68 s
     with a tiny model), blaming the champion: it is refused before."""
@@ -135,3 +143,23 @@ def test_a_task_suite_needs_a_champion_with_that_head(tmp_path):
     write_card(tmp_path, ModelCard(pooling="mean", normalize=True, max_length=128, task="classification",
                                    labels=["a", "b"]))
     _check_continuable(tmp_path, "models:/m/1", cfg.suites)
+
+
+def test_a_held_lock_is_renewed_and_a_holder_whose_lock_was_taken_stops_at_its_next_write(tmp_path):
+    """A round longer than lock_timeout_s lost its lock to the next night's run, and both wrote
+    state.json and moved aliases: the holder renews it now, and checks it before each write."""
+    first = Lock(str(tmp_path), timeout_s=1.2)
+    first.acquire()
+    taken = json.loads((tmp_path / "lock.json").read_text())["renewed_at"]
+    time.sleep(2.0)  # longer than the timeout: stale, had it not been renewed
+    assert json.loads((tmp_path / "lock.json").read_text())["renewed_at"] > taken
+    with pytest.raises(LockHeld, match="another retraining holds"):
+        Lock(str(tmp_path), timeout_s=1.2).acquire()
+    first.check()  # still its own
+    # renewals failed (say the store was down) and another run took it over
+    (tmp_path / "lock.json").write_text(json.dumps({"token": "other", "since": time.time(),
+                                                    "renewed_at": time.time()}))
+    with pytest.raises(JobFailed, match="was taken over by another run"):
+        first.check()
+    first.release()  # not its lock: left alone
+    assert json.loads((tmp_path / "lock.json").read_text())["token"] == "other"

@@ -69,6 +69,7 @@ def plan(config: EmbedConfig) -> Plan:
                           (config.cpus_per_worker or 0) * config.min_workers,
                           config.num_gpus_per_worker * config.min_workers)
     files = storage.list_inputs(config.input)
+    _check_apart(config.input, config.output)
     for f in files:
         if detect_format(f.relative, config.input_format) is None:
             allowed = ", ".join(x.value for x in InputFormat if x != InputFormat.AUTO)
@@ -81,6 +82,7 @@ def plan(config: EmbedConfig) -> Plan:
     first = next(f for f in files if f.size)
     require_fields(first, detect_format(first.relative, config.input_format), config.text_field, "input",
                    id_field=config.id_field)
+    storage.check_writable(config.output)  # before a model is fetched from a store or a registry
     model_dir = models.resolve_model(config.model)
     fingerprint = models.fingerprint(model_dir)
     static = models.model_kind(model_dir) == models.ModelKind.STATIC  # a token table, no config.json
@@ -97,9 +99,18 @@ def plan(config: EmbedConfig) -> Plan:
                       config.chunk_overlap, max_length)
     p = Plan(config, files, str(model_dir), fingerprint, pooling, normalize, max_length, facts.dim,
              config.output_hash(fingerprint), tokenizer=facts)
-    storage.check_writable(config.output)
     _check_output(p)
     return p
+
+
+def _check_apart(input_: str, output: str) -> None:
+    """Refuse an output that is the input, lies in its folder, holds it, or matches its glob: a
+    rerun would read the output's parts as input, and --overwrite would remove what is there."""
+    storage.check_apart(input_, output, "output", source_what="the input", holding=True)
+    if storage.glob_lists(input_, f"{output.rstrip('/')}/part-{'0' * 12}-{'0' * 12}-{'0' * 12}.parquet"):
+        raise ConfigError(f"output {storage.display(output)!r} lies among the input "
+                              f"{storage.display(input_)!r}: its parts would be read as input; "
+                              "choose a folder of its own")
 
 
 def _check_output(p: Plan) -> dict[str, list[str]]:
@@ -157,11 +168,13 @@ def _prepare_output(p: Plan) -> None:
     if earlier.get("dtype_reason"):
         p.precision = (earlier["dtype"], earlier["dtype_reason"])
     finished = {i["source"]: i for i in manifest.get("inputs", []) if i.get("complete")}
-    known = {i["source"]: i.get("version") for i in manifest.get("inputs", [])}
+    known = {i["source"]: (i.get("version"), i.get("size")) for i in manifest.get("inputs", [])}
     for f in p.files:
         mine = parts.get(source_key(f.relative), [])
-        if f.relative in known and known[f.relative] != f.version:
-            out.remove(mine)  # the file changed since: its old vectors are stale
+        # the file changed since: its old vectors are stale. The size too, for a local file copied
+        # with its mtime kept (cp -p, rsync -a, tar) and rows appended or edited
+        if f.relative in known and known[f.relative] not in ((f.version, f.size), (f.version, None)):
+            out.remove(mine)
             continue
         done = out.done_rows(mine)
         prior = finished.get(f.relative)

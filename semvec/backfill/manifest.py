@@ -47,8 +47,7 @@ class OutputDir(storage.Prefix):
         if not self.fs.exists(folder):
             return []
         names = self.fs.ls(folder, detail=False)
-        return sorted(p for p in names
-                      if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
+        return sorted(p for p in names if storage.is_part(p))
 
     def has_foreign_files(self) -> bool:
         """Anything in the prefix that a semvec backfill did not write."""
@@ -56,7 +55,8 @@ class OutputDir(storage.Prefix):
             return False
         for p in self.fs.ls(self.root, detail=False):
             name = p.rstrip("/").rsplit("/", 1)[-1]
-            ours = name.startswith(("part-", storage.PROBE_MARK)) or name in (MANIFEST, QUARANTINE_DIR, LEASE)
+            ours = storage.is_part(name) or name.startswith(storage.PROBE_MARK) \
+                or name in (MANIFEST, QUARANTINE_DIR, LEASE)
             if not ours:
                 return True
         return False

@@ -61,8 +61,7 @@ class CompressedDir(storage.Prefix):
     def list_parts(self) -> list[str]:
         if not self.fs.exists(self.root):
             return []
-        return sorted(p for p in self.fs.ls(self.root, detail=False)
-                      if _name(p).startswith("part-") and p.endswith(".parquet"))
+        return sorted(p for p in self.fs.ls(self.root, detail=False) if storage.is_part(p))
 
     def committed(self) -> dict[str, int]:
         """Part name -> rows, from each committed part's footer."""
@@ -101,7 +100,7 @@ class CompressedDir(storage.Prefix):
             return False
         for p in self.fs.ls(self.root, detail=False):
             name = _name(p.rstrip("/"))
-            ours = name.startswith(("part-", storage.PROBE_MARK)) or name in OURS
+            ours = storage.is_part(name) or name.startswith(storage.PROBE_MARK) or name in OURS
             if not (ours or storage.TEMP_MARK in name):
                 return True
         return False

@@ -83,8 +83,7 @@ def _part_paths(prefix: str) -> list[str]:
     if is_compressed(prefix):
         raise ConfigError(f"vectors {storage.display(prefix)!r} are compressed: only `evaluate "
                           "retrieval --vectors` reads them, with float --query-vectors")
-    return [p for p in sorted(fs.ls(root, detail=False))
-            if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet")]
+    return [p for p in sorted(fs.ls(root, detail=False)) if storage.is_part(p)]
 
 
 def _read_parts(prefix: str) -> pa.Table:

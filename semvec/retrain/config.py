@@ -85,7 +85,7 @@ class RetrainConfig:
     distill: float = 1.0
     train: TrainSettings | None = None  # other fine-tuning settings (None: train's defaults)
     backfill: BackfillSettings | None = None  # on promotion: re-embed into output_root/vVERSION/
-    lock_timeout_s: int = 6 * 3600  # a lock older than this is stale (its holder died) and is taken
+    lock_timeout_s: int = 1800  # a lock not renewed for this long is stale (its holder died): taken
     experiment: str = "semvec-retrain"
 
     HELP: ClassVar[dict[str, str]] = {
@@ -109,13 +109,18 @@ class RetrainConfig:
                  "train's defaults)",
         "backfill": "on promotion, embed a corpus: backfill settings as a YAML mapping with input "
                     "and output_root, under which versioned outputs go (default: no backfill)",
-        "lock_timeout_s": "a lock older than this many seconds is stale and taken over",
+        "lock_timeout_s": "a lock its holder has not renewed for this many seconds is stale and "
+                          "taken over (the holder renews it every timeout / 6, at most 5 minutes)",
         "experiment": "MLflow experiment of the challenger runs",
     }
 
     def __post_init__(self) -> None:
         self.task = parse_enum(Task, "task", self.task)
         self.method = parse_enum(Method, "method", self.method)
+        if self.method in (Method.ADAPTER, Method.PROMPT):  # the next round could not start from it
+            raise ConfigError(f"method {self.method.value}: its weights live beside the model, which a "
+                              "round cannot continue from once promoted; retraining tunes full, lora or "
+                              "bitfit")
         if isinstance(self.snapshots, str):
             self.snapshots = [self.snapshots]
         if isinstance(self.replay, str):

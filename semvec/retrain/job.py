@@ -42,13 +42,13 @@ def retrain(cfg: RetrainConfig) -> dict:
     tracking.require_alias(cfg.name, "champion")  # a champion exists: checked before the lock is taken
     with Lock(cfg.state, cfg.lock_timeout_s) as lock:
         # read again under the lock: a run that just finished may have promoted a new one
-        summary = _locked(cfg, tracking.require_alias(cfg.name, "champion"), snapshots)
+        summary = _locked(cfg, tracking.require_alias(cfg.name, "champion"), snapshots, lock)
         if lock.took_stale:  # its holder died: say whose lock was taken over
             summary["took_stale_lock"] = lock.took_stale
     return summary
 
 
-def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
+def _locked(cfg: RetrainConfig, champion: str, snapshots: list, lock: Lock) -> dict:
     state = _read_state(cfg.state)
     if state.get(PENDING):  # a round cut short after its decision: its record is finished first
         if not tracking.run_alive(state[PENDING]["run_id"]):
@@ -58,7 +58,7 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
                 f"has (deleted?); remove its \"{PENDING}\" entry there to train those snapshots again")
         log.warning("the round of run %s was cut short after its decision; recording "
                     "it now (new snapshots, if any, wait for the next round)", state[PENDING]["run_id"])
-        return _record(cfg, state)
+        return _record(cfg, state, lock)
     new = [(f, _content_hash(f.uri)) for f in snapshots]
     seen = [(f, h) for f, h in new if h in state["trained"]]
     new = [(f, h) for f, h in new if h not in state["trained"]]
@@ -68,6 +68,7 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
                    f"(run {', '.join(runs)}); nothing to train", "champion_version": champion}
         if cfg.backfill is not None and not _current_is(cfg, champion):
             # an earlier promotion's backfill failed, or a rollback found none: catch up (it resumes)
+            lock.check()
             summary["backfill"] = publish_backfill(cfg, champion)
         return summary
     # copied to the replay store first, and trained from the copies: what is trained on, replayed
@@ -76,16 +77,18 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list) -> dict:
     kept = [(f, h, _keep_for_replay(cfg, f, h)) for f, h in new]
     state[PENDING] = _round(cfg, champion, kept)
     # written ahead: from here a rerun records this decision, and neither trains nor scores again
+    lock.check()  # a round that lost its lock (its renewals failed for the timeout) stops here
     storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode(),
                        what="retrain: decision")
-    return _record(cfg, state)
+    return _record(cfg, state, lock)
 
 
-def _record(cfg: RetrainConfig, state: dict) -> dict:
+def _record(cfg: RetrainConfig, state: dict, lock: Lock) -> dict:
     """The decided round into the registry (its version, and @previous/@champion on promotion),
     then into state.json (its snapshots trained on: replayed from now on), then the backfill. Each
     step may be redone: a rerun after a crash anywhere in here finishes it, with no second version."""
     round_ = state[PENDING]
+    lock.check()
     version, decision = promotion.record_decision(
         cfg.name, round_["run_id"], round_["champion_version"], round_["decision"], round_["reasons"],
         round_["scores"], round_["metrics"], round_["primary"])
@@ -97,6 +100,7 @@ def _record(cfg: RetrainConfig, state: dict) -> dict:
         state["trained"][h] = {"uri": uri, "run_id": round_["run_id"], "version": version,
                                "decision": decision, "at": round_["at"]}
     del state[PENDING]
+    lock.check()
     storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode(),
                        what="retrain: recorded")
     try:  # the challenger lives in MLflow now; its folder and checkpoints go
@@ -105,6 +109,7 @@ def _record(cfg: RetrainConfig, state: dict) -> dict:
         log.warning("the challengers under %s were not all removed (%s); the next round removes them",
                     storage.display(cfg.state), type(exc).__name__)
     if summary["decision"] == "promoted" and cfg.backfill is not None:
+        lock.check()
         summary["backfill"] = publish_backfill(cfg, version)
     return summary
 

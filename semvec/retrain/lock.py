@@ -1,5 +1,8 @@
-"""One retraining at a time per state prefix: a lock object with a stale-lock timeout; a lock whose
-holder ran on this machine (same boot, same process namespace) and has ended is taken at once.
+"""One retraining at a time per state prefix: a lock object that its holder renews while it runs
+(every timeout / 6, at most 5 minutes), stale once not renewed for the timeout; a lock whose
+holder ran on this machine (same boot, same process namespace) and has ended is taken at once. A
+holder checks the lock is still its own (`check`) before each write of state or registry: one
+whose lock was taken over (renewals failed for the whole timeout) stops there.
 
 On a local disk the lock is created with O_EXCL, which is atomic. Plain S3 has no create-if-absent
 for every S3-compatible store, so there the lock is written, read back after a pause, and held
@@ -14,14 +17,18 @@ store has them; not used yet.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
 
 from semvec import storage
-from semvec.errors import ConfigError
+from semvec.errors import ConfigError, JobFailed
+
+log = logging.getLogger("semvec.retrain")
 
 LOCK = "lock.json"
 
@@ -40,17 +47,23 @@ class Lock:
         self.timeout_s = timeout_s
         self.token = uuid.uuid4().hex
         self.took_stale: dict | None = None
+        self.record: dict | None = None
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
+        now = time.time()
         record = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                  "since": time.time(), "processes": _process_space()}
+                  "since": now, "renewed_at": now, "processes": _process_space()}
         held = self._read()
         if held is not None:
-            age = time.time() - float(held.get("since", 0))
-            if age < self.timeout_s and not _holder_gone(held):
+            quiet = time.time() - _renewed_at(held)
+            if quiet < self.timeout_s and not _holder_gone(held):
                 raise LockHeld(
                     f"another retraining holds {storage.display(self.uri)} (host {held.get('host')}, "
-                    f"pid {held.get('pid')}, for {age:.0f} s; stale after {self.timeout_s:.0f} s)")
+                    f"pid {held.get('pid')}, since {time.time() - float(held.get('since', 0)):.0f} s, "
+                    f"renewed {quiet:.0f} s ago; stale after {self.timeout_s:.0f} s unrenewed)")
             if self._read() != held:  # another run took it over first
                 raise self._raced()
             self.took_stale = held  # its holder died: take it over
@@ -62,16 +75,43 @@ class Lock:
         if storage.is_remote(self.uri):
             storage.write_atomic(self.fs, self.path, data)
             self._read_back()
-            return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            raise self._raced() from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        if self.took_stale is not None:  # two runs taking one stale lock over: read back, as on S3
-            self._read_back()
+        else:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                raise self._raced() from None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if self.took_stale is not None:  # two runs taking one stale lock over: read back, as on S3
+                self._read_back()
+        self.record = record
+        self._thread = threading.Thread(target=self._renew, name="semvec-retrain-lock", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        """Rewrite the record with a fresh renewed_at while this run holds it; stop when it is not
+        its own any more (taken over after renewals failed for the timeout)."""
+        interval = min(max(self.timeout_s / 6, 0.2), 300.0)
+        while not self._stop.wait(interval):
+            try:
+                if (self._read() or {}).get("token") != self.token:
+                    self._lost.set()
+                    return
+                self.record = {**self.record, "renewed_at": time.time()}
+                storage.write_atomic(self.fs, self.path, json.dumps(self.record).encode())
+            except Exception as exc:  # noqa: BLE001 - a store down for a while: try again next time
+                log.warning("the retraining lock %s was not renewed (%s); it goes stale after %.0f s "
+                            "unrenewed", storage.display(self.uri), type(exc).__name__, self.timeout_s)
+
+    def check(self) -> None:
+        """Raise JobFailed unless the lock is still this run's: before each write of the round's
+        state or the registry."""
+        if self._lost.is_set() or (self._read() or {}).get("token") != self.token:
+            self._lost.set()
+            raise JobFailed(f"the retraining lock {storage.display(self.uri)} was taken over by another "
+                            "run (this one's renewals failed for lock_timeout_s); stopped before "
+                            "writing state or the registry")
 
     def _read_back(self) -> None:
         """Held only if the lock, read a second after this run wrote it, still carries its token."""
@@ -83,6 +123,9 @@ class Lock:
         return LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
 
     def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         if (self._read() or {}).get("token") == self.token:
             self.fs.rm(self.path)
 
@@ -101,6 +144,14 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _renewed_at(held: dict) -> float:
+    """When the holder last renewed its lock (a lock written before renewals: when it was taken)."""
+    try:
+        return float(held.get("renewed_at", held.get("since", 0)))
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _process_space() -> str | None:

@@ -11,10 +11,7 @@ row is lost. The output is written whole, once, at the end (a rerun after a cras
 from __future__ import annotations
 
 import json
-import re
 import time
-
-from fsspec.utils import glob_translate
 
 from semvec import crashpoints, storage
 from semvec.backfill.read import read_all_rows
@@ -34,8 +31,7 @@ def check_output(queries: str, output: str) -> None:
         if out == q:
             raise ConfigError(f"--output {storage.display(output)!r} is the queries file; write the "
                               "answers elsewhere")
-        glob = any(c in q for c in "*?[") and re.match(glob_translate(q), out)  # fsspec's glob
-        if out.startswith(q + "/") or glob:
+        if out.startswith(q + "/") or storage.glob_lists(queries, output):
             raise ConfigError(f"--output {storage.display(output)!r} lies among the queries "
                               f"{storage.display(queries)!r}: a rerun would read the answers as "
                               "queries; write them elsewhere")

@@ -437,14 +437,19 @@ def nested_settings(cls: type, what: str, value: Any):
 
 def texts_are_text(cls: type, data: dict[str, Any], what: str) -> None:
     """A text setting given a number in YAML (`name: 2024`, `name: 1e3`, which YAML reads as 1000.0)
-    is a one-line error asking for quotes, not a run named "1000.0" or a crash inside the job."""
+    is a one-line error asking for quotes, not a run named "1000.0" or a crash inside the job; a
+    number setting given text (`dropout: "0.1"`) one asking for none, not a TypeError from inside
+    the config's checks that names no setting."""
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
         hint = hints.get(name)
-        text = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
-                               and str in typing.get_args(hint))
-        if text and value is not None and not isinstance(value, (str, Enum, os.PathLike)):
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(hint) if union else (hint,)
+        if str in kinds and value is not None and not isinstance(value, (str, Enum, os.PathLike)):
             raise ConfigError(f"{what}{name} must be text, got {value!r}; in YAML, quote it: {name}: '...'")
+        if str not in kinds and {int, float} & set(kinds) and isinstance(value, str):
+            raise ConfigError(f"{what}{name} must be a number, got {value!r}; in YAML, write it "
+                              f"without quotes: {name}: {value.strip()}")
 
 
 def plain_settings(value: Any) -> Any:

@@ -33,6 +33,8 @@ def _cases(tmp_path: Path, corpus: Path, model: Path) -> dict:
     (broken / "config.json").write_text("{not json")
     (broken / "model.safetensors").write_bytes(b"")
     (broken / "tokenizer.json").write_text("{}")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one text\nanother\n")
     blocked = tmp_path / "blocked"
     blocked.write_text("a file, so nothing can be created beneath it")
     out = str(tmp_path / "out")
@@ -47,8 +49,12 @@ def _cases(tmp_path: Path, corpus: Path, model: Path) -> dict:
         "unreadable model": ([str(corpus), out, "--model", str(broken)], "cannot be loaded"),
         "output beneath a file": ([str(corpus), str(blocked / "out"), "--model", str(model)],
                                   f"output '{blocked / 'out'}' lies beneath the file '{blocked}'"),
-        "output is a file": ([str(corpus), str(corpus), "--model", str(model)],
+        "output is a file": ([str(corpus), str(blocked), "--model", str(model)],
                              "is a file; an output is a folder"),
+        "output is the input": ([str(corpus), str(corpus), "--model", str(model)],
+                                "is the input"),
+        "an id field in a text file": ([str(lines), out, "--model", str(model), "--id-field", "id"],
+                                       "is text, a line a row, with no fields: --id-field needs"),
         # the setting's name (as in a config file) and the flag this command sets it with
         "bad number": ([str(corpus), out, "--batch-rows", "0"],
                        "batch_rows (--batch-rows) must be a positive integer"),
@@ -211,6 +217,27 @@ def test_a_number_for_a_text_setting_asks_for_quotes(tmp_path):
     with pytest.raises(ConfigError, match="^output must be text, got 2024"):
         load_embed_config(embed)
     assert load_embed_config(input="in.jsonl", output="o").output == "o"
+
+
+def test_text_for_a_number_setting_or_a_bad_seed_is_one_line(tmp_path):
+    """`dropout: "0.1"` failed inside the config's checks with a TypeError that named no setting;
+    `seed: -1` passed the plan and failed in every Ray Train worker, restarted max_failures times."""
+    from semvec.train.config import load_train_config
+
+    cfg = tmp_path / "train.yaml"
+    base = "task: sts\nmethod: full\ntrain: t.jsonl\noutput: o\n"
+    for line, says in (('dropout: "0.1"', "dropout must be a number, got '0.1'; in YAML, write it without "
+                                          "quotes: dropout: 0.1"),
+                       ("warmup_ratio: '0.1'", "warmup_ratio must be a number"),
+                       ("seed: -1", r"seed must be an integer from 0 to 2\*\*32 - 1, got -1"),
+                       ("seed: 4294967296", "seed must be an integer from 0")):
+        cfg.write_text(base + line + "\n")
+        with pytest.raises(ConfigError, match=f"^{says}"):
+            load_train_config(cfg)
+    embed = tmp_path / "embed.yaml"
+    embed.write_text("input: in.jsonl\noutput: o\ncpus_per_worker: '2'\n")
+    with pytest.raises(ConfigError, match="^cpus_per_worker must be a number, got '2'"):
+        load_embed_config(embed)
 
 def test_pipeline_entry_point_reports_bad_config(tmp_path):
     cfg = tmp_path / "job.yaml"

@@ -239,6 +239,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a {'' if infinite else 'finite '}number > 0, "
                                   f"got {value!r}")
         require_non_negative("weight_decay", self.weight_decay)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) \
                 or self.max_failures < -1:
             raise ConfigError(f"max_failures must be an integer >= 0, or -1 for no limit, got "

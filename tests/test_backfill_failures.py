@@ -158,6 +158,7 @@ def test_a_row_the_tokenizer_refuses_is_quarantined_and_the_job_goes_on(ray_loca
     bad = quarantine_rows(tmp_path / "out")
     assert sorted(r["row"] for r in bad) == [0, 7, 14]
     assert all(r["reason"].startswith("tokenize_failed: ValueError: this tokenizer refuses") for r in bad)
+    assert [r["raw"] for r in sorted(bad, key=lambda r: r["row"])] == [texts[0], texts[7], texts[14]]
     assert manifest(tmp_path / "out")["inputs"][0]["quarantine_reasons"] == {"tokenize_failed": 3}
     good = sorted(output_rows(tmp_path / "out"), key=lambda r: r["row"])
     want = Encoder(tiny_models["bert"]).encode_texts([texts[r["row"]] for r in good])

@@ -301,3 +301,13 @@ def test_a_round_decided_in_a_run_deleted_since_says_what_to_do(world, tmp_path)
                                           r"\(deleted\?\); remove its \"pending\" entry"):
         run_round(load_retrain_config(None, **world["cfg"]))
     assert json.loads(world["fs"].cat_file(state))["pending"] == {"run_id": run_id}  # left as it was
+
+
+def test_a_bad_row_in_a_new_snapshot_is_named_in_its_own_file_before_any_copy(world):
+    """It was named in its replay copy (state/replay/<hash>-batch1.jsonl), after the copy was made."""
+    world["fs"].pipe(f"{world['prefix']}/incoming/batch1.jsonl",
+                     b'{"sentence1": "a", "sentence2": "b", "score": 1.0}\n{"sentence1": "cut\n')
+    with pytest.raises(ConfigError, match=r"incoming/batch1.jsonl row 2: not valid JSON"):
+        run_round(load_retrain_config(None, **world["cfg"]))
+    assert not world["fs"].exists(f"{world['prefix']}/state/replay")
+    assert not world["fs"].exists(f"{world['prefix']}/state/state.json")

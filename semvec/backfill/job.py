@@ -71,17 +71,17 @@ def plan(config: EmbedConfig) -> Plan:
     files = storage.list_inputs(config.input)
     _check_apart(config.input, config.output)
     for f in files:
-        fmt = detect_format(f.relative, config.input_format)
-        if fmt is None:
+        if detect_format(f.relative, config.input_format) is None:
             allowed = ", ".join(x.value for x in InputFormat if x != InputFormat.AUTO)
             raise ConfigError(
                 f"input file {f.relative!r} has an unknown format; name it .jsonl/.parquet/.csv/"
                 f".tsv/.txt (optionally .gz) or set input_format to one of: {allowed}"
             )
-        if fmt == InputFormat.TXT and config.id_field is not None:  # it was ignored: ids FILE:ROW
-            raise ConfigError(f"input file {f.relative!r} is text, a line a row, with no fields: "
-                              "--id-field needs jsonl, csv, tsv or parquet (a text file's rows are "
-                              "named FILE:ROW)")
+    if config.id_field is not None and all(detect_format(f.relative, config.input_format) == InputFormat.TXT
+                                           for f in files):  # it was ignored: every id FILE:ROW
+        raise ConfigError(f"input {storage.display(config.input)!r} is text, a line a row, with no "
+                          "fields: --id-field needs jsonl, csv, tsv or parquet (a text file's rows "
+                          "are named FILE:ROW)")
     if all(f.size == 0 for f in files):
         raise ConfigError(f"input {storage.display(config.input)!r} holds only empty files")
     first = next(f for f in files if f.size)

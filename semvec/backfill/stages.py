@@ -20,7 +20,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from semvec import storage
 from semvec.backfill import chunked
-from semvec.backfill.read import ROW_SCHEMA, Reason, RowParser, detect_format, read_file_chunks
+from semvec.backfill.read import RAW_LIMIT, ROW_SCHEMA, Reason, RowParser, detect_format, read_file_chunks
 from semvec.config import EmbedConfig, Granularity
 from semvec.storage import InputFile
 from semvec.tokens import ModelFacts, Tokenized, tokenize
@@ -105,7 +105,7 @@ class Tokenize:
         self.chunking = chunking  # (chunk_tokens, chunk_overlap), or None: truncate to max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _require(batch, ("text", "reason"), "tokenize")
+        _require(batch, ("text", "reason", "raw"), "tokenize")
         tok = _tokenizer(self.model_dir, self.trust_remote_code, self.facts)
         ok = np.flatnonzero(batch["reason"].is_null().to_numpy(zero_copy_only=False))
         texts = batch["text"].take(pa.array(ok, pa.int64())).to_pylist()
@@ -113,12 +113,12 @@ class Tokenize:
             tk, failed = chunked.tokenize_rows(tok, texts, *self.chunking)
         else:
             tk, failed = _tokenize_rows(tok, texts, self.max_length, self.token_mode)
-        if failed:  # those rows go to quarantine with the tokenizer's error; the rest go on
-            reasons = batch["reason"].to_pylist()
+        if failed:  # those rows go to quarantine with the tokenizer's error and their text; the rest go on
+            reasons, raws = batch["reason"].to_pylist(), batch["raw"].to_pylist()
             for j, reason in failed.items():
-                reasons[ok[j]] = reason
-            batch = batch.set_column(batch.column_names.index("reason"), "reason",
-                                     pa.array(reasons, pa.string()))
+                reasons[ok[j]], raws[ok[j]] = reason, texts[j][:RAW_LIMIT]
+            for name, values in (("reason", reasons), ("raw", raws)):
+                batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
             ok = np.delete(ok, list(failed))
         if self.chunking:
             return chunked.add_token_columns(batch.drop_columns(["text"]), ok, tk)

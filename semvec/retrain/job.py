@@ -71,6 +71,8 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list, lock: Lock) -> d
             lock.check()
             summary["backfill"] = publish_backfill(cfg, champion)
         return summary
+    for f, _ in new:  # a bad row is named in its own file, before a copy or a run is made of it
+        load_examples(cfg.task, f.uri, skip_blank=True)
     # copied to the replay store first, and trained from the copies: what is trained on, replayed
     # later and hashed is one read of each file. Later rounds replay a copy once state.json lists
     # its snapshot as trained (a round cut short before its decision trains again on it as new).

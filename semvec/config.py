@@ -86,6 +86,7 @@ class EmbedConfig:
     model: str = "bundled"
     text_field: str = "text"
     id_field: str | None = None
+    title_field: str | None = None  # a title put before the text: "TITLE TEXT", as BEIR reads one
     input_format: InputFormat = InputFormat.AUTO
     pooling: Pooling = Pooling.AUTO
     normalize: bool | None = None  # None: the model's own choice (a Normalize module -> True)
@@ -136,6 +137,9 @@ class EmbedConfig:
                  "or models:/NAME@ALIAS",
         "text_field": "the field (column) that holds the text",
         "id_field": "the field that holds each row's id (default: FILE:ROW)",
+        "title_field": "a field whose value goes before the text, joined by a space (BEIR's title "
+                       "and text, as `semvec evaluate retrieval --model` reads them; a row without "
+                       "one is its text alone) (default: none)",
         "input_format": "input format (auto: from each file's extension)",
         "pooling": "how token vectors become one vector (auto: the model's own choice, else mean "
                    "for encoders and last for decoders)",
@@ -178,7 +182,7 @@ class EmbedConfig:
 
     HASHED = (
         "model", "text_field", "id_field", "input_format", "pooling", "normalize", "max_length",
-        "granularity", "dtype", "max_chars", "chunk_tokens", "chunk_overlap", "aggregate",
+        "granularity", "dtype", "max_chars", "chunk_tokens", "chunk_overlap", "aggregate", "title_field",
     )
 
     def __post_init__(self) -> None:
@@ -256,7 +260,8 @@ class EmbedConfig:
 # outputs written before auto existed, in float32, keep their hash); float16 and bfloat16 do not.
 PARITY_DTYPES = (DType.AUTO, DType.FLOAT32, DType.BFLOAT16_MIXED)
 
-_HASHED_WHEN_SET = {"chunk_tokens": None, "chunk_overlap": 0, "aggregate": Aggregate.NONE}
+_HASHED_WHEN_SET = {"chunk_tokens": None, "chunk_overlap": 0, "aggregate": Aggregate.NONE,
+                    "title_field": None}
 
 
 def plain(value: Any) -> Any:

@@ -253,3 +253,33 @@ def test_query_vectors_of_another_model_and_flags_nothing_reads_are_refused(tiny
         evaluate.evaluate("sts", data=corpus, query_vectors=str(tmp_path / "q-bert"))
     with pytest.raises(ConfigError, match="give --model or --vectors, not both"):
         evaluate.evaluate("sts", data=corpus, model="bundled", vectors=str(tmp_path / "docs"))
+
+
+def test_stored_vectors_with_titles_score_as_the_model_does(tiny_models, tmp_path):
+    """`--model` embeds BEIR documents as title + " " + text, a backfill its text field alone: on a
+    corpus with titles the two scored apart. --title-field joins them as BEIR does."""
+    from semvec.encode import Encoder
+
+    docs = [{"_id": f"d{i}", "title": t, "text": x} for i, (t, x) in enumerate(
+        [("Cats", "they sleep a lot"), ("Dogs", "they bark at night"), ("", "a page without a title"),
+         ("Rivers", "water runs downhill"), ("Stars", "they shine far away")])]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    queries = write_jsonl(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "cats sleeping"},
+                                                       {"_id": "q2", "text": "rivers and water"}])
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\nq2\td3\t1\n")
+    beir = {"corpus": str(corpus), "queries": str(queries), "qrels": str(tmp_path / "qrels.tsv")}
+    model = str(tiny_models["bert"])
+    for out, src, title in (("titled", corpus, "title"), ("q", queries, None)):
+        run(load_embed_config(None, input=str(src), output=str(tmp_path / out), model=model, id_field="_id",
+                              title_field=title))
+    stored = evaluate.load_vectors(str(tmp_path / "titled"))
+    want = Encoder(tiny_models["bert"]).encode_texts(["Cats they sleep a lot", "a page without a title"])
+    np.testing.assert_allclose(np.stack([stored["d0"], stored["d2"]]), want, atol=1e-5)
+    by_model = evaluate.evaluate("retrieval", model=model, **beir)
+    by_vectors = evaluate.evaluate("retrieval", vectors=str(tmp_path / "titled"),
+                                   query_vectors=str(tmp_path / "q"), **beir)
+    assert by_vectors["ndcg@10"] == pytest.approx(by_model["ndcg@10"], abs=1e-6)
+    # a title field the input lacks is refused before any work
+    with pytest.raises(ConfigError, match="has no field 'heading'.*name the field with --title-field"):
+        run(load_embed_config(None, input=str(corpus), output=str(tmp_path / "x"), model=model,
+                              title_field="heading"))

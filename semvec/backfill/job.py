@@ -77,16 +77,17 @@ def plan(config: EmbedConfig) -> Plan:
                 f"input file {f.relative!r} has an unknown format; name it .jsonl/.parquet/.csv/"
                 f".tsv/.txt (optionally .gz) or set input_format to one of: {allowed}"
             )
-    if config.id_field is not None and all(detect_format(f.relative, config.input_format) == InputFormat.TXT
-                                           for f in files):  # it was ignored: every id FILE:ROW
+    # a field of a row that has none was ignored (its id FILE:ROW, no title)
+    named = [f"--{n.replace('_', '-')}" for n in ("id_field", "title_field") if getattr(config, n)]
+    if named and all(detect_format(f.relative, config.input_format) == InputFormat.TXT for f in files):
         raise ConfigError(f"input {storage.display(config.input)!r} is text, a line a row, with no "
-                          "fields: --id-field needs jsonl, csv, tsv or parquet (a text file's rows "
+                          f"fields: {named[0]} needs jsonl, csv, tsv or parquet (a text file's rows "
                           "are named FILE:ROW)")
     if all(f.size == 0 for f in files):
         raise ConfigError(f"input {storage.display(config.input)!r} holds only empty files")
     first = next(f for f in files if f.size)
     require_fields(first, detect_format(first.relative, config.input_format), config.text_field, "input",
-                   id_field=config.id_field)
+                   id_field=config.id_field, title_field=config.title_field)
     storage.check_writable(config.output)  # before a model is fetched from a store or a registry
     model_dir = models.resolve_model(config.model)
     fingerprint = models.fingerprint(model_dir)
@@ -307,7 +308,7 @@ def _record_failure(out: OutputDir, manifest: dict) -> None:
 def _account(p: Plan, out: OutputDir) -> dict:
     """The accounting from the committed parts, checked (see OutputDir.account)."""
     c = p.config
-    parser = RowParser(c.text_field, c.id_field, c.max_chars)
+    parser = RowParser(c.text_field, c.id_field, c.max_chars, c.title_field)
     return out.account(p.files, lambda f: has_rows(f, detect_format(f.relative, c.input_format), parser))
 
 

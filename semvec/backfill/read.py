@@ -97,10 +97,11 @@ def detect_format(relative: str, given: InputFormat) -> InputFormat | None:
 class RowParser:
     """Turns one file's records into (row, id, text, reason, raw) tuples."""
 
-    def __init__(self, text_field: str, id_field: str | None, max_chars: int):
+    def __init__(self, text_field: str, id_field: str | None, max_chars: int, title_field: str | None = None):
         self.text_field = text_field
         self.id_field = id_field
         self.max_chars = max_chars
+        self.title_field = title_field
 
     def check(self, source: str, row: int, record, raw) -> tuple:
         """Validate one parsed record (a mapping) into the output tuple."""
@@ -116,7 +117,11 @@ class RowParser:
                 return self.bad(row, Reason.INVALID_UTF8, raw, rid)
         if self.text_field not in record:  # quarantined under its id, as any other bad text
             return self.bad(row, Reason.MISSING_FIELD, raw, rid)
-        return self.check_text(row, rid, record[self.text_field], raw)
+        text = record[self.text_field]
+        title = record.get(self.title_field) if self.title_field is not None else None
+        if title is not None and isinstance(text, str):  # as semvec.datasets.read_beir joins them
+            text = f"{title} {text}".strip()
+        return self.check_text(row, rid, text, raw)
 
     def check_text(self, row: int, rid: str, text, raw) -> tuple:
         if text is None or (isinstance(text, str) and not text.strip()):
@@ -226,7 +231,7 @@ def parse_parquet(handle, source: str, p: RowParser) -> Iterator[tuple]:
         for row in range(pf.metadata.num_rows):
             yield p.bad(row, Reason.MISSING_FIELD, f"columns: {pf.schema_arrow.names}")
         return
-    columns = [p.text_field] + ([p.id_field] if p.id_field else [])
+    columns = [p.text_field] + [c for c in (p.id_field, p.title_field) if c]
     columns = [c for c in columns if c in pf.schema_arrow.names]
     row = 0
     for batch in pf.iter_batches(batch_size=8192, columns=columns):
@@ -314,7 +319,8 @@ SAMPLE_ROWS = 100
 
 
 def require_fields(file: InputFile, fmt: InputFormat, text_field: str, what: str,
-                   flag: str = "--text-field", id_field: str | None = None) -> None:
+                   flag: str = "--text-field", id_field: str | None = None,
+                   title_field: str | None = None) -> None:
     """ConfigError, one line, when the first input file shows that every row would go to
     quarantine (a wrong `flag` or --id-field, almost always; or not JSON Lines at all): a table
     without the column, or jsonl whose first rows are no objects or none has the field."""
@@ -333,7 +339,7 @@ def require_fields(file: InputFile, fmt: InputFormat, text_field: str, what: str
                               f"object a line{array}")
         names = list(dict.fromkeys(k for r in objects for k in r))
         kind, where = "field", f" in its first {len(objects)} object(s)"
-    for field, option in ((text_field, flag), (id_field, "--id-field")):
+    for field, option in ((text_field, flag), (id_field, "--id-field"), (title_field, "--title-field")):
         if field is not None and field not in names:
             shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
             theirs = "its columns" if kind == "column" else "their fields"

@@ -75,7 +75,7 @@ class CorpusSource(Datasource):
     def readers(self) -> list:
         """Per file, a call that yields its rows still to do, in tables of chunk_rows."""
         c = self.config
-        parser = RowParser(c.text_field, c.id_field, c.max_chars)
+        parser = RowParser(c.text_field, c.id_field, c.max_chars, c.title_field)
         return [functools.partial(read_file_chunks, f, detect_format(f.relative, c.input_format), parser,
                                   self.done.get(f.relative, np.empty(0, np.int64)), self.chunk_rows)
                 for f in self.files]

@@ -25,7 +25,7 @@ from semvec import models, tracking
 from semvec.datasets import Task
 from semvec.errors import ConfigError
 from semvec.retrain.config import load_retrain_config
-from semvec.retrain.job import publish_backfill, rollback
+from semvec.retrain.job import _replay_store, publish_backfill, rollback
 from semvec.retrain.job import retrain as run_round
 from tests.conftest import cli, crash_after, write_jsonl
 from tests.test_train import make_task_data
@@ -166,7 +166,10 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
     assert not fs.exists(lock)  # released
 
     # 5. rollback: v1 is champion again; v1 has no backfill, so CURRENT stays and says so. Killed
-    #    after it tags v2 rolled back, then after @champion moves: each rerun finishes it
+    #    after it tags v2 rolled back, then after @champion moves: each rerun finishes it. What v2
+    #    learned from (batch1) is not replayed from then on; batch2's refused v3 still is
+    replayed = [Path(f.relative).name for f in _replay_store(load_retrain_config(None, **world["cfg"]))]
+    assert sorted(n.split("-", 1)[1] for n in replayed) == ["batch1.jsonl", "batch2.jsonl"]
     for write in ("semvec.rolled_back", "@champion = v1"):
         code, _, err = semvec_command(["rollback", name, "--backfill-root", f"{prefix}/vectors"], tmp,
                                       crash_at=write)
@@ -178,6 +181,8 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
     assert tracking.alias_version(name, "previous") is None
     assert client.get_model_version(name, "2").tags["semvec.rolled_back"] == "true"
     assert "semvec.rolled_back" not in client.get_model_version(name, "1").tags  # the restored one
+    replayed = [Path(f.relative).name for f in _replay_store(load_retrain_config(None, **world["cfg"]))]
+    assert [n.split("-", 1)[1] for n in replayed] == ["batch2.jsonl"]
 
     # 6. the next round has nothing to train, but the champion's vectors are missing: it embeds
     #    the corpus with v1 and CURRENT follows, as after a promotion whose backfill had failed

@@ -311,7 +311,9 @@ def _read_state(state: str) -> dict:
 
 def _replay_store(cfg: RetrainConfig) -> list:
     """The copies of the snapshots state.json lists as trained on; a copy made by a round cut short
-    before its decision was written is not one of them (that round trains again, on it as new)."""
+    before its decision was written is not one of them (that round trains again, on it as new), nor
+    is the data of a version promoted and then rolled back (`semvec rollback`: a person undid what
+    it taught, so it is not taught again)."""
     store = storage.join(cfg.state, "replay")
     fs = storage.filesystem(store)
     if not fs.exists(storage.strip(store)):
@@ -320,8 +322,14 @@ def _replay_store(cfg: RetrainConfig) -> list:
         held = storage.list_inputs(store)
     except ConfigError:  # an empty folder
         return []
-    trained = {h[:16] for h in _read_state(cfg.state)["trained"]}
-    return [f for f in held if Path(f.relative).name.split("-", 1)[0] in trained]
+    trained = _read_state(cfg.state)["trained"]
+    promoted = {str(t.get("version")) for t in trained.values() if t.get("decision") == "promoted"}
+    undone = {v for v in promoted
+              if tracking.version_tags(cfg.name, v).get(promotion.ROLLED_BACK) == "true"}
+    if undone:
+        log.info("not replayed: the snapshots of v%s, rolled back", ", v".join(sorted(undone)))
+    kept = {h[:16] for h, t in trained.items() if str(t.get("version")) not in undone}
+    return [f for f in held if Path(f.relative).name.split("-", 1)[0] in kept]
 
 
 def _content_hash(uri: str) -> str:

@@ -12,9 +12,9 @@ with 412. Stores that ignore conditional writes (rclone's, some others) accept b
 after each write the lease is read back after a pause and held only if it still carries this
 holder's token: two runs then both hold it only if one writes between the other's write and its
 read-back one second later, or if the store is not read-after-write consistent (AWS S3 is). A
-scheduler that never overlaps runs (KubeRay / CronJob `concurrencyPolicy: Forbid`) is the first
-line; this lease is the second. A holder that finds its lease gone or taken says so (`lost`), and
-the job stops with an error instead of finishing.
+scheduler that never overlaps runs (a Kubernetes CronJob's `concurrencyPolicy: Forbid`; KubeRay's
+RayCronJob has none) is the first line; this lease is the second. A holder that finds its lease
+gone or taken says so (`lost`), and the job stops with an error instead of finishing.
 """
 
 from __future__ import annotations

@@ -640,3 +640,32 @@ def test_nothing_reports_usage():
         if pod.autoscaler is not None:
             off = {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}
             assert off in pod.autoscaler.get("env", []), pod.where
+
+
+def test_a_retraining_round_ends_before_its_deadline_and_the_backfill_job_uses_the_champion():
+    """The submitter's deadline (CronJob) or the RayJob's leaves a stuck round's driver running and
+    renewing its lock, so every later night exits 3: the driver runs under `timeout`, ending first.
+    The backfill RayJob is documented to embed with the champion and did not say which model."""
+    import shlex
+
+    for name in ("raycronjob-retrain.yaml", "cronjob-retrain.yaml"):
+        path = next(p for p in YAML_FILES if p.name == name)
+        for doc in _docs(path):
+            deadlines = [n["activeDeadlineSeconds"] for n in _walk(doc)
+                         if isinstance(n, dict) and "activeDeadlineSeconds" in n]
+            commands = [shlex.split(n["entrypoint"]) for n in _walk(doc)
+                        if isinstance(n, dict) and isinstance(n.get("entrypoint"), str)]
+            commands += [[str(a) for a in n["command"]] for n in _walk(doc)
+                         if isinstance(n, dict) and isinstance(n.get("command"), list)
+                         and "-m" in n["command"]]
+            retrain = [c for c in commands if "pipelines.retrain" in c]
+            assert retrain and deadlines, name
+            for argv in retrain:
+                head = argv[:argv.index("python")]
+                assert "timeout" in head, f"{name}: the round's driver has no timeout: {argv}"
+                limit = int(head[-1]) + 60  # --kill-after=60
+                assert limit < min(deadlines), f"{name}: timeout {limit} s is not within {min(deadlines)} s"
+    backfill = next(p for p in YAML_FILES if p.name == "rayjob-backfill.yaml")
+    entry = [n["entrypoint"] for d in _docs(backfill) for n in _walk(d)
+             if isinstance(n, dict) and isinstance(n.get("entrypoint"), str)]
+    assert entry and all("--model models:/semvec-sts@champion" in e for e in entry)

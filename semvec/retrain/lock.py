@@ -9,9 +9,9 @@ for every S3-compatible store, so there the lock is written, read back after a p
 only if it still carries this holder's token. Two runs can then both hold it only if one of them
 takes over a second between its first read and its write (so that the other's whole write, pause
 and read-back falls in between), or if the store is not read-after-write consistent (AWS S3 is).
-A scheduler that never overlaps runs (KubeRay / CronJob `concurrencyPolicy: Forbid`) is the first
-line; this lock is the second. S3's conditional writes (If-None-Match) would close the gap where a
-store has them; not used yet.
+A scheduler that never overlaps runs (a Kubernetes CronJob's `concurrencyPolicy: Forbid`; KubeRay's
+RayCronJob has none) is the first line; this lock is the second. S3's conditional writes
+(If-None-Match) would close the gap where a store has them; not used yet.
 """
 
 from __future__ import annotations

@@ -139,7 +139,8 @@ class EmbedConfig:
         "id_field": "the field that holds each row's id (default: FILE:ROW)",
         "title_field": "a field whose value goes before the text, joined by a space (BEIR's title "
                        "and text, as `semvec evaluate retrieval --model` reads them; a row without "
-                       "one is its text alone) (default: none)",
+                       "one is its text alone; token and chunk offsets are into the joined text) "
+                       "(default: none)",
         "input_format": "input format (auto: from each file's extension)",
         "pooling": "how token vectors become one vector (auto: the model's own choice, else mean "
                    "for encoders and last for decoders)",

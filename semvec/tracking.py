@@ -389,6 +389,13 @@ def version_tags(name: str, version: str) -> dict[str, str]:
     return dict(_client().get_model_version(name, version).tags)
 
 
+def versions_tagged(name: str, key: str, value: str) -> set[str]:
+    """The versions of a registered model whose tag `key` is `value`, in one search (a version
+    deleted since is simply not among them)."""
+    found = _client().search_model_versions(f"name = '{name}'")
+    return {str(v.version) for v in found if v.name == name and (v.tags or {}).get(key) == value}
+
+
 def tag_version(name: str, version: str, key: str, value: str) -> None:
     _client().set_model_version_tag(name, version, key, redact(value))
     crashpoints.wrote(f"{name} v{version} tagged {key}")

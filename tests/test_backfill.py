@@ -381,3 +381,14 @@ def test_rows_added_to_an_input_copied_with_its_mtime_kept_are_embedded(tiny_mod
     embed(src, tmp_path / "out", tiny_models["bert"], id_field="id")
     assert manifest(tmp_path / "out")["totals"]["embedded"] == 6
     assert sorted(read_output(tmp_path / "out")["id"].to_pylist()) == [str(i) for i in range(6)]
+
+
+def test_a_part_cut_short_in_its_local_write_is_still_ours(tmp_path):
+    """A crash inside a part's write leaves `part-....parquet.tmp-<uuid>`: semvec's, so the output
+    is still a backfill cut short (which --overwrite clears), not someone else's folder."""
+    from semvec.backfill.manifest import OutputDir
+
+    (tmp_path / "part-0123456789ab-000000000000-000000000009.parquet.tmp-1f2e").write_bytes(b"x")
+    assert not OutputDir(str(tmp_path)).has_foreign_files()
+    (tmp_path / "part-0.parquet.tmp-1f2e").write_bytes(b"x")  # a temporary of another's file
+    assert OutputDir(str(tmp_path)).has_foreign_files()

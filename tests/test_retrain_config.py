@@ -156,7 +156,10 @@ def test_a_held_lock_is_renewed_and_a_holder_whose_lock_was_taken_stops_at_its_n
     with pytest.raises(LockHeld, match="another retraining holds"):
         Lock(str(tmp_path), timeout_s=1.2).acquire()
     first.check()  # still its own
-    # renewals failed (say the store was down) and another run took it over
+    # renewals failed (say the store was down) and another run took it over (its renewals stopped
+    # first, so that none lands on the other run's lock in this test)
+    first._stop.set()
+    first._thread.join()
     (tmp_path / "lock.json").write_text(json.dumps({"token": "other", "since": time.time(),
                                                     "renewed_at": time.time()}))
     with pytest.raises(JobFailed, match="was taken over by another run"):

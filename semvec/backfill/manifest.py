@@ -56,7 +56,8 @@ class OutputDir(storage.Prefix):
         for p in self.fs.ls(self.root, detail=False):
             name = p.rstrip("/").rsplit("/", 1)[-1]
             ours = storage.is_part(name) or name.startswith(storage.PROBE_MARK) \
-                or name in (MANIFEST, QUARANTINE_DIR, LEASE)
+                or name in (MANIFEST, QUARANTINE_DIR, LEASE) \
+                or (storage.TEMP_MARK in name and storage.is_part(name.split(storage.TEMP_MARK)[0]))
             if not ours:
                 return True
         return False

@@ -105,7 +105,7 @@ class Tokenize:
         self.chunking = chunking  # (chunk_tokens, chunk_overlap), or None: truncate to max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _require(batch, ("text", "reason", "raw"), "tokenize")
+        _require(batch, ("text", "reason"), "tokenize")
         tok = _tokenizer(self.model_dir, self.trust_remote_code, self.facts)
         ok = np.flatnonzero(batch["reason"].is_null().to_numpy(zero_copy_only=False))
         texts = batch["text"].take(pa.array(ok, pa.int64())).to_pylist()
@@ -114,11 +114,16 @@ class Tokenize:
         else:
             tk, failed = _tokenize_rows(tok, texts, self.max_length, self.token_mode)
         if failed:  # those rows go to quarantine with the tokenizer's error and their text; the rest go on
-            reasons, raws = batch["reason"].to_pylist(), batch["raw"].to_pylist()
+            reasons = batch["reason"].to_pylist()
+            raws = batch["raw"].to_pylist() if "raw" in batch.column_names else None
             for j, reason in failed.items():
-                reasons[ok[j]], raws[ok[j]] = reason, texts[j][:RAW_LIMIT]
+                reasons[ok[j]] = reason
+                if raws is not None:
+                    raws[ok[j]] = texts[j][:RAW_LIMIT]
             for name, values in (("reason", reasons), ("raw", raws)):
-                batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
+                if values is not None:
+                    column = pa.array(values, pa.string())
+                    batch = batch.set_column(batch.column_names.index(name), name, column)
             ok = np.delete(ok, list(failed))
         if self.chunking:
             return chunked.add_token_columns(batch.drop_columns(["text"]), ok, tk)

@@ -132,8 +132,9 @@ def _check(cfg: RetrainConfig) -> None:
     if cfg.dev:
         storage.list_inputs(cfg.dev, "dev")
     if (cfg.ewc or cfg.distill) and not cfg.replay and not _replay_store(cfg):
-        raise ConfigError("ewc and distill need past data and the replay store is empty: set replay "
-                          "to the champion's training data, or ewc: 0 and distill: 0")
+        raise ConfigError("ewc and distill need past data and the replay store holds none (no round "
+                          "trained yet, or only on data of versions rolled back since): set replay to "
+                          "the champion's training data, or ewc: 0 and distill: 0")
     if cfg.backfill is not None:
         storage.list_inputs(cfg.backfill.input, "backfill input")
         storage.check_writable(cfg.backfill.output_root)
@@ -324,8 +325,9 @@ def _replay_store(cfg: RetrainConfig) -> list:
         return []
     trained = _read_state(cfg.state)["trained"]
     promoted = {str(t.get("version")) for t in trained.values() if t.get("decision") == "promoted"}
-    undone = {v for v in promoted
-              if tracking.version_tags(cfg.name, v).get(promotion.ROLLED_BACK) == "true"}
+    undone = set()
+    if promoted:  # one registry search, whatever the number of rounds
+        undone = promoted & tracking.versions_tagged(cfg.name, promotion.ROLLED_BACK, "true")
     if undone:
         log.info("not replayed: the snapshots of v%s, rolled back", ", v".join(sorted(undone)))
     kept = {h[:16] for h, t in trained.items() if str(t.get("version")) not in undone}

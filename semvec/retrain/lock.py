@@ -51,6 +51,7 @@ class Lock:
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._thread: threading.Thread | None = None
+        self._writing = threading.Lock()  # a renewal and the release never interleave
 
     def acquire(self) -> None:
         now = time.time()
@@ -95,11 +96,14 @@ class Lock:
         interval = min(max(self.timeout_s / 6, 0.2), 300.0)
         while not self._stop.wait(interval):
             try:
-                if (self._read() or {}).get("token") != self.token:
-                    self._lost.set()
-                    return
-                self.record = {**self.record, "renewed_at": time.time()}
-                storage.write_atomic(self.fs, self.path, json.dumps(self.record).encode())
+                with self._writing:
+                    if self._stop.is_set():  # released meanwhile: a write now would bring it back
+                        return
+                    if (self._read() or {}).get("token") != self.token:
+                        self._lost.set()
+                        return
+                    self.record = {**self.record, "renewed_at": time.time()}
+                    storage.write_atomic(self.fs, self.path, json.dumps(self.record).encode())
             except Exception as exc:  # noqa: BLE001 - a store down for a while: try again next time
                 log.warning("the retraining lock %s was not renewed (%s); it goes stale after %.0f s "
                             "unrenewed", storage.display(self.uri), type(exc).__name__, self.timeout_s)
@@ -123,11 +127,12 @@ class Lock:
         return LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
 
     def release(self) -> None:
-        self._stop.set()
+        with self._writing:  # after any renewal in flight; none starts after this
+            self._stop.set()
+            if (self._read() or {}).get("token") == self.token:
+                self.fs.rm(self.path)
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if (self._read() or {}).get("token") == self.token:
-            self.fs.rm(self.path)
 
     def _read(self) -> dict | None:
         try:

@@ -220,6 +220,7 @@ def glob_lists(pattern: str, path: str) -> bool:
 
 
 TEMP_MARK = ".tmp-"  # a local write in progress: `<path>.tmp-<uuid>`, renamed into place when whole
+PROBE_MARK = "_probe-"  # check_writable's object: a crash may leave one; outputs ignore it
 # a backfill's (and a compression's) part: part-<source key>-<first row>-<last row>.parquet
 # (backfill.stages.part_name). Only these count as parts: `part-0000.parquet` of Spark or pyarrow
 # is someone else's file, never listed, read or removed as ours.
@@ -229,7 +230,6 @@ PART = re.compile(r"part-[0-9a-f]{12}-\d{12}-\d{12}\.parquet")
 def is_part(path: str) -> bool:
     """Whether the file at path (its last name) is a part semvec writes."""
     return PART.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]) is not None
-PROBE_MARK = "_probe-"  # check_writable's object: a crash may leave one; outputs ignore it
 
 
 def put_atomic(uri: str, data: bytes, what: str = "") -> None:

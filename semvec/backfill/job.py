@@ -115,8 +115,8 @@ def _check_apart(input_: str, output: str) -> None:
     storage.check_apart(input_, output, "output", source_what="the input", holding=True)
     if storage.glob_lists(input_, f"{output.rstrip('/')}/part-{'0' * 12}-{'0' * 12}-{'0' * 12}.parquet"):
         raise ConfigError(f"output {storage.display(output)!r} lies among the input "
-                              f"{storage.display(input_)!r}: its parts would be read as input; "
-                              "choose a folder of its own")
+                          f"{storage.display(input_)!r}: its parts would be read as input; "
+                          "choose a folder of its own")
 
 
 def _check_output(p: Plan) -> dict[str, list[str]]:

@@ -114,16 +114,14 @@ class Tokenize:
         else:
             tk, failed = _tokenize_rows(tok, texts, self.max_length, self.token_mode)
         if failed:  # those rows go to quarantine with the tokenizer's error and their text; the rest go on
-            reasons = batch["reason"].to_pylist()
-            raws = batch["raw"].to_pylist() if "raw" in batch.column_names else None
+            columns = {name: batch[name].to_pylist() for name in ("reason", "raw")
+                       if name in batch.column_names}  # raw: not in a batch a test builds by hand
             for j, reason in failed.items():
-                reasons[ok[j]] = reason
-                if raws is not None:
-                    raws[ok[j]] = texts[j][:RAW_LIMIT]
-            for name, values in (("reason", reasons), ("raw", raws)):
-                if values is not None:
-                    column = pa.array(values, pa.string())
-                    batch = batch.set_column(batch.column_names.index(name), name, column)
+                columns["reason"][ok[j]] = reason
+                if "raw" in columns:
+                    columns["raw"][ok[j]] = texts[j][:RAW_LIMIT]
+            for name, values in columns.items():
+                batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
             ok = np.delete(ok, list(failed))
         if self.chunking:
             return chunked.add_token_columns(batch.drop_columns(["text"]), ok, tk)

@@ -99,7 +99,7 @@ class Lock:
                 with self._writing:
                     if self._stop.is_set():  # released meanwhile: a write now would bring it back
                         return
-                    if (self._read() or {}).get("token") != self.token:
+                    if not self._holds():
                         self._lost.set()
                         return
                     self.record = {**self.record, "renewed_at": time.time()}
@@ -111,7 +111,7 @@ class Lock:
     def check(self) -> None:
         """Raise JobFailed unless the lock is still this run's: before each write of the round's
         state or the registry."""
-        if self._lost.is_set() or (self._read() or {}).get("token") != self.token:
+        if self._lost.is_set() or not self._holds():
             self._lost.set()
             raise JobFailed(f"the retraining lock {storage.display(self.uri)} was taken over by another "
                             "run (this one's renewals failed for lock_timeout_s); stopped before "
@@ -120,8 +120,12 @@ class Lock:
     def _read_back(self) -> None:
         """Held only if the lock, read a second after this run wrote it, still carries its token."""
         time.sleep(1.0)
-        if (self._read() or {}).get("token") != self.token:
+        if not self._holds():
             raise self._raced()
+
+    def _holds(self) -> bool:
+        """Whether the lock as stored now carries this run's token."""
+        return (self._read() or {}).get("token") == self.token
 
     def _raced(self) -> LockHeld:
         return LockHeld(f"another retraining took {storage.display(self.uri)} at the same moment")
@@ -129,7 +133,7 @@ class Lock:
     def release(self) -> None:
         with self._writing:  # after any renewal in flight; none starts after this
             self._stop.set()
-            if (self._read() or {}).get("token") == self.token:
+            if self._holds():
                 self.fs.rm(self.path)
         if self._thread is not None:
             self._thread.join(timeout=30)

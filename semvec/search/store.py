@@ -71,15 +71,14 @@ class IndexDir(storage.Prefix):
         return any(not _ours(n) and storage.TEMP_MARK not in n and not n.startswith(storage.PROBE_MARK)
                    for n in self._names())
 
-    def remove_unnamed(self, record: dict | None) -> list[str]:
+    def remove_unnamed(self, record: dict) -> None:
         """Remove the index files the record does not name (an index the record replaced, or the
-        files of a build that died before its record); the names removed."""
-        keep = set(files_of(record).values()) if record else set()
-        gone = [n for n in self._names() if n not in keep and (n in (INDEX, IDS) or FILE.match(n))]
-        for name in gone:
-            self.fs.rm(self.path(name))
-            crashpoints.wrote(f"index: removed {name}")
-        return gone
+        files of a build that died before its record)."""
+        keep = set(files_of(record).values())
+        for name in self._names():
+            if name not in keep and (name in (INDEX, IDS) or FILE.match(name)):
+                self.fs.rm(self.path(name))
+                crashpoints.wrote(f"index: removed {name}")
 
     def write(self, index_bytes: bytes, ids: list[str], record: dict,
               still_ours: Callable[[], None] = lambda: None) -> dict:
@@ -123,19 +122,21 @@ class IndexDir(storage.Prefix):
     def read(self) -> tuple[dict, bytes, list[str]]:
         """(record, index bytes, ids) of a complete index, each file checked against the record."""
         where = storage.display(self.uri)
+        record = self.read_record()
         for attempt in range(READ_TRIES):
-            record = self.read_record()
             if record is None:
                 raise ConfigError(f"no index at {where!r} (no {RECORD}): build one with `semvec index`")
             blobs = self._read_files(record)
             if blobs is not None:
                 break
             self.fs.invalidate_cache(self.root)
-            if self.read_record() == record or attempt == READ_TRIES - 1:
+            again = self.read_record()
+            if again == record or attempt == READ_TRIES - 1:
                 missing = next((n for n in files_of(record).values() if not self.fs.exists(self.path(n))),
                                "a file its record names")
                 raise ConfigError(f"the index at {where!r} lacks {missing}: rebuild it with `semvec "
                                   "index ... --overwrite`")
+            record = again  # replaced by a rebuild while this reader read: its files are the new ones
         for role, name in files_of(record).items():
             want = (record.get("files") or {}).get(name) or {}
             if _described(blobs[role]) != {k: v for k, v in want.items() if k != "role"}:

@@ -193,18 +193,25 @@ def check_apart(source: str, output: str, what: str, source_what: str = "the vec
     """Refuse, in one line before any work, an output prefix that is the source's or inside it, and
     with `holding` also one that holds the source (an output replaced whole would delete it).
     Local paths are compared resolved (links followed)."""
+    where = {"same": "is", "inside": "lies inside", "holds": "holds" if holding else None}.get(
+        placement(source, output))
+    if where:
+        raise ConfigError(f"{what} {display(output)!r} {where} {source_what} {display(source)!r}; "
+                          f"choose a {'prefix' if is_remote(output) else 'folder'} of its own")
+
+
+def placement(source: str, output: str) -> str | None:
+    """Where `output` lies against `source`: "same", "inside" it, "holds" it, or None (apart, or one
+    remote and one local). Local paths are compared resolved (links followed, `./` and `..` gone)."""
     if is_remote(source) != is_remote(output):
-        return
+        return None
     if is_remote(output):
-        src, out = strip(source), strip(output)
+        src, out = strip(source).rstrip("/"), strip(output).rstrip("/")
         inside, holds = out.startswith(src + "/"), src.startswith(out + "/")
     else:
         src, out = Path(strip(source)).resolve(), Path(strip(output)).resolve()
         inside, holds = src in out.parents, out in src.parents
-    where = ("is" if src == out else "lies inside" if inside else "holds" if holding and holds else None)
-    if where:
-        raise ConfigError(f"{what} {display(output)!r} {where} {source_what} {display(source)!r}; "
-                          f"choose a {'prefix' if is_remote(output) else 'folder'} of its own")
+    return "same" if src == out else "inside" if inside else "holds" if holds else None
 
 
 def glob_lists(pattern: str, path: str) -> bool:

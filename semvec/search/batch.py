@@ -26,15 +26,14 @@ def check_output(queries: str, output: str) -> None:
     """Refuse, before any work, answers written over the queries or among them (inside the
     queries' folder, or matching their glob: a rerun would read them as queries), and an output
     that cannot be written (a folder, a place not writable)."""
-    if storage.is_remote(output) == storage.is_remote(queries):
-        out, q = storage.strip(output), storage.strip(queries).rstrip("/")
-        if out == q:
-            raise ConfigError(f"--output {storage.display(output)!r} is the queries file; write the "
-                              "answers elsewhere")
-        if out.startswith(q + "/") or storage.glob_lists(queries, output):
-            raise ConfigError(f"--output {storage.display(output)!r} lies among the queries "
-                              f"{storage.display(queries)!r}: a rerun would read the answers as "
-                              "queries; write them elsewhere")
+    where = storage.placement(queries, output)
+    if where == "same":
+        raise ConfigError(f"--output {storage.display(output)!r} is the queries file; write the "
+                          "answers elsewhere")
+    if where == "inside" or storage.glob_lists(queries, output):
+        raise ConfigError(f"--output {storage.display(output)!r} lies among the queries "
+                          f"{storage.display(queries)!r}: a rerun would read the answers as "
+                          "queries; write them elsewhere")
     storage.check_file_writable(output, "--output")
 
 

@@ -7,6 +7,9 @@ process that makes the N-th write kills the driver's session (the driver, a loca
 workers), and itself: no clean-up runs anywhere, as after a power cut. Linux only, like the tests.
 Unset (the default), `wrote()` does nothing. SEMVEC_CRASH_ONLY=TEXT counts only the writes whose
 description holds TEXT (a retraining round's own writes, say, not those of the training inside it).
+SEMVEC_CRASH_TORN=1 moves the crash point of a local atomic write (storage.write_atomic: a
+temporary file, then a rename) to before its rename, so the N-th write dies leaving its temporary
+and not its file; the numbering is the same.
 
 The driver calls `arm()` before Ray starts; it fixes the counter file and the driver's pid in the
 environment, and `worker_env()` hands them to Ray workers (through the job's runtime_env).
@@ -23,10 +26,16 @@ CRASH_AT = "SEMVEC_CRASH_AT"
 ONLY = "SEMVEC_CRASH_ONLY"
 COUNTER = "SEMVEC_CRASH_COUNTER"
 DRIVER = "SEMVEC_CRASH_DRIVER_PID"
+TORN = "SEMVEC_CRASH_TORN"
 
 
 def armed() -> bool:
     return bool(os.environ.get(CRASH_AT))
+
+
+def torn() -> bool:
+    """Whether a local write's crash point comes before its rename (SEMVEC_CRASH_TORN)."""
+    return armed() and bool(os.environ.get(TORN))
 
 
 def arm() -> None:
@@ -42,7 +51,7 @@ def arm() -> None:
 
 def worker_env() -> dict[str, str]:
     """The variables a Ray worker needs to count and crash with the driver (empty when unset)."""
-    return {k: os.environ[k] for k in (CRASH_AT, ONLY, COUNTER, DRIVER) if os.environ.get(k)}
+    return {k: os.environ[k] for k in (CRASH_AT, ONLY, TORN, COUNTER, DRIVER) if os.environ.get(k)}
 
 
 def wrote(what: str = "") -> None:

@@ -13,6 +13,7 @@ import os
 import posixpath
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +240,31 @@ def is_part(path: str) -> bool:
     return PART.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
+# a temporary of write_atomic: `<name>.tmp-<32 hex>` (uuid4().hex), left by a crash before its rename
+TEMPORARY = re.compile(rf"(.+){re.escape(TEMP_MARK)}[0-9a-f]{{32}}")
+
+
+def written_by_us(name: str, ours: Callable[[str], bool]) -> bool:
+    """Whether the file `name` in an output is one that output writes: a name `ours` accepts, a
+    temporary of one (a local write that a crash cut short before its rename), or a probe of
+    check_writable. Anything else is someone else's file, never removed."""
+    temporary = TEMPORARY.fullmatch(name)
+    base = temporary.group(1) if temporary else name
+    return base.startswith(PROBE_MARK) or ours(base)
+
+
+def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str, ours: Callable[[str], bool]) -> None:
+    """Remove the temporaries of this output's own files in a local folder (a crash before a
+    rename leaves them). Call only while holding the output's lease or lock: another writer's
+    temporary is a write in progress. S3 writes leave none."""
+    if _on_s3(fs) or not fs.exists(folder):
+        return
+    for p in fs.ls(folder, detail=False):
+        temporary = TEMPORARY.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])
+        if temporary and ours(temporary.group(1)):
+            fs.rm(p)
+
+
 def put_atomic(uri: str, data: bytes, what: str = "") -> None:
     """write_atomic to a local path or s3:// URI."""
     write_atomic(filesystem(uri), strip(uri), data, what)
@@ -250,8 +276,9 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, what: st
     S3 PUTs are atomic already; on a local disk write a temporary file and rename it. `what`
     describes the write to the crash points (the path when not given).
     """
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    if "s3" in protocols:
+    described = f"{what}: {path}" if what else path
+    torn = crashpoints.torn() and not _on_s3(fs)  # the crash point before the rename (a test aid)
+    if _on_s3(fs):
         with fs.open(path, "wb") as f:
             f.write(data)
     else:
@@ -261,8 +288,15 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, what: st
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if torn:  # a crash here leaves the temporary and no file
+            crashpoints.wrote(described)
         os.replace(tmp, path)
-    crashpoints.wrote(f"{what}: {path}" if what else path)
+    if not torn:
+        crashpoints.wrote(described)
+
+
+def _on_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
 
 
 class Prefix:

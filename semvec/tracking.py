@@ -257,15 +257,18 @@ def start_run(experiment: str, run_name: str, params: dict, settings: str | None
         wanted += f" and tags.`{SETTINGS_TAG}` = '{settings}'"
     found = client.search_runs([exp_id], filter_string=wanted, max_results=1,
                                order_by=["attributes.start_time DESC"])
+    logged = [mlflow.entities.Param(k, redact(str(v))[:500]) for k, v in sorted(params.items())]
     if found and settings and found[0].data.tags.get(SETTINGS_TAG) == settings and (
             reuse_finished or found[0].info.status != "FINISHED"):
+        if logged and not found[0].data.params:  # a crash between its creation and its params
+            client.log_batch(found[0].info.run_id, params=logged)
         return Tracker(uri, found[0].info.run_id)
     if found and found[0].info.status == "RUNNING":
         client.set_terminated(found[0].info.run_id, "KILLED")
     tags = {RUN_NAME_TAG: run_name, **({SETTINGS_TAG: settings} if settings else {})}
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    client.log_batch(run.info.run_id, params=[
-        mlflow.entities.Param(k, redact(str(v))[:500]) for k, v in sorted(params.items())])
+    crashpoints.wrote("mlflow: run created")
+    client.log_batch(run.info.run_id, params=logged)  # one batch: all of them, or none
     return Tracker(uri, run.info.run_id)
 
 
@@ -330,7 +333,7 @@ def download_model(ref: str, cache: Path) -> Path:
     # the cache key includes where the version's files live and the run that made them.
     key = hashlib.sha1(f"{tracking_uri()}|{mv.run_id}|{mv.source}".encode()).hexdigest()[:12]
     target = Path(cache) / f"{name}-v{mv.version}-{key}"
-    if not (target / "config.json").is_file():
+    if not target.is_dir():  # renamed into place whole, so complete (a static model has no config.json)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
@@ -338,7 +341,7 @@ def download_model(ref: str, cache: Path) -> Path:
             download_artifacts(artifact_uri=mv.source, dst_path=str(staging), tracking_uri=tracking_uri())
             (staging / "model").rename(target)
         except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent download that won
+            if not target.is_dir():  # not a concurrent download that won
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)

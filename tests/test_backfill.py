@@ -5,6 +5,7 @@ import glob
 import gzip
 import json
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -388,7 +389,8 @@ def test_a_part_cut_short_in_its_local_write_is_still_ours(tmp_path):
     is still a backfill cut short (which --overwrite clears), not someone else's folder."""
     from semvec.backfill.manifest import OutputDir
 
-    (tmp_path / "part-0123456789ab-000000000000-000000000009.parquet.tmp-1f2e").write_bytes(b"x")
+    mark = f".tmp-{uuid.uuid4().hex}"  # as storage.write_atomic names its temporaries
+    (tmp_path / f"part-0123456789ab-000000000000-000000000009.parquet{mark}").write_bytes(b"x")
     assert not OutputDir(str(tmp_path)).has_foreign_files()
-    (tmp_path / "part-0.parquet.tmp-1f2e").write_bytes(b"x")  # a temporary of another's file
+    (tmp_path / f"part-0.parquet{mark}").write_bytes(b"x")  # a temporary of another's file
     assert OutputDir(str(tmp_path)).has_foreign_files()

@@ -24,7 +24,7 @@ from semvec.compress.source import sample_plan
 from semvec.config import load_embed_config
 from semvec.errors import ConfigError, OutputMismatch
 from tests.conftest import REPO, cli
-from tests.test_exactly_once import run_at_most
+from tests.test_exactly_once import crash_env, run_at_most
 
 DIM = 32  # the tiny models' hidden size
 
@@ -309,22 +309,26 @@ def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(beir,
     compress(beir["docs"], tmp_path / "ref", **settings)
     want = snapshot(tmp_path / "ref")
     writes = 1 + 1 + 1 + 3 + 1  # lease, manifest "running", codec, each part, manifest "complete"
-    crashes = {n: tmp_path / f"crash{n}" for n in range(1, writes + 2)}  # writes + 1: never fires
+    # after each write (writes + 1: never fires), and before the renames of a few (SEMVEC_CRASH_TORN:
+    # the first manifest's, a part's, the last manifest's), which leave their temporaries
+    crashes = {(n, False): tmp_path / f"crash{n}" for n in range(1, writes + 2)}
+    crashes.update({(n, True): tmp_path / f"crash{n}-torn" for n in (2, 4, 7)})
 
-    def start(n: int, out: Path) -> subprocess.Popen:
+    def start(n: int, torn: bool, out: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "semvec.cli", "compress", beir["docs"], str(out), "--pca", "16",
-             "--quantize", "binary"], cwd=REPO, env={**os.environ, "SEMVEC_CRASH_AT": str(n)},
+             "--quantize", "binary"], cwd=REPO, env={**os.environ, **crash_env(n, torn)},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    codes = run_at_most(2, {n: (lambda n=n, out=out: start(n, out)) for n, out in crashes.items()})
-    for n, out in crashes.items():
+    codes = run_at_most(2, {key: (lambda key=key, out=out: start(*key, out)) for key, out in crashes.items()})
+    for (n, torn), out in crashes.items():
         if n > writes:
-            assert codes[n][0] == 0, codes[n][1][-1500:]
+            assert codes[n, torn][0] == 0, codes[n, torn][1][-1500:]
         else:
-            assert codes[n][0] == -9, f"crash at write {n} did not happen: {codes[n][1][-1500:]}"
+            assert codes[n, torn][0] == -9, f"crash at write {n} did not happen: {codes[n, torn][1][-1500:]}"
+            assert not torn or any(".tmp-" in p.name for p in out.iterdir()), n  # left, as a crash leaves it
             compress(beir["docs"], out, **settings)
-        assert snapshot(out) == want, n
+        assert snapshot(out) == want, (n, torn)
 
 
 def test_a_config_is_checked_before_anything_is_read():

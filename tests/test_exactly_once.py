@@ -79,19 +79,22 @@ def start_cli(*args, env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize("ray_from_rows,points", [(1, (3, 6, 8)), (20_000, None)],
-                         ids=["on-ray", "without-ray"])
-def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(ray_local, tiny_models,
-                                                                           tmp_path, ray_from_rows, points):
+@pytest.mark.parametrize("ray_from_rows,points,torn", [(1, (3, 6, 8), False), (20_000, None, False),
+                                                       (20_000, (2, 3, 4, 7, 8), True)],
+                         ids=["on-ray", "without-ray", "before-renames"])
+def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(ray_local, tiny_models, tmp_path,
+                                                                           ray_from_rows, points, torn):
     # two batches, each with good and bad rows: each commits a quarantine part, then its output part;
     # the crashed runs in their own process (a job this small, by default: every write) and on Ray,
     # where the same stage code writes the parts in writer tasks: crashed inside the first batch
     # (3: its quarantine part written, its output part not) and after the last part (6). The lease
     # (1) and the manifest (2, 7) are written by the same driver code both ways, before and after
-    # the stages: crashed once, without Ray.
+    # the stages: crashed once, without Ray. `before-renames` crashes a local write between its
+    # temporary and its rename (SEMVEC_CRASH_TORN): the first manifest's, a quarantine part's, an
+    # output part's, the last manifest's; the rerun removes the temporary (no leftovers).
     src = bad_and_good_corpus(tmp_path / "in.jsonl", 12, every=3)
     want = crash_after_every_write(src, tmp_path, {"model": str(tiny_models["bert"]),
-                                                   "ray_from_rows": ray_from_rows}, points=points)
+                                                   "ray_from_rows": ray_from_rows}, points=points, torn=torn)
     assert want["totals"] == {"rows": 12, "embedded": 8, "quarantined": 4}
     manifest = json.loads((tmp_path / "crash8" / "_manifest.json").read_text())
     assert manifest["ran_on"] == ("ray" if ray_from_rows == 1 else "driver")
@@ -112,10 +115,11 @@ def test_crash_after_every_write_of_a_chunked_job_then_rerun(ray_local, tiny_mod
 
 
 def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: int = 4,
-                            points: tuple[int, ...] | None = None) -> dict:
+                            points: tuple[int, ...] | None = None, torn: bool = False) -> dict:
     """A crash at each write of the job in turn (or at `points`), each its own process and output,
     each then rerun here: every output must equal the uninterrupted one (returned), which is the
-    run armed one past its last write."""
+    run armed one past its last write. `torn`: each crash comes before its write's rename, leaving
+    the temporary."""
     opts = {**settings, "id_field": "id", "rows_per_file": 6, "batch_rows": 6}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
     writes = 1 + 1 + parts + 1  # lease, manifest "running", each part, manifest "complete"
@@ -124,7 +128,7 @@ def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: in
     crashes = {n: tmp_path / f"crash{n}" for n in points or range(1, writes + 2)}  # writes + 1: never fires
     assert writes + 1 in crashes
     codes = run_at_most(3, {n: (lambda n=n, out=out: start_cli(str(src), str(out), *args,
-                                                                env={"SEMVEC_CRASH_AT": str(n)}))
+                                                                env=crash_env(n, torn)))
                             for n, out in crashes.items()})
     # one past the last write: the variable never fires, the job ends normally (with one write
     # more than counted, it would have crashed)
@@ -136,12 +140,17 @@ def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: in
     for n, out in crashes.items():
         if n <= writes:
             assert codes[n][0] == -9, f"crash at write {n} did not happen: {codes[n][1][-1500:]}"
+            assert not torn or glob.glob(str(out / "**" / "*.tmp-*"), recursive=True), n  # left, as said
             # rerun the default way (without Ray, for a job this small): resuming does not
             # depend on how the crashed run ran
             run(load_embed_config(None, input=str(src), output=str(out),
                                   **{k: v for k, v in opts.items() if k != "ray_from_rows"}))
             assert_same(snapshot(out), want)
     return want
+
+
+def crash_env(n: int, torn: bool = False) -> dict[str, str]:
+    return {"SEMVEC_CRASH_AT": str(n), **({"SEMVEC_CRASH_TORN": "1"} if torn else {})}
 
 
 def run_at_most(k: int, starts: dict) -> dict:

@@ -33,16 +33,19 @@ from tests.test_train import make_task_data
 pytestmark = pytest.mark.slow
 
 
-def semvec_retrain(settings: dict, tmp_path: Path, crash_at: str | None = None) -> tuple[int, dict, str]:
+def semvec_retrain(settings: dict, tmp_path: Path, crash_at: str | None = None,
+                   torn: bool = False) -> tuple[int, dict, str]:
     """`semvec retrain --config` in a fresh process, as a scheduler runs it; killed right after its
-    first write described by `crash_at`, when given."""
+    first write described by `crash_at`, when given (`torn`: before that write's rename)."""
     config = tmp_path / f"retrain-{uuid.uuid4().hex[:6]}.yaml"
     config.write_text(yaml.safe_dump(settings))
-    return semvec_command(["retrain", "--config", str(config)], tmp_path, crash_at)
+    return semvec_command(["retrain", "--config", str(config)], tmp_path, crash_at, torn)
 
 
-def semvec_command(args: list[str], cwd: Path, crash_at: str | None = None) -> tuple[int, dict, str]:
-    env = dict(os.environ, **(crash_after(crash_at) if crash_at else {}))
+def semvec_command(args: list[str], cwd: Path, crash_at: str | None = None,
+                   torn: bool = False) -> tuple[int, dict, str]:
+    env = dict(os.environ, **(crash_after(crash_at) if crash_at else {}),
+               **({"SEMVEC_CRASH_TORN": "1"} if torn else {}))
     result = subprocess.run([sys.executable, "-m", "semvec.cli", *args, "--json"], capture_output=True,
                             text=True, cwd=cwd, timeout=600, env=env, start_new_session=True)
     # with --json, stdout holds the summary line alone (Ray's forwarded lines go to stderr)
@@ -206,6 +209,31 @@ def test_current_does_not_move_when_the_backfill_fails(ray_local, world, tmp_pat
         with pytest.raises((RuntimeError, ConfigError), match=error):
             publish_backfill(cfg, "1")
         assert fs.cat_file(f"{root}/CURRENT").decode().strip() == f"{root}/v1"
+
+
+def test_a_local_replay_copy_cut_before_its_rename_and_a_refused_round_behind_current(ray_local, world,
+                                                                                     tmp_path):
+    """State on a local disk. A round killed between its replay copy's temporary and the rename left
+    the temporary, named like the copy: once the rerun recorded the snapshot, every later round read
+    it as replay data and failed on it. And a refused round left CURRENT behind the champion (an
+    earlier promotion's backfill had failed) until a night with nothing new: it catches up now."""
+    state, root = tmp_path / "state", tmp_path / "vectors"
+    rows = [json.loads(line) for line in world["train"].read_text().splitlines()][:48]
+    snapshot = write_jsonl(tmp_path / "incoming" / "batch.jsonl", rows)
+    cfg = dict(world["cfg"], snapshots=[str(snapshot.parent)], state=str(state), margin=1.0,  # refused
+               train=dict(world["cfg"]["train"], epochs=1),
+               backfill={"input": world["cfg"]["backfill"]["input"], "output_root": str(root)})
+    root.mkdir()
+    (root / "CURRENT").write_text(f"{root / 'v0'}\n")  # behind the champion, v1
+    code, _, err = semvec_retrain(cfg, tmp_path, crash_at="retrain: replay copy", torn=True)
+    assert code == -9, err[-3000:]
+    assert [".tmp-" in p.name for p in (state / "replay").iterdir()] == [True]
+    summary = run_round(load_retrain_config(None, **cfg))
+    assert summary["decision"] == "refused" and summary["backfill"]["embedded"] == 3, summary
+    assert (root / "CURRENT").read_text().strip() == str(root / "v1")
+    copies = [p.name for p in (state / "replay").iterdir()]  # the temporary went; the copy is replayed
+    assert len(copies) == 1 and copies[0].endswith("-batch.jsonl")
+    assert [Path(f.relative).name for f in _replay_store(load_retrain_config(None, **cfg))] == copies
 
 
 def test_a_backfill_cut_off_by_a_crash_resumes_in_the_next_round(ray_local, world, tmp_path):

@@ -21,7 +21,7 @@ from semvec.search.build import build, default_nlist
 from semvec.search.config import IndexConfig, load_index_config
 from semvec.search.store import IndexDir, files_of
 from tests.conftest import REPO, cli, write_jsonl
-from tests.test_exactly_once import run_at_most
+from tests.test_exactly_once import crash_env, run_at_most
 
 
 def index(vectors: str, out, **settings) -> dict:
@@ -319,29 +319,32 @@ def test_an_overwrite_answers_readers_until_its_record_and_a_cut_one_reruns(beir
     """--overwrite writes the new files beside the old index, which answers every reader until the
     new record replaces its own; then the files no record names go. Killed after each of those
     writes, a reader opens the old index or the new one, whole, and the rerun leaves what an uncut
-    rebuild leaves."""
+    rebuild leaves. Killed before the renames of those writes (SEMVEC_CRASH_TORN), the old index
+    answers and the rerun removes the temporaries."""
     reference = tmp_path / "reference"
     index(beir["docs"], reference, kind="exact")
     want = json.loads((reference / "_index.json").read_text())
     queries = np.stack(list(load_vectors(beir["queries"]).values()))
     # lease, index file, ids file (the old one's name: the same ids), record, the old index file removed
     writes = 5
-    crashes = {n: tmp_path / f"cut{n}" for n in range(2, writes + 1)}
+    crashes = {(n, torn): tmp_path / f"cut{n}{'-torn' if torn else ''}"
+               for n in range(2, writes + 1) for torn in (False, True) if not (torn and n == 5)}
 
-    def start(n: int, ix: Path) -> subprocess.Popen:
+    def start(n: int, torn: bool, ix: Path) -> subprocess.Popen:
         script = ("from semvec.cli import main; "
                   f"main(['index', {beir['docs']!r}, {str(ix)!r}, '--kind', 'exact', '--overwrite'])")
         return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "SEMVEC_CRASH_AT": str(n)}, start_new_session=True)
+                                env={**os.environ, **crash_env(n, torn)}, start_new_session=True)
 
     for ix in crashes.values():
         index(beir["docs"], ix, kind="ivf", nlist=2)
         old_hits = [h.ids for h in open_index(str(ix)).search_vectors(queries, 5)]
-    codes = run_at_most(3, {n: (lambda n=n, ix=ix: start(n, ix)) for n, ix in crashes.items()})
-    for n, ix in crashes.items():
-        assert codes[n][0] == -9, f"no crash at write {n}: {codes[n][1][-1500:]}"
+    codes = run_at_most(3, {key: (lambda key=key, ix=ix: start(*key, ix)) for key, ix in crashes.items()})
+    for (n, torn), ix in crashes.items():
+        assert codes[n, torn][0] == -9, f"no crash at write {n}: {codes[n, torn][1][-1500:]}"
+        assert not torn or any(".tmp-" in p.name for p in ix.iterdir()), n  # left, as a crash leaves it
         opened = open_index(str(ix))
-        if n < 4:  # before the new record: the old index answers, as it did
+        if n < 4 or torn:  # before the new record: the old index answers, as it did
             assert opened.kind == "ivf" and [h.ids for h in opened.search_vectors(queries, 5)] == old_hits
             assert index(beir["docs"], ix, kind="exact", overwrite=True)["built"] is True
         else:  # the new record is there: the new index answers; the rerun only removes what is left

@@ -450,3 +450,16 @@ def test_a_static_directory_without_its_table_is_refused(static_model, tmp_path)
     (broken / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="static model .* has no model.safetensors"):
         models.resolve_model(str(broken))
+
+
+def test_a_registered_static_model_resolves_again_from_its_cache(static_model, mlflow_server, tmp_path,
+                                                                monkeypatch):
+    """The cache took a copy without config.json (a static model has none) for one cut short, and
+    the second resolve failed renaming a fresh download onto it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    name = f"static-{uuid.uuid4().hex[:8]}"
+    version = models.register_model(str(static_model), name)
+    first = models.resolve_model(f"models:/{name}/{version}")
+    assert models.resolve_model(f"models:/{name}/{version}") == first
+    assert models.read_card(first).kind == models.ModelKind.STATIC

@@ -72,9 +72,10 @@ def test_a_sqlite_store_keeps_artifacts_beside_its_file(tmp_path, monkeypatch):
 
 def test_register_cut_short_anywhere_then_rerun_makes_one_version(tiny_models, tmp_path, monkeypatch,
                                                                   mlflow_server):
-    """`semvec register` killed right after its version is made, then right after the alias is set:
-    each rerun finds the run and the version it made (the same model files), so the registry ends
-    as after one uncut run: one run, one version, the alias on it."""
+    """`semvec register` killed right after its run is created (before its params), after its
+    version is made, then after the alias is set: each rerun finds the run and the version it made
+    (the same model files), so the registry ends as after one uncut run: one run with its params,
+    one version, the alias on it."""
     import subprocess
     import sys
 
@@ -84,7 +85,7 @@ def test_register_cut_short_anywhere_then_rerun_makes_one_version(tiny_models, t
     name = "tiny-register-crash"
     args = [sys.executable, "-m", "semvec.cli", "register", str(tiny_models["bert"]), "--name", name,
             "--alias", "champion"]
-    for write in ("registered", "@champion"):
+    for write in ("mlflow: run created", "registered", "@champion"):
         done = subprocess.run(args, capture_output=True, text=True, timeout=300, start_new_session=True,
                               env={**os.environ, **crash_after(write)})
         assert done.returncode == -9, f"no crash after {write!r}: {done.stderr[-2000:]}"
@@ -93,4 +94,5 @@ def test_register_cut_short_anywhere_then_rerun_makes_one_version(tiny_models, t
     assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     experiment = client.get_experiment_by_name("semvec").experiment_id
-    assert len(client.search_runs([experiment], f"tags.`mlflow.runName` = 'register-{name}'")) == 1
+    runs = client.search_runs([experiment], f"tags.`mlflow.runName` = 'register-{name}'")
+    assert len(runs) == 1 and set(runs[0].data.params) == {"model", "fingerprint"}

@@ -53,14 +53,8 @@ class OutputDir(storage.Prefix):
         """Anything in the prefix that a semvec backfill did not write."""
         if not self.fs.exists(self.root):
             return False
-        for p in self.fs.ls(self.root, detail=False):
-            name = p.rstrip("/").rsplit("/", 1)[-1]
-            ours = storage.is_part(name) or name.startswith(storage.PROBE_MARK) \
-                or name in (MANIFEST, QUARANTINE_DIR, LEASE) \
-                or (storage.TEMP_MARK in name and storage.is_part(name.split(storage.TEMP_MARK)[0]))
-            if not ours:
-                return True
-        return False
+        return any(not storage.written_by_us(p.rstrip("/").rsplit("/", 1)[-1], _ours)
+                   for p in self.fs.ls(self.root, detail=False))
 
     def clear(self) -> None:
         """Remove what a backfill wrote here (parts, quarantine, manifest); nothing else.
@@ -77,13 +71,8 @@ class OutputDir(storage.Prefix):
 
     def remove_temporaries(self) -> None:
         """Local writes that a crash cut short (`*.tmp-*`); call only while holding the lease."""
-        if storage.is_remote(self.uri):
-            return  # an S3 PUT leaves nothing behind
         for folder in (self.root, self.path(QUARANTINE_DIR)):
-            if self.fs.exists(folder):
-                for p in self.fs.ls(folder, detail=False):
-                    if storage.TEMP_MARK in p.rsplit("/", 1)[-1]:
-                        self.fs.rm(p)
+            storage.remove_temporaries(self.fs, folder, _ours)
 
     def parts_by_source(self) -> dict[str, list[str]]:
         """Every committed part, quarantine's included, by source key (stages.source_key): one
@@ -201,3 +190,8 @@ def _duplicates(ids: list[pa.ChunkedArray]) -> dict:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _ours(name: str) -> bool:
+    """A name a backfill writes in its prefix (or its quarantine folder)."""
+    return storage.is_part(name) or name in (MANIFEST, QUARANTINE_DIR, LEASE)

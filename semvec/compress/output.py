@@ -98,12 +98,8 @@ class CompressedDir(storage.Prefix):
         """Anything here that a compression did not write."""
         if not self.fs.exists(self.root):
             return False
-        for p in self.fs.ls(self.root, detail=False):
-            name = _name(p.rstrip("/"))
-            ours = storage.is_part(name) or name.startswith(storage.PROBE_MARK) or name in OURS
-            if not (ours or storage.TEMP_MARK in name):
-                return True
-        return False
+        return any(not storage.written_by_us(_name(p.rstrip("/")), _ours)
+                   for p in self.fs.ls(self.root, detail=False))
 
     def clear(self) -> None:
         """Remove what a compression wrote (manifest first: a crash part-way leaves no manifest,
@@ -117,11 +113,7 @@ class CompressedDir(storage.Prefix):
 
     def remove_temporaries(self) -> None:
         """Local writes that a crash cut short (`*.tmp-*`); call only while holding the lease."""
-        if storage.is_remote(self.uri) or not self.fs.exists(self.root):
-            return  # an S3 PUT leaves nothing behind
-        for p in self.fs.ls(self.root, detail=False):
-            if storage.TEMP_MARK in _name(p):
-                self.fs.rm(p)
+        storage.remove_temporaries(self.fs, self.root, _ours)
 
 
 def is_compressed(uri: str) -> bool:
@@ -189,6 +181,11 @@ def _fixed(matrix: np.ndarray, kind: pa.DataType) -> pa.FixedSizeListArray:
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
     width = column.type.list_size
     return column.combine_chunks().values.to_numpy().reshape(-1, width)
+
+
+def _ours(name: str) -> bool:
+    """A name a compression writes in its prefix."""
+    return storage.is_part(name) or name in OURS
 
 
 def _name(path: str) -> str:

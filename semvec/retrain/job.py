@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -66,16 +67,15 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list, lock: Lock) -> d
         runs = sorted({state["trained"][h]["run_id"] for _, h in seen})
         summary = {"decision": "nothing-new", "message": f"every snapshot was already trained on "
                    f"(run {', '.join(runs)}); nothing to train", "champion_version": champion}
-        if cfg.backfill is not None and not _current_is(cfg, champion):
-            # an earlier promotion's backfill failed, or a rollback found none: catch up (it resumes)
-            lock.check()
-            summary["backfill"] = publish_backfill(cfg, champion)
+        _serve(cfg, champion, lock, summary)
         return summary
     for f, _ in new:  # a bad row is named in its own file, before a copy or a run is made of it
         load_examples(cfg.task, f.uri, skip_blank=True)
     # copied to the replay store first, and trained from the copies: what is trained on, replayed
     # later and hashed is one read of each file. Later rounds replay a copy once state.json lists
     # its snapshot as trained (a round cut short before its decision trains again on it as new).
+    replay = storage.join(cfg.state, "replay")  # a copy cut short before its rename left its temporary
+    storage.remove_temporaries(storage.filesystem(replay), storage.strip(replay), _is_replay_copy)
     kept = [(f, h, _keep_for_replay(cfg, f, h)) for f, h in new]
     state[PENDING] = _round(cfg, champion, kept)
     # written ahead: from here a rerun records this decision, and neither trains nor scores again
@@ -110,10 +110,20 @@ def _record(cfg: RetrainConfig, state: dict, lock: Lock) -> dict:
     except Exception as exc:  # noqa: BLE001 - scratch space: the round is recorded, the backfill is due
         log.warning("the challengers under %s were not all removed (%s); the next round removes them",
                     storage.display(cfg.state), type(exc).__name__)
-    if summary["decision"] == "promoted" and cfg.backfill is not None:
-        lock.check()
-        summary["backfill"] = publish_backfill(cfg, version)
+    if decision == "promoted":
+        _serve(cfg, version, lock, summary, always=True)
+    else:
+        _serve(cfg, tracking.require_alias(cfg.name, "champion"), lock, summary)
     return summary
+
+
+def _serve(cfg: RetrainConfig, champion: str, lock: Lock, summary: dict, always: bool = False) -> None:
+    """The champion's vectors embedded and CURRENT on them (a promotion's, `always`; otherwise only
+    when CURRENT is behind it: an earlier promotion's backfill failed or was cut short, or a
+    rollback found none). A backfill begun before resumes."""
+    if cfg.backfill is not None and (always or not _current_is(cfg, champion)):
+        lock.check()
+        summary["backfill"] = publish_backfill(cfg, champion)
 
 
 def _check(cfg: RetrainConfig) -> None:
@@ -331,7 +341,8 @@ def _replay_store(cfg: RetrainConfig) -> list:
     if undone:
         log.info("not replayed: the snapshots of v%s, rolled back", ", v".join(sorted(undone)))
     kept = {h[:16] for h, t in trained.items() if str(t.get("version")) not in undone}
-    return [f for f in held if Path(f.relative).name.split("-", 1)[0] in kept]
+    return [f for f in held if _is_replay_copy(Path(f.relative).name)
+            and Path(f.relative).name.split("-", 1)[0] in kept]
 
 
 def _content_hash(uri: str) -> str:
@@ -344,6 +355,11 @@ def _content_hash(uri: str) -> str:
 
 def _replay_name(digest: str, relative: str) -> str:
     return f"{digest[:16]}-{Path(relative).name}"
+
+
+def _is_replay_copy(name: str) -> bool:
+    """A copy _keep_for_replay made (not the temporary of one, nor anyone else's file)."""
+    return re.fullmatch(r"[0-9a-f]{16}-.+", name) is not None and not storage.TEMPORARY.fullmatch(name)
 
 
 def _keep_for_replay(cfg: RetrainConfig, snapshot, digest: str) -> str:

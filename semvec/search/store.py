@@ -68,17 +68,18 @@ class IndexDir(storage.Prefix):
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
 
     def holds_other_files(self) -> bool:
-        return any(not _ours(n) and storage.TEMP_MARK not in n and not n.startswith(storage.PROBE_MARK)
-                   for n in self._names())
+        return any(not storage.written_by_us(n, _ours) for n in self._names())
 
     def remove_unnamed(self, record: dict) -> None:
         """Remove the index files the record does not name (an index the record replaced, or the
-        files of a build that died before its record)."""
+        files of a build that died before its record), and the temporaries of local writes that a
+        crash cut short. Call only while holding the lease."""
         keep = set(files_of(record).values())
         for name in self._names():
             if name not in keep and (name in (INDEX, IDS) or FILE.match(name)):
                 self.fs.rm(self.path(name))
                 crashpoints.wrote(f"index: removed {name}")
+        storage.remove_temporaries(self.fs, self.root, _ours)
 
     def write(self, index_bytes: bytes, ids: list[str], record: dict,
               still_ours: Callable[[], None] = lambda: None) -> dict:

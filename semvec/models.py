@@ -271,7 +271,7 @@ def check_output(output: str, replace: bool) -> None:
     output that holds the model it reads (storage.check_apart with holding)."""
     fs, root = storage.filesystem(output), storage.strip(output)
     try:
-        taken = fs.exists(root) and any(not p.rstrip("/").rsplit("/", 1)[-1].startswith(storage.PROBE_MARK)
+        taken = fs.exists(root) and any(not storage.basename(p).startswith(storage.PROBE_MARK)
                                         for p in fs.ls(root, detail=False))  # a crash's probe is no model
     except Exception as exc:  # noqa: BLE001 - a store that cannot be listed cannot be written
         raise ConfigError(f"output {storage.display(output)!r} cannot be listed "

@@ -69,6 +69,11 @@ def _s3_retries() -> dict:
             "connect_timeout": 10}
 
 
+def basename(path: str) -> str:
+    """The last name of a local path or an fsspec listing's entry (a folder's may end in "/")."""
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def strip(uri: str) -> str:
     """The path part the filesystem expects (no scheme, no trailing slash)."""
     if uri.startswith("file://"):
@@ -209,8 +214,8 @@ def placement(source: str, output: str) -> str | None:
     if is_remote(output):
         src, out = strip(source).rstrip("/"), strip(output).rstrip("/")
         inside, holds = out.startswith(src + "/"), src.startswith(out + "/")
-    else:
-        src, out = Path(strip(source)).resolve(), Path(strip(output)).resolve()
+    else:  # resolved as given: links first, then `..` (an abspath would drop `link/..` as text)
+        src, out = (Path(os.path.expanduser(u.removeprefix("file://"))).resolve() for u in (source, output))
         inside, holds = src in out.parents, out in src.parents
     return "same" if src == out else "inside" if inside else "holds" if holds else None
 
@@ -237,7 +242,7 @@ PART = re.compile(r"part-[0-9a-f]{12}-\d{12}-\d{12}\.parquet")
 
 def is_part(path: str) -> bool:
     """Whether the file at path (its last name) is a part semvec writes."""
-    return PART.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]) is not None
+    return PART.fullmatch(basename(path)) is not None
 
 
 # a temporary of write_atomic: `<name>.tmp-<32 hex>` (uuid4().hex), left by a crash before its rename
@@ -260,7 +265,7 @@ def remove_temporaries(fs: fsspec.AbstractFileSystem, folder: str, ours: Callabl
     if _on_s3(fs) or not fs.exists(folder):
         return
     for p in fs.ls(folder, detail=False):
-        temporary = TEMPORARY.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])
+        temporary = TEMPORARY.fullmatch(basename(p))
         if temporary and ours(temporary.group(1)):
             fs.rm(p)
 

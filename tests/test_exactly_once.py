@@ -63,7 +63,12 @@ def snapshot(out: Path) -> dict:
     return {"ids": ids,
             "vectors": np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
             "quarantine": quarantine, "totals": manifest["totals"], "inputs": counts,
-            "status": manifest["status"], "leftovers": [p for p in os.listdir(out) if ".tmp-" in p]}
+            "status": manifest["status"], "leftovers": leftovers(out)}
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporaries of local writes under the output (its quarantine folder too)."""
+    return glob.glob(str(out / "**" / "*.tmp-*"), recursive=True)
 
 
 def assert_same(got: dict, want: dict) -> None:
@@ -79,9 +84,8 @@ def start_cli(*args, env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize("ray_from_rows,points,torn", [(1, (3, 6, 8), False), (20_000, None, False),
-                                                       (20_000, (2, 3, 4, 7, 8), True)],
-                         ids=["on-ray", "without-ray", "before-renames"])
+@pytest.mark.parametrize("ray_from_rows,points,torn", [(1, (3, 6, 8), (4,)), (20_000, None, (2, 3, 4, 7))],
+                         ids=["on-ray", "without-ray"])
 def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(ray_local, tiny_models, tmp_path,
                                                                            ray_from_rows, points, torn):
     # two batches, each with good and bad rows: each commits a quarantine part, then its output part;
@@ -89,9 +93,10 @@ def test_crash_after_every_write_then_rerun_gives_the_uninterrupted_output(ray_l
     # where the same stage code writes the parts in writer tasks: crashed inside the first batch
     # (3: its quarantine part written, its output part not) and after the last part (6). The lease
     # (1) and the manifest (2, 7) are written by the same driver code both ways, before and after
-    # the stages: crashed once, without Ray. `before-renames` crashes a local write between its
-    # temporary and its rename (SEMVEC_CRASH_TORN): the first manifest's, a quarantine part's, an
-    # output part's, the last manifest's; the rerun removes the temporary (no leftovers).
+    # the stages: crashed once, without Ray. `torn` writes are crashed between their temporary and
+    # their rename (SEMVEC_CRASH_TORN) instead: without Ray the first manifest's, a quarantine
+    # part's, an output part's, the last manifest's; on Ray an output part's, in a writer task.
+    # The rerun removes the temporary (no leftovers).
     src = bad_and_good_corpus(tmp_path / "in.jsonl", 12, every=3)
     want = crash_after_every_write(src, tmp_path, {"model": str(tiny_models["bert"]),
                                                    "ray_from_rows": ray_from_rows}, points=points, torn=torn)
@@ -115,32 +120,33 @@ def test_crash_after_every_write_of_a_chunked_job_then_rerun(ray_local, tiny_mod
 
 
 def crash_after_every_write(src: Path, tmp_path: Path, settings: dict, parts: int = 4,
-                            points: tuple[int, ...] | None = None, torn: bool = False) -> dict:
+                            points: tuple[int, ...] | None = None, torn: tuple[int, ...] = ()) -> dict:
     """A crash at each write of the job in turn (or at `points`), each its own process and output,
     each then rerun here: every output must equal the uninterrupted one (returned), which is the
-    run armed one past its last write. `torn`: each crash comes before its write's rename, leaving
-    the temporary."""
+    run armed one past its last write. And a crash before the rename of each write in `torn`,
+    which leaves that write's temporary."""
     opts = {**settings, "id_field": "id", "rows_per_file": 6, "batch_rows": 6}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
     writes = 1 + 1 + parts + 1  # lease, manifest "running", each part, manifest "complete"
     # Every crash is its own process with its own output; they run a few at a time (most of each
     # is starting Python, and Ray when it runs on Ray), then each output is rerun here and compared.
-    crashes = {n: tmp_path / f"crash{n}" for n in points or range(1, writes + 2)}  # writes + 1: never fires
-    assert writes + 1 in crashes
-    codes = run_at_most(3, {n: (lambda n=n, out=out: start_cli(str(src), str(out), *args,
-                                                                env=crash_env(n, torn)))
-                            for n, out in crashes.items()})
+    crashes = {(n, False): tmp_path / f"crash{n}" for n in points or range(1, writes + 2)}
+    crashes.update({(n, True): tmp_path / f"crash{n}-torn" for n in torn})
+    assert (writes + 1, False) in crashes  # writes + 1: never fires
+    codes = run_at_most(3, {key: (lambda key=key, out=out: start_cli(str(src), str(out), *args,
+                                                                    env=crash_env(*key)))
+                            for key, out in crashes.items()})
     # one past the last write: the variable never fires, the job ends normally (with one write
     # more than counted, it would have crashed)
-    assert codes[writes + 1][0] == 0, codes[writes + 1][1][-1500:]
-    reference = crashes[writes + 1]
+    assert codes[writes + 1, False][0] == 0, codes[writes + 1, False][1][-1500:]
+    reference = crashes[writes + 1, False]
     # every batch wrote a quarantine part and an output part
     assert len(glob.glob(str(reference / "**" / "part-*.parquet"), recursive=True)) == parts
     want = snapshot(reference)
-    for n, out in crashes.items():
+    for (n, cut), out in crashes.items():
         if n <= writes:
-            assert codes[n][0] == -9, f"crash at write {n} did not happen: {codes[n][1][-1500:]}"
-            assert not torn or glob.glob(str(out / "**" / "*.tmp-*"), recursive=True), n  # left, as said
+            assert codes[n, cut][0] == -9, f"crash at write {n} did not happen: {codes[n, cut][1][-1500:]}"
+            assert not cut or leftovers(out), n  # the temporary is left, as a crash leaves it
             # rerun the default way (without Ray, for a job this small): resuming does not
             # depend on how the crashed run ran
             run(load_embed_config(None, input=str(src), output=str(out),

@@ -181,6 +181,9 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
     (tmp_path / "empty").mkdir()
     (tmp_path / "qs").mkdir()
     (tmp_path / "qlink").symlink_to(tmp_path / "qs")
+    (tmp_path / "deep" / "qs").mkdir(parents=True)
+    (tmp_path / "deep" / "sub").mkdir()
+    (tmp_path / "sublink").symlink_to(tmp_path / "deep" / "sub")  # its ".." is deep, not tmp_path
     cases = [
         (["index", beir["docs"], str(tmp_path / "a"), "--kind", "annoy"], "unknown kind 'annoy'"),
         (["index", beir["docs"], str(tmp_path / "a"), "--kind", "ivf", "--nlist", "1000"],
@@ -197,11 +200,11 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(beir, tmp_path, capsys
           str(tmp_path / "answers.jsonl")], "lies among the queries"),
         (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "*.jsonl"), "--output",
           str(tmp_path / "answers.jsonl")], "lies among the queries"),
-        # the same place spelled another way: through a link, or with `..` in it
+        # the same place spelled another way: through a link, or through a link and `..`
         (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "qs"), "--output",
           str(tmp_path / "qlink" / "answers.jsonl")], "lies among the queries"),
-        (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "qs") + "/.", "--output",
-          str(tmp_path / "empty" / ".." / "qs" / "answers.jsonl")], "lies among the queries"),
+        (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "deep" / "qs"), "--output",
+          str(tmp_path / "sublink" / ".." / "qs" / "answers.jsonl")], "lies among the queries"),
         # beside the glob's files, not among them: writable, so the refusal is the missing index
         (["search", str(tmp_path / "nothing"), "--queries", str(tmp_path / "*.jsonl"), "--output",
           str(tmp_path / "out" / "answers.jsonl")], "no index at"),

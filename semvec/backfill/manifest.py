@@ -53,7 +53,7 @@ class OutputDir(storage.Prefix):
         """Anything in the prefix that a semvec backfill did not write."""
         if not self.fs.exists(self.root):
             return False
-        return any(not storage.written_by_us(p.rstrip("/").rsplit("/", 1)[-1], _ours)
+        return any(not storage.written_by_us(storage.basename(p), _ours)
                    for p in self.fs.ls(self.root, detail=False))
 
     def clear(self) -> None:
@@ -70,7 +70,8 @@ class OutputDir(storage.Prefix):
         self.remove_temporaries()
 
     def remove_temporaries(self) -> None:
-        """Local writes that a crash cut short (`*.tmp-*`); call only while holding the lease."""
+        """The temporaries of this output's own local writes that a crash cut short before their
+        rename (storage.remove_temporaries); call only while holding the lease."""
         for folder in (self.root, self.path(QUARANTINE_DIR)):
             storage.remove_temporaries(self.fs, folder, _ours)
 

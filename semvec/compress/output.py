@@ -68,7 +68,7 @@ class CompressedDir(storage.Prefix):
         rows = {}
         for p in self.list_parts():
             with self.fs.open(p, "rb") as f:
-                rows[_name(p)] = pq.ParquetFile(f).metadata.num_rows
+                rows[storage.basename(p)] = pq.ParquetFile(f).metadata.num_rows
         return rows
 
     def write_part(self, name: str, ids: list[str], encoded: Encoded) -> None:
@@ -98,7 +98,7 @@ class CompressedDir(storage.Prefix):
         """Anything here that a compression did not write."""
         if not self.fs.exists(self.root):
             return False
-        return any(not storage.written_by_us(_name(p.rstrip("/")), _ours)
+        return any(not storage.written_by_us(storage.basename(p), _ours)
                    for p in self.fs.ls(self.root, detail=False))
 
     def clear(self) -> None:
@@ -112,7 +112,8 @@ class CompressedDir(storage.Prefix):
         self.remove_temporaries()
 
     def remove_temporaries(self) -> None:
-        """Local writes that a crash cut short (`*.tmp-*`); call only while holding the lease."""
+        """The temporaries of this output's own local writes that a crash cut short before their
+        rename (storage.remove_temporaries); call only while holding the lease."""
         storage.remove_temporaries(self.fs, self.root, _ours)
 
 
@@ -186,7 +187,3 @@ def _matrix(column: pa.ChunkedArray) -> np.ndarray:
 def _ours(name: str) -> bool:
     """A name a compression writes in its prefix."""
     return storage.is_part(name) or name in OURS
-
-
-def _name(path: str) -> str:
-    return path.rsplit("/", 1)[-1]

@@ -110,10 +110,10 @@ def _record(cfg: RetrainConfig, state: dict, lock: Lock) -> dict:
     except Exception as exc:  # noqa: BLE001 - scratch space: the round is recorded, the backfill is due
         log.warning("the challengers under %s were not all removed (%s); the next round removes them",
                     storage.display(cfg.state), type(exc).__name__)
-    if decision == "promoted":
-        _serve(cfg, version, lock, summary, always=True)
-    else:
-        _serve(cfg, tracking.require_alias(cfg.name, "champion"), lock, summary)
+    if cfg.backfill is not None:
+        promoted = decision == "promoted"
+        _serve(cfg, version if promoted else tracking.require_alias(cfg.name, "champion"), lock, summary,
+               always=promoted)
     return summary
 
 
@@ -185,7 +185,7 @@ def _clear_challengers(cfg: RetrainConfig, keep: str | None = None) -> None:
     if not fs.exists(path):
         return
     for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        name = storage.basename(entry)
         if entry.rstrip("/") != path and (keep is None or name not in (keep, f"{keep}-checkpoints")):
             fs.rm(entry, recursive=True)  # (not a folder marker object naming the folder itself)
 

@@ -65,7 +65,7 @@ class IndexDir(storage.Prefix):
     def _names(self) -> list[str]:
         if not self.fs.exists(self.root):
             return []
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        return [storage.basename(p) for p in self.fs.ls(self.root, detail=False)]
 
     def holds_other_files(self) -> bool:
         return any(not storage.written_by_us(n, _ours) for n in self._names())

@@ -268,7 +268,7 @@ def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_c
     they are kept (unless restart_changed). The run's record is written afresh before training: an
     earlier run's note of why it stopped goes; a finished run resumed stays finished. Returns it."""
     fs, root = storage.filesystem(run_dir), storage.strip(run_dir)
-    held = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
+    held = [storage.basename(p) for p in fs.ls(root, detail=False)] if fs.exists(root) else []
     earlier = _read_record(run_dir) if held else {}
     if held and earlier.get("settings") != settings:
         progress = any(n.startswith("checkpoint_") for n in held)  # a stop before the first has none
@@ -281,7 +281,7 @@ def _keep_or_clear_checkpoints(run_dir: str, settings: str, name: str, restart_c
                     "run has other settings or data", name,
                     "finished" if earlier.get("finished") else "unfinished")
         for entry in fs.ls(root, detail=False):  # the record last: cut short, a rerun decides again
-            if entry.rstrip("/").rsplit("/", 1)[-1] != RUN_RECORD:
+            if storage.basename(entry) != RUN_RECORD:
                 fs.rm(entry, recursive=True)
                 crashpoints.wrote(f"train: removed {entry}")
         fs.rm(root, recursive=True)

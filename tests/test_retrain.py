@@ -100,28 +100,38 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
     #    finished (nothing decided yet: the rerun trains and scores again, in the same MLflow run,
     #    and does not replay its own copy), then right after it writes its decision ahead, then
     #    each rerun one write further into its record: the version registered, @previous,
-    #    @champion; each finishes what the one before began and trains nothing. The last runs
-    #    through the command in this process: its exit code and its JSON line.
+    #    @champion, state.json (the round recorded, its backfill not begun); each finishes what the
+    #    one before began and trains nothing. The last runs through the command in this process
+    #    (its exit code and its JSON line): nothing new to train, it embeds the corpus with the
+    #    champion it promoted, and CURRENT follows.
     before_decision = ("retrain: replay copy", "train: run finished")
-    for write in (*before_decision, "retrain: decision", "registered", "@previous", "@champion"):
+    for write in (*before_decision, "retrain: decision", "registered", "@previous", "@champion",
+                  "retrain: recorded"):
         code, _, err = semvec_retrain(world["cfg"], tmp, crash_at=write)
         assert code == -9, f"no crash after {write!r}: {err[-3000:]}"
         if write in before_decision:
             assert not fs.exists(f"{prefix}/state/state.json"), write
             continue
         state = json.loads(fs.cat_file(f"{prefix}/state/state.json"))
-        assert state["pending"]["decision"] == "promoted" and not state["trained"], write
         assert ("was cut short after its decision" in err) == (write != "retrain: decision"), err[-3000:]
+        if write == "retrain: recorded":
+            assert "pending" not in state and [t["decision"] for t in state["trained"].values()] == [
+                "promoted"]
+            assert not fs.exists(f"{prefix}/vectors/CURRENT")
+        else:
+            assert state["pending"]["decision"] == "promoted" and not state["trained"], write
     first = retrain()
-    assert first["decision"] == "promoted", first["reasons"]
-    assert tracking.alias_version(name, "champion") == "2" == first["challenger_version"]
+    assert first["decision"] == "nothing-new" and first["backfill"]["embedded"] == 3, first
+    (promoted,) = json.loads(fs.cat_file(f"{prefix}/state/state.json"))["trained"].values()
+    run_id = promoted["run_id"]
+    assert promoted["version"] == "2" and run_id in first["message"]
+    assert tracking.alias_version(name, "champion") == "2" == first["champion_version"]
     assert tracking.alias_version(name, "previous") == "1"
     # once: one version of the challenger, one run of it, one copy of its snapshot to replay
     assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'")) == [1, 2]
     assert [r.info.run_id for r in client.search_runs(
-        [client.get_run(first["run_id"]).info.experiment_id],
-        filter_string=f"tags.`mlflow.runName` = '{client.get_run(first['run_id']).info.run_name}'")] == [
-        first["run_id"]]
+        [client.get_run(run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.runName` = '{client.get_run(run_id).info.run_name}'")] == [run_id]
     assert len(fs.ls(f"{prefix}/state/replay/", refresh=True)) == 1
     assert "pending" not in json.loads(fs.cat_file(f"{prefix}/state/state.json"))
     manifest = json.loads(fs.cat_file(f"{prefix}/vectors/v2/_manifest.json"))
@@ -129,27 +139,26 @@ def test_retraining_rounds_promote_skip_refuse_lock_and_roll_back(ray_local, wor
     assert fs.cat_file(f"{prefix}/vectors/CURRENT").decode().strip() == f"{prefix}/vectors/v2"
     version = client.get_model_version(name, "2")
     assert version.tags["semvec.decision"] == "promoted" and "dev" in version.tags["semvec.scores"]
-    run = client.get_run(first["run_id"])
+    run = client.get_run(run_id)
     assert run.data.tags["semvec.decision"] == "promoted"
     assert {"dev.spearman.champion", "dev.spearman.challenger"} <= set(run.data.metrics)
     # the challenger is in MLflow: its folder and checkpoints (hundreds of MB a night) are gone
     assert not fs.exists(f"{prefix}/state/challengers") or not fs.ls(f"{prefix}/state/challengers")
 
-    # 2. the same snapshot again: nothing to do, and it says so
+    # 2. the same snapshot again: nothing to do, and it says so (CURRENT is on the champion)
     again = retrain_here()
-    assert again["decision"] == "nothing-new" and first["run_id"] in again["message"]
+    assert again["decision"] == "nothing-new" and run_id in again["message"] and "backfill" not in again
     assert tracking.alias_version(name, "champion") == "2"
 
-    # 3. new data whose scores are inverted teaches the opposite: the challenger is refused. The
-    #    round is killed right after its record (state.json) is written: the rerun has nothing new
+    # 3. new data whose scores are inverted teaches the opposite: the challenger is refused, and
+    #    CURRENT, on the champion, stays
     rows = [json.loads(line) for line in world["train"].read_text().splitlines()]
     worse = write_jsonl(world["train"].parent / "worse.jsonl",
                         [{**r, "score": 5.0 - r["score"]} for r in rows])
     fs.put(str(worse), f"{prefix}/incoming/batch2.jsonl")
-    code, _, err = semvec_retrain(world["cfg"], tmp, crash_at="retrain: recorded")
-    assert code == -9, err[-3000:]
     third = retrain_here()
-    assert third["decision"] == "nothing-new" and len(fs.ls(f"{prefix}/state/replay/", refresh=True)) == 2
+    assert third["decision"] == "refused" and third["challenger_version"] == "3" and "backfill" not in third
+    assert len(fs.ls(f"{prefix}/state/replay/", refresh=True)) == 2
     refused = [t for t in json.loads(fs.cat_file(f"{prefix}/state/state.json"))["trained"].values()
                if t["decision"] == "refused"]
     assert len(refused) == 1 and refused[0]["version"] == "3", refused
@@ -221,7 +230,8 @@ def test_a_local_replay_copy_cut_before_its_rename_and_a_refused_round_behind_cu
     rows = [json.loads(line) for line in world["train"].read_text().splitlines()][:48]
     snapshot = write_jsonl(tmp_path / "incoming" / "batch.jsonl", rows)
     cfg = dict(world["cfg"], snapshots=[str(snapshot.parent)], state=str(state), margin=1.0,  # refused
-               train=dict(world["cfg"]["train"], epochs=1),
+               train=dict(world["cfg"]["train"], epochs=1), suites=world["cfg"]["suites"][:1], replay=[],
+               distill=0.0,
                backfill={"input": world["cfg"]["backfill"]["input"], "output_root": str(root)})
     root.mkdir()
     (root / "CURRENT").write_text(f"{root / 'v0'}\n")  # behind the champion, v1

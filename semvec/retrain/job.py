@@ -67,6 +67,7 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list, lock: Lock) -> d
         runs = sorted({state["trained"][h]["run_id"] for _, h in seen})
         summary = {"decision": "nothing-new", "message": f"every snapshot was already trained on "
                    f"(run {', '.join(runs)}); nothing to train", "champion_version": champion}
+        _remove_challengers(cfg)  # a round cut short after its record left them (none is pending)
         _serve(cfg, champion, lock, summary)
         return summary
     for f, _ in new:  # a bad row is named in its own file, before a copy or a run is made of it
@@ -105,11 +106,7 @@ def _record(cfg: RetrainConfig, state: dict, lock: Lock) -> dict:
     lock.check()
     storage.put_atomic(storage.join(cfg.state, STATE), json.dumps(state, indent=2).encode(),
                        what="retrain: recorded")
-    try:  # the challenger lives in MLflow now; its folder and checkpoints go
-        _clear_challengers(cfg)
-    except Exception as exc:  # noqa: BLE001 - scratch space: the round is recorded, the backfill is due
-        log.warning("the challengers under %s were not all removed (%s); the next round removes them",
-                    storage.display(cfg.state), type(exc).__name__)
+    _remove_challengers(cfg)  # the challenger lives in MLflow now; its folder and checkpoints go
     if cfg.backfill is not None:
         promoted = decision == "promoted"
         _serve(cfg, version if promoted else tracking.require_alias(cfg.name, "champion"), lock, summary,
@@ -175,6 +172,16 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
             "champion_version": champion, "metrics": {s.name: s.metric for s in cfg.suites},
             "primary": cfg.primary, "at": time.time(),
             "snapshots": {storage.display(f.uri): h for f, h, _ in new}}
+
+
+def _remove_challengers(cfg: RetrainConfig) -> None:
+    """Every challenger's folder and checkpoints, once no round is pending: scratch space, so a
+    failure is a warning (the next round tries again)."""
+    try:
+        _clear_challengers(cfg)
+    except Exception as exc:  # noqa: BLE001 - the round is recorded; its backfill is due
+        log.warning("the challengers under %s were not all removed (%s); the next round removes them",
+                    storage.display(cfg.state), type(exc).__name__)
 
 
 def _clear_challengers(cfg: RetrainConfig, keep: str | None = None) -> None:

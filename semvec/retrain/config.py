@@ -158,10 +158,19 @@ class RetrainConfig:
         # The whole of each nested job, checked now with the values a round gives it: the first
         # snapshot as data, the champion as model, the replay store as past data.
         self.train_config(train=self.snapshots[0], model=f"models:/{self.name}@champion",
-                          replay=storage.join(self.state, "replay"),
-                          output=storage.join(self.state, "challengers"))
+                          replay=self.replay_store, output=self.challengers)
         if self.backfill is not None:
             self.backfill_config(f"models:/{self.name}@champion", self.backfill.output_root)
+
+    @property
+    def replay_store(self) -> str:
+        """Where each trained snapshot is copied, to be replayed by later rounds."""
+        return storage.join(self.state, "replay")
+
+    @property
+    def challengers(self) -> str:
+        """Where each round's challenger and its checkpoints are trained (removed once recorded)."""
+        return storage.join(self.state, "challengers")
 
     def train_config(self, **given: Any) -> TrainConfig:
         """The challenger's TrainConfig; `given`: train, model, output, replay, name."""

@@ -75,8 +75,9 @@ def _locked(cfg: RetrainConfig, champion: str, snapshots: list, lock: Lock) -> d
     # copied to the replay store first, and trained from the copies: what is trained on, replayed
     # later and hashed is one read of each file. Later rounds replay a copy once state.json lists
     # its snapshot as trained (a round cut short before its decision trains again on it as new).
-    replay = storage.join(cfg.state, "replay")  # a copy cut short before its rename left its temporary
-    storage.remove_temporaries(storage.filesystem(replay), storage.strip(replay), _is_replay_copy)
+    # a copy cut short before its rename left its temporary
+    storage.remove_temporaries(storage.filesystem(cfg.replay_store), storage.strip(cfg.replay_store),
+                               _is_replay_copy)
     kept = [(f, h, _keep_for_replay(cfg, f, h)) for f, h in new]
     state[PENDING] = _round(cfg, champion, kept)
     # written ahead: from here a rerun records this decision, and neither trains nor scores again
@@ -164,7 +165,7 @@ def _round(cfg: RetrainConfig, champion: str, new: list) -> dict:
         _clear_challengers(cfg, keep=key)  # what a round cut short before its record left
         tc = cfg.train_config(train=str(train), replay=str(replay) if replay else None,
                               model=str(champion_dir), name=f"retrain-{cfg.name}-{key}",
-                              output=storage.join(cfg.state, "challengers", key))
+                              output=storage.join(cfg.challengers, key))
         trained = fit(tc, experiment=cfg.experiment, restart_changed=True)
     scores = _score(cfg, f"models:/{cfg.name}/{champion}", tc.output)
     decision, reasons = decide(cfg, scores)
@@ -187,7 +188,7 @@ def _remove_challengers(cfg: RetrainConfig) -> None:
 def _clear_challengers(cfg: RetrainConfig, keep: str | None = None) -> None:
     """Remove the challengers' folders and checkpoints under the state prefix (a model and its
     checkpoints per round: hundreds of MB each), all but `keep`'s, which a round resumes."""
-    root = storage.join(cfg.state, "challengers")
+    root = cfg.challengers
     fs, path = storage.filesystem(root), storage.strip(root)
     if not fs.exists(path):
         return
@@ -332,7 +333,7 @@ def _replay_store(cfg: RetrainConfig) -> list:
     before its decision was written is not one of them (that round trains again, on it as new), nor
     is the data of a version promoted and then rolled back (`semvec rollback`: a person undid what
     it taught, so it is not taught again)."""
-    store = storage.join(cfg.state, "replay")
+    store = cfg.replay_store
     fs = storage.filesystem(store)
     if not fs.exists(storage.strip(store)):
         return []
@@ -375,7 +376,7 @@ def _keep_for_replay(cfg: RetrainConfig, snapshot, digest: str) -> str:
     if hashlib.sha256(data).hexdigest() != digest:
         raise ConfigError(f"snapshot {storage.display(snapshot.uri)!r} changed while this round read it; "
                           "rerun once it is written whole")
-    copy = storage.join(cfg.state, "replay", _replay_name(digest, snapshot.relative))
+    copy = storage.join(cfg.replay_store, _replay_name(digest, snapshot.relative))
     storage.put_atomic(copy, data, what="retrain: replay copy")
     return copy
 

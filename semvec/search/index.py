@@ -16,6 +16,7 @@ from semvec import storage
 from semvec.config import PARITY_DTYPES, DType
 from semvec.errors import ConfigError
 from semvec.metrics import unit
+from semvec.search.config import IndexConfig
 from semvec.search.store import IndexDir, faiss_module
 
 
@@ -71,7 +72,8 @@ class SearchIndex:
             if (value is not None or name == "k") and (not isinstance(value, int)
                                                        or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        for name, value, kind in (("ef_search", ef_search, "hnsw"), ("nprobe", nprobe, "ivf")):
+        for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
+            kind = next(k.value for k, names in IndexConfig.TUNES.items() if name in names)
             if value is not None and self.kind != kind:
                 raise ConfigError(f"{name} tunes {kind} indexes; the index at {storage.display(self.uri)!r} "
                                   f"is {self.kind}")
